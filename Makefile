@@ -1,0 +1,21 @@
+# Fresh-machine entry points; each sets up what it needs in .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SHARED ?= ../shared
+
+.PHONY: test clean
+
+# The runtime needs no PyTorch; tests also exercise export, so they install the CPU build
+# that pip finds locally (torch==2.13.0) before the [export] extra can pull anything bigger.
+$(VENV)/.test-installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[export,test]"
+	touch $@
+
+test: $(VENV)/.test-installed
+	$(PY) -m pytest -q -ra
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,133 @@
+"""The DF5T ONNX artifact contract (DESIGN.md): metadata keys and their validation.
+
+The export writes these keys and every runtime backend reads them; this module is the one
+place that defines them. It needs no ONNX library: callers pass the metadata map and the
+input description their runtime already has.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+FORMAT_VERSION = "1"
+KEY_FORMAT = "df5t.format"
+KEY_SCHEDULE = "df5t.schedule"
+KEY_ARCH = "df5t.arch"
+KEY_SOURCE_SHA256 = "df5t.source_sha256"
+REQUIRED_KEYS = (KEY_FORMAT, KEY_SCHEDULE)
+SCHEDULE_FIELDS = ("beta_schedule", "beta_start", "beta_end", "num_diffusion_timesteps")
+
+
+class ArtifactError(ValueError):
+    """The model file does not follow the DF5T artifact contract."""
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The diffusion schedule the network was trained with."""
+
+    num_diffusion_timesteps: int
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+
+    def to_dict(self) -> dict:
+        return {name: getattr(self, name) for name in SCHEDULE_FIELDS}
+
+    def betas(self) -> np.ndarray:
+        if self.beta_schedule != "linear":
+            raise ArtifactError(f"unsupported beta schedule {self.beta_schedule!r} (only 'linear')")
+        return np.linspace(
+            self.beta_start, self.beta_end, self.num_diffusion_timesteps, dtype=np.float64
+        )
+
+
+@dataclass(frozen=True)
+class ArtifactInfo:
+    """What the runtime needs to know about a model, read off its artifact."""
+
+    tile: int
+    precision: str  # "fp32" or "fp16": the element type of x and eps
+    schedule: Schedule
+    arch: dict = field(default_factory=dict)
+    source_sha256: str = ""
+
+    def to_dict(self) -> dict:
+        return {
+            "tile": self.tile,
+            "precision": self.precision,
+            "schedule": self.schedule.to_dict(),
+            "arch": self.arch,
+            "source_sha256": self.source_sha256,
+        }
+
+
+def metadata_for(schedule: Schedule, arch: Mapping, source_sha256: str) -> dict[str, str]:
+    """The metadata_props an export writes."""
+    return {
+        KEY_FORMAT: FORMAT_VERSION,
+        KEY_SCHEDULE: json.dumps(schedule.to_dict()),
+        KEY_ARCH: json.dumps(dict(arch)),
+        KEY_SOURCE_SHA256: source_sha256,
+    }
+
+
+def parse_artifact(
+    name: str, metadata: Mapping[str, str], x_shape: list, x_dtype: str
+) -> ArtifactInfo:
+    """Validate an artifact's metadata and input ``x`` and describe it.
+
+    ``x_shape`` is the declared shape of input ``x`` (symbolic batch allowed), ``x_dtype``
+    its element type as onnxruntime names it ("tensor(float)" or "tensor(float16)").
+    """
+    missing = [k for k in REQUIRED_KEYS if k not in metadata]
+    if missing:
+        raise ArtifactError(
+            f"{name}: not a DF5T artifact: metadata {missing} missing. Export the checkpoint "
+            "with `df5t export CHECKPOINT -o MODEL.onnx`, which writes it."
+        )
+    if metadata[KEY_FORMAT] != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{name}: DF5T artifact format {metadata[KEY_FORMAT]!r}; this version of df5t-deploy "
+            f"reads format {FORMAT_VERSION!r}. Re-export with this version."
+        )
+    return ArtifactInfo(
+        tile=_tile_of(name, x_shape),
+        precision=_precision_of(name, x_dtype),
+        schedule=_schedule_of(name, metadata[KEY_SCHEDULE]),
+        arch=json.loads(metadata.get(KEY_ARCH, "{}")),
+        source_sha256=metadata.get(KEY_SOURCE_SHA256, ""),
+    )
+
+
+def _schedule_of(name: str, text: str) -> Schedule:
+    try:
+        values = json.loads(text)
+        schedule = Schedule(**{k: values[k] for k in SCHEDULE_FIELDS})
+    except (ValueError, KeyError, TypeError) as err:
+        raise ArtifactError(f"{name}: malformed {KEY_SCHEDULE} metadata {text!r}: {err}") from None
+    if schedule.num_diffusion_timesteps < 1:
+        raise ArtifactError(f"{name}: {KEY_SCHEDULE} has no timesteps")
+    schedule.betas()  # rejects schedules the sampler cannot run
+    return schedule
+
+
+def _tile_of(name: str, shape: list) -> int:
+    if len(shape) != 4 or shape[1] != 3 or not all(isinstance(s, int) for s in shape[2:]):
+        raise ArtifactError(
+            f"{name}: input x has shape {shape}; a DF5T artifact takes [B,3,H,W] with a static tile"
+        )
+    if shape[2] != shape[3]:
+        raise ArtifactError(f"{name}: tile {shape[2]}x{shape[3]} is not square")
+    return int(shape[2])
+
+
+def _precision_of(name: str, dtype: str) -> str:
+    precision = {"tensor(float)": "fp32", "tensor(float16)": "fp16"}.get(dtype)
+    if precision is None:
+        raise ArtifactError(f"{name}: input x is {dtype}; expected float or float16")
+    return precision

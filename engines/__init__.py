@@ -1,0 +1,1 @@
+"""TensorRT side: engine building and the engine cache."""

@@ -1,0 +1,204 @@
+"""Train a small DF5T network on real EM with the standard DDPM objective.
+
+    python -m df5t_deploy.export.train --data ../shared/data/em --out runs/df5t-tiny-em
+
+predicts the noise (linear betas 1e-4..0.02, T = 1000) from random crops with flips and
+90-degree rotations (see ``train_data``), keeps EMA weights, and writes a resumable training
+state every few minutes: run the same command again to continue where it stopped. When the
+step or time budget is spent it writes ``ema.pt`` (a plain state dict of the EMA weights,
+what ``df5t export`` takes) and ``training.json`` (the facts a model card needs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..artifact import Schedule
+from ..atomic import atomic_path
+from .network import DF5TNetwork, NetworkConfig
+from .train_data import (
+    FLYEM_HELDOUT_PLANES,
+    FLYEM_TRAIN_PLANES,
+    FLYEM_VOLUME,
+    MUSSEL_HELDOUT,
+    MUSSEL_TRAIN,
+    CropSampler,
+    load_training_sources,
+)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    num_channels: int = 16
+    num_res_blocks: int = 1
+    num_heads: int = 1
+    crop: int = 64
+    batch: int = 16
+    lr: float = 3e-4
+    warmup_steps: int = 200
+    ema_decay: float = 0.999
+    max_steps: int = 100_000
+    max_minutes: float = 110.0
+    seed: int = 0
+    threads: int = 2
+    checkpoint_minutes: float = 5.0
+    diffusion_steps: int = 1000
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, type=Path, help="folder with the real EM files")
+    parser.add_argument("--out", required=True, type=Path, help="run folder (resumes if it holds a state)")
+    for name, default in asdict(TrainConfig()).items():
+        parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
+    args = vars(parser.parse_args(argv))
+    data, out = args.pop("data"), args.pop("out")
+    train(TrainConfig(**args), data, out)
+
+
+def train(config: TrainConfig, data_dir: Path, out: Path) -> Path:
+    """Run (or resume) training; returns the path of the EMA state dict."""
+    torch.set_num_threads(config.threads)
+    out.mkdir(parents=True, exist_ok=True)
+    sampler = CropSampler(*load_training_sources(data_dir), crop=config.crop)
+    run = _Run.resume_or_start(config, out / "state.pt")
+    alphas_bar = torch.from_numpy(np.cumprod(1.0 - Schedule(config.diffusion_steps).betas())).float()
+    budget_s = config.max_minutes * 60.0 - run.seconds
+    session_start = last_save = time.monotonic()
+    bar = tqdm(total=config.max_steps, initial=run.step, desc="training", unit="step")
+    while run.step < config.max_steps and time.monotonic() - session_start < budget_s:
+        loss = run.train_step(sampler, alphas_bar)
+        bar.update(1)
+        bar.set_postfix(loss=f"{run.loss_avg:.4f}", last=f"{loss:.4f}")
+        if time.monotonic() - last_save > config.checkpoint_minutes * 60.0:
+            run.seconds += time.monotonic() - last_save
+            last_save = time.monotonic()
+            run.save(out / "state.pt")
+    bar.close()
+    run.seconds += time.monotonic() - last_save
+    run.save(out / "state.pt")
+    return _write_results(run, config, out)
+
+
+#: Settings that may change when a run is resumed; all others must match the saved state.
+_BUDGET_FIELDS = frozenset({"max_steps", "max_minutes", "threads", "checkpoint_minutes"})
+
+
+class _Run:
+    """The mutable state of one training run, saved and restored as a whole."""
+
+    def __init__(self, config: TrainConfig):
+        torch.manual_seed(config.seed)
+        net_config = NetworkConfig(config.num_channels, config.num_res_blocks, config.num_heads, learn_sigma=False)
+        self.config = config
+        self.model = DF5TNetwork(net_config).train()
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=0.0)
+        self.rng = np.random.default_rng(config.seed)
+        self.step = 0
+        self.seconds = 0.0
+        self.loss_avg = float("nan")
+
+    @classmethod
+    def resume_or_start(cls, config: TrainConfig, path: Path) -> "_Run":
+        run = cls(config)
+        if path.exists():
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            changed = {
+                k: (v, state["config"].get(k))
+                for k, v in asdict(config).items()
+                if k not in _BUDGET_FIELDS and state["config"].get(k) != v
+            }
+            if changed:
+                raise SystemExit(f"{path} was trained with other settings (now, then): {changed}")
+            run.model.load_state_dict(state["model"])
+            run.ema.load_state_dict(state["ema"])
+            run.optimizer.load_state_dict(state["optimizer"])
+            run.rng.bit_generator.state = state["numpy_rng"]
+            torch.set_rng_state(state["torch_rng"])
+            run.step, run.seconds, run.loss_avg = state["step"], state["seconds"], state["loss_avg"]
+            print(f"resumed {path} at step {run.step} ({run.seconds / 60:.1f} min trained)")
+        return run
+
+    def train_step(self, sampler: CropSampler, alphas_bar: torch.Tensor) -> float:
+        cfg = self.config
+        x0 = torch.from_numpy(sampler.batch(self.rng, cfg.batch)).expand(-1, 3, -1, -1)
+        t = torch.randint(0, len(alphas_bar), (cfg.batch,))
+        noise = torch.randn(cfg.batch, 3, cfg.crop, cfg.crop)
+        a = alphas_bar[t][:, None, None, None]
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        loss = torch.nn.functional.mse_loss(self.model(xt, t.float())[:, :3], noise)
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.lr * min(1.0, (self.step + 1) / cfg.warmup_steps)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self._update_ema()
+        self.step += 1
+        value = loss.detach().item()
+        self.loss_avg = value if np.isnan(self.loss_avg) else 0.99 * self.loss_avg + 0.01 * value
+        return value
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        # Short warm-up of the decay so early EMA weights are not dominated by the random init.
+        decay = min(self.config.ema_decay, (1 + self.step) / (10 + self.step))
+        for ema_p, p in zip(self.ema.parameters(), self.model.parameters()):
+            ema_p.lerp_(p, 1.0 - decay)
+
+    def save(self, path: Path) -> None:
+        state = {
+            "config": asdict(self.config),
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "numpy_rng": self.rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+            "step": self.step,
+            "seconds": self.seconds,
+            "loss_avg": self.loss_avg,
+        }
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+
+
+def _write_results(run: _Run, config: TrainConfig, out: Path) -> Path:
+    weights = out / "ema.pt"
+    with atomic_path(weights) as tmp:
+        torch.save(run.ema.state_dict(), tmp)
+    facts = {
+        "config": asdict(config),
+        "steps": run.step,
+        "samples_seen": run.step * config.batch,
+        "wall_time_minutes": round(run.seconds / 60.0, 1),
+        "final_loss_ema": round(run.loss_avg, 5),
+        "parameters": sum(p.numel() for p in run.ema.parameters()),
+        "schedule": Schedule(config.diffusion_steps).to_dict(),
+        "training_data": {
+            FLYEM_VOLUME: f"planes z {FLYEM_TRAIN_PLANES.start}..{FLYEM_TRAIN_PLANES.stop - 1} (XY, XZ, YZ crops)",
+            MUSSEL_TRAIN: "whole tile",
+        },
+        "held_out": {
+            FLYEM_VOLUME: f"planes z >= {FLYEM_HELDOUT_PLANES.start}",
+            MUSSEL_HELDOUT: "whole tile",
+        },
+        "torch": torch.__version__,
+    }
+    with atomic_path(out / "training.json") as tmp:
+        tmp.write_text(json.dumps(facts, indent=2) + "\n")
+    print(f"wrote {weights} after {run.step} steps, {facts['wall_time_minutes']} min, loss {run.loss_avg:.4f}")
+    return weights
+
+
+if __name__ == "__main__":
+    main()
