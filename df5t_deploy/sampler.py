@@ -1,0 +1,194 @@
+"""The DDRM sampler as DF5T runs it (REFERENCE.md section 4), written once.
+
+The network state x has three channels (grey replicated) and the measurement is one grey
+image, so the full operator is H = (spatial operator) o (channel mean). Its right singular
+vectors split into the grey direction (1,1,1)/sqrt(3) times the spatial ones, with singular
+values s_spatial/sqrt(3), and two colour-difference directions that are never observed.
+Arrays carry any leading axes (planes, samples) before [3, H, W]; y and its spectral form
+``ybar`` carry the same leading axes before the grey [H, W] (or measurement) grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from .artifact import Schedule
+from .operators import SpatialOperator
+
+#: Orthonormal channel basis: the grey direction first, then two colour differences.
+CHANNEL_BASIS = np.array(
+    [
+        [1.0, 1.0, 1.0],
+        [1.0, -1.0, 0.0],
+        [1.0, 1.0, -2.0],
+    ]
+) / np.sqrt([[3.0], [2.0], [6.0]])
+GREY_GAIN = 1.0 / np.sqrt(3.0)  # channel mean = GREY_GAIN * grey coordinate
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    sigma0: float  # noise std of the grey measurement on the [-1,1] scale
+    steps: int = 50
+    eta: float = 0.85
+    eta_b: float = 1.0
+
+    def __post_init__(self):
+        if not self.sigma0 > 0:
+            raise ValueError(
+                f"sigma0 must be > 0 (the measurement noise std on the [-1,1] scale), got "
+                f"{self.sigma0}; pass --sigma0, --noise-std or --sigma0 auto"
+            )
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        for name in ("eta", "eta_b"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    index: int  # position in the walk, 0 first
+    t: int  # timestep index given to the network
+    alpha_bar: float
+    alpha_bar_next: float  # 1 after t = 0
+
+
+class Timesteps:
+    """The published skip schedule: seq = 0, skip, 2*skip, ... < T, walked from the end."""
+
+    def __init__(self, schedule: Schedule, steps: int):
+        T = schedule.num_diffusion_timesteps
+        if steps > T:
+            raise ValueError(f"steps ({steps}) exceeds the model's {T} diffusion timesteps")
+        skip = T // steps
+        self.seq = list(range(0, T, skip))
+        self.alphas_bar = np.cumprod(1.0 - schedule.betas())
+
+    def __len__(self) -> int:
+        """Network calls per restoration (exceeds ``steps`` when T is not a multiple of it)."""
+        return len(self.seq)
+
+    def abar(self, t: int) -> float:
+        return 1.0 if t < 0 else float(self.alphas_bar[t])
+
+    def __iter__(self) -> Iterator[StepPlan]:
+        walk = list(reversed(self.seq))
+        nexts = walk[1:] + [-1]
+        for index, (t, t_next) in enumerate(zip(walk, nexts)):
+            yield StepPlan(index, t, self.abar(t), self.abar(t_next))
+
+    @property
+    def init_sigma(self) -> float:
+        a = self.abar(self.seq[-1])
+        return float(np.sqrt(1.0 - a) / np.sqrt(a))
+
+
+def to_channel_basis(x: np.ndarray) -> np.ndarray:
+    """[..., 3, H, W] pixel channels -> (grey, diff1, diff2) coordinates."""
+    return np.einsum("ck,...khw->...chw", CHANNEL_BASIS, x, dtype=np.float32, optimize=True)
+
+
+def from_channel_basis(a: np.ndarray) -> np.ndarray:
+    return np.einsum("kc,...khw->...chw", CHANNEL_BASIS, a, dtype=np.float32, optimize=True)
+
+
+def ddrm_init(ybar: np.ndarray, s: np.ndarray, z: np.ndarray, sig_t: float, sigma0: float) -> np.ndarray:
+    """Spectral initial value at the first timestep (variance-exploding scale)."""
+    confident = s * sig_t > sigma0
+    s_safe = np.where(confident, s, 1.0)
+    from_data = ybar / s_safe + np.sqrt(np.maximum(sig_t**2 - sigma0**2 / s_safe**2, 0.0)) * z
+    return np.where(confident, from_data, sig_t * z).astype(np.float32)
+
+
+def ddrm_update(
+    v0: np.ndarray,
+    ve: np.ndarray,
+    ybar: np.ndarray | float,
+    s: np.ndarray | float,
+    z: np.ndarray,
+    sn: float,
+    sigma0: float,
+    eta: float,
+    eta_b: float,
+) -> np.ndarray:
+    """One DDRM update of spectral coordinates (REFERENCE.md section 4); s = 0 is unobserved."""
+    observed = s > 0
+    s_safe = np.where(observed, s, 1.0)
+    c_dir = np.sqrt(sn**2 - (eta * sn) ** 2)
+    noisy = v0 + c_dir * np.where(observed, (ybar - s_safe * v0) / sigma0, ve) + eta * sn * z
+    clean = (
+        eta_b * ybar / s_safe
+        + (1.0 - eta_b) * v0
+        + np.sqrt(np.maximum(sn**2 - sigma0**2 * eta_b**2 / s_safe**2, 0.0)) * z
+    )
+    return np.where(observed & (s * sn > sigma0), clean, noisy).astype(np.float32)
+
+
+class DDRM:
+    """The sampler for one degradation; states are [..., 3, H, W] on the operator's grid."""
+
+    def __init__(self, op: SpatialOperator, schedule: Schedule, settings: SamplerSettings):
+        self.op = op
+        self.settings = settings
+        self.timesteps = Timesteps(schedule, settings.steps)
+        self.s = (op.singular_values * GREY_GAIN).astype(np.float32)
+
+    def spectral_measurement(self, y: np.ndarray) -> np.ndarray:
+        """ybar = U^T y for the full operator (U is the spatial operator's)."""
+        return self.op.ut(y)
+
+    def initial_state(self, ybar: np.ndarray, z: np.ndarray) -> np.ndarray:
+        """x at the first timestep; the colour differences start from pure noise."""
+        sig = self.timesteps.init_sigma
+        az = to_channel_basis(z)
+        a = az * np.float32(sig)
+        grey = ddrm_init(ybar, self.s, self.op.vt(az[..., 0, :, :]), sig, self.settings.sigma0)
+        a[..., 0, :, :] = self.op.v(grey)
+        return from_channel_basis(a) / np.float32(sig)
+
+    def step(self, plan: StepPlan, x: np.ndarray, eps: np.ndarray, ybar: np.ndarray, z: np.ndarray) -> np.ndarray:
+        """x at the next timestep from x, the network's eps, ybar and pixel-space normals z."""
+        cfg = self.settings
+        x0 = (x - np.sqrt(1.0 - plan.alpha_bar) * eps) / np.sqrt(plan.alpha_bar)
+        sn = float(np.sqrt(1.0 - plan.alpha_bar_next) / np.sqrt(plan.alpha_bar_next))
+        a0, ae, az = (to_channel_basis(v) for v in (x0, eps, z))
+        update = dict(sn=sn, sigma0=cfg.sigma0, eta=cfg.eta, eta_b=cfg.eta_b)
+        out = np.empty_like(a0)
+        diff = np.s_[..., 1:, :, :]
+        out[diff] = ddrm_update(a0[diff], ae[diff], 0.0, 0.0, az[diff], **update)  # never observed
+        vt, grey = self.op.vt, np.s_[..., 0, :, :]
+        out[grey] = self.op.v(ddrm_update(vt(a0[grey]), vt(ae[grey]), ybar, self.s, vt(az[grey]), **update))
+        return from_channel_basis(out) * np.float32(np.sqrt(plan.alpha_bar_next))
+
+
+NoiseSource = Callable[[int], np.ndarray]  # step id -> pixel normals shaped like the state
+EpsFunction = Callable[[np.ndarray, int], np.ndarray]  # (x, t) -> eps
+
+
+def run_ddrm(
+    ddrm: DDRM,
+    y: np.ndarray,
+    eps_fn: EpsFunction,
+    noise: NoiseSource,
+    on_step: Callable[[StepPlan], None] | None = None,
+) -> np.ndarray:
+    """The whole loop; returns the final state [..., 3, H, W] (x0 of t = 0, [-1,1] scale).
+
+    Noise step ids: the initial value uses ``len(timesteps)``, walk step i uses i.
+    """
+    ybar = ddrm.spectral_measurement(y)
+    x = ddrm.initial_state(ybar, noise(len(ddrm.timesteps)))
+    for plan in ddrm.timesteps:
+        x = ddrm.step(plan, x, eps_fn(x, plan.t), ybar, noise(plan.index))
+        if on_step is not None:
+            on_step(plan)
+    return x
+
+
+def state_to_image(x: np.ndarray) -> np.ndarray:
+    """Final state -> grey image in [0, 1]: clamp((x+1)/2), channels averaged."""
+    return np.clip((x + 1.0) * 0.5, 0.0, 1.0).mean(axis=-3, dtype=np.float32)
