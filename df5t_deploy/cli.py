@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 import click
+import numpy as np
 
 from . import __version__
-from .atomic import same_file
+from .files import same_file
+from .tasks import TASKS
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -54,3 +58,178 @@ def export_command(checkpoint: str, output: str, tile: int | None, fp16: bool, d
         export_checkpoint(loaded, output, tile=tile, schedule=schedule, fp16=fp16, log=click.echo)
     except (CheckpointError, ExportError, ValueError) as err:
         raise click.ClickException(str(err)) from None
+
+
+def _restore_options(f):
+    """Options shared by restore (and, where they apply, degrade)."""
+    options = [
+        click.option("--model", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="ONNX artifact. Default: the bundled df5t-tiny-em."),
+        click.option("--steps", type=int, default=50, show_default=True, help="Sampler steps."),
+        click.option("--eta", type=float, default=0.85, show_default=True),
+        click.option("--eta-b", type=float, default=1.0, show_default=True),
+        click.option("--overlap", type=int, default=None, help="Tile overlap in pixels. Default: tile/8."),
+        click.option("--batch", type=int, default=None, help="Tiles per network call. Default: per backend."),
+        click.option("--samples", type=int, default=1, show_default=True, help="Posterior samples averaged."),
+        click.option("--backend", type=click.Choice(["auto", "onnxruntime"]), default="auto", show_default=True),
+        click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N]."),
+        click.option("--threads", type=int, default=None, help="CPU threads. Default: all cores."),
+        click.option("--quiet", is_flag=True, help="No progress bar."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _task_options(f):
+    options = [
+        click.option("--task", type=click.Choice(TASKS), default="denoise", show_default=True),
+        click.option("--sigma0", type=float, default=None,
+                     help="Noise std of the measurement on the [-1,1] scale (published runs: 0.2)."),
+        click.option("--noise-std", type=float, default=None, help="The same noise std in input units."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--scale", type=int, default=None, help="sr: factor R (2..8, default 2)."),
+        click.option("--blur-sigma", default=None, help="deblur: PSF std in pixels, or SY,SX."),
+        click.option("--mask", default=None, help="inpaint: mask image (nonzero = missing) or 'auto'."),
+        click.option("--min-hole", type=int, default=200, show_default=True,
+                     help="inpaint auto: smallest zero/NaN region counted as missing."),
+        click.option("--z-factor", type=int, default=None, help="isotropic: z spacing / xy spacing."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _user_errors():
+    """The exception types whose message is the whole story for a user."""
+    from .artifact import ArtifactError
+    from .backends import BackendUnavailable
+    from .io import ImageFormatError
+    from .tasks import TaskError
+
+    return (ArtifactError, BackendUnavailable, ImageFormatError, TaskError, ValueError, FileNotFoundError)
+
+
+def _read_mask(mask: str | None):
+    from .io import read_image
+
+    if mask is None or mask == "auto":
+        return mask
+    array, _ = read_image(mask)
+    return array
+
+
+@main.command("restore")
+@click.argument("input_path", metavar="INPUT", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Image to write (.tif, .png).")
+@_task_options
+@_restore_options
+def restore_command(input_path, output, task, sigma0, noise_std, seed, scale, blur_sigma, mask, min_hole,
+                    z_factor, model, steps, eta, eta_b, overlap, batch, samples, backend, device, threads, quiet):
+    """Restore an EM image or stack with DDRM and a DF5T model."""
+    from .api import Restorer
+    from .io import check_writable, read_image, write_image
+
+    _require_distinct(input_path, output)
+    started = time.perf_counter()
+    try:
+        image, meta = read_image(input_path)
+        restorer = Restorer(
+            model, task, sigma0=sigma0, noise_std=noise_std, steps=steps, eta=eta, eta_b=eta_b, seed=seed,
+            scale=scale, blur_sigma=blur_sigma, mask=_read_mask(mask), min_hole=min_hole, z_factor=z_factor,
+            overlap=overlap, batch=batch, samples=samples, backend=backend, device=device, threads=threads,
+        )
+        check_writable(output, image.dtype, image.ndim)
+        with _ProgressBar(quiet) as bar:
+            result = restorer.restore_full(image, progress=bar.update)
+        factor = restorer.options.factor
+        write_image(output, result.image, meta.scaled(xy=1.0 / factor), result.provenance)
+    except _user_errors() as err:
+        raise click.ClickException(str(err)) from None
+    seconds = time.perf_counter() - started
+    megapixels = result.image.size / 1e6
+    click.echo(
+        f"restored {input_path} {image.shape} {image.dtype} ({task}, {steps} steps, sigma0={result.sigma0:.4g}, "
+        f"{restorer.backend.name}) in {seconds:.1f} s, {megapixels / seconds:.3f} MPix/s\nwrote {output}"
+    )
+
+
+class _ProgressBar:
+    """A tqdm bar over network tiles, fed by the Restorer's progress callback."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.bar = None
+        self.started = time.perf_counter()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+
+    def update(self, event) -> None:
+        if self.quiet:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=event.tiles_total * event.planes, unit="tile", desc="restoring", leave=False)
+        self.bar.n = event.plane * event.tiles_total + event.tiles_done
+        self.bar.set_postfix_str(f"plane {event.plane + 1}/{event.planes} step {event.step}/{event.steps}")
+
+
+@main.command("degrade")
+@click.argument("input_path", metavar="INPUT", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Degraded image to write.")
+@_task_options
+@click.option("--missing-fraction", type=float, default=0.2, show_default=True,
+              help="inpaint with --mask blobs: fraction of pixels removed.")
+@click.option("--save-mask", type=click.Path(dir_okay=False), default=None, help="inpaint: also write the mask.")
+def degrade_command(input_path, output, task, sigma0, noise_std, seed, scale, blur_sigma, mask, min_hole,
+                    z_factor, missing_fraction, save_mask):
+    """Make a known-truth pair: apply the task's degradation and grey noise."""
+    import warnings
+
+    from .degrade import blob_mask, degrade
+    from .io import read_image, write_image
+    from .tasks import TaskOptions, parse_blur_sigma
+
+    _require_distinct(input_path, output)
+    try:
+        image, meta = read_image(input_path)
+        options = TaskOptions(task, scale=scale, blur_sigma=parse_blur_sigma(blur_sigma), z_factor=z_factor,
+                              mask="auto" if task == "inpaint" else None, min_hole=min_hole)
+        missing = None
+        if task == "inpaint":
+            if mask in (None, "auto", "blobs"):
+                missing = blob_mask(image.shape, missing_fraction, seed)
+            else:
+                missing = _read_mask(mask) != 0
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = degrade(image, options, sigma0=sigma0, noise_std=noise_std, seed=seed, missing=missing)
+        for warning in caught:
+            _warn(str(warning.message))
+        provenance = {"software": f"df5t-deploy {__version__}", "degraded": options.to_dict() | {
+            "sigma0": result.sigma0, "seed": seed, "truth_shape": list(result.cropped_shape)}}
+        scaled = meta.scaled(xy=options.factor, z=options.z_factor or 1)
+        write_image(output, result.image, scaled, provenance)
+        if save_mask and result.missing is not None:
+            write_image(save_mask, result.missing.astype(np.uint8) * 255, meta)
+    except _user_errors() as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"wrote {output} {result.image.shape} {result.image.dtype} ({task}, sigma0={result.sigma0:.4g}, seed {seed})")
+
+
+@main.command("doctor")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def doctor_command(as_json: bool) -> None:
+    """What this machine can run, and what is missing for the rest."""
+    import json
+
+    from .doctor import collect, render
+
+    facts = collect()
+    click.echo(json.dumps(facts, indent=2) if as_json else render(facts))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import re
 import zipfile
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..files import sha256_of
 from .network import DF5TNetwork, NetworkConfig
 from .presets import Preset, matching_preset, nearest_preset
 
@@ -46,14 +46,6 @@ def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
     _check_keys(network.state_dict(), state, config, path)
     network.load_state_dict(state, strict=True)
     return LoadedCheckpoint(network.eval(), config, matching_preset(config), sha256_of(path), source)
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _read_tensors_only(path: Path) -> object:

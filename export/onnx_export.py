@@ -17,7 +17,7 @@ import onnx
 import torch
 
 from ..artifact import Schedule, metadata_for
-from ..atomic import atomic_path
+from ..files import atomic_path
 from .checkpoint import LoadedCheckpoint
 from .network import DF5TNetwork, to_mixed_precision
 

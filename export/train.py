@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from ..artifact import Schedule
-from ..atomic import atomic_path
+from ..files import atomic_path
 from .network import DF5TNetwork, NetworkConfig
 from .train_data import (
     FLYEM_HELDOUT_PLANES,

@@ -14,7 +14,7 @@ import onnxruntime as ort  # noqa: E402
 
 from df5t_deploy.artifact import KEY_ARCH, KEY_FORMAT, KEY_SCHEDULE, KEY_SOURCE_SHA256  # noqa: E402
 from df5t_deploy.cli import main  # noqa: E402
-from df5t_deploy.export.checkpoint import sha256_of  # noqa: E402
+from df5t_deploy.files import sha256_of  # noqa: E402
 
 
 def export(*args: str) -> tuple[int, str]:

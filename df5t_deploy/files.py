@@ -1,8 +1,10 @@
-"""Atomic outputs: a result appears complete under its final name, or not at all."""
+"""File helpers: atomic outputs (a result appears complete under its final name, or not at
+all), same-file checks and checksums."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -35,3 +37,11 @@ def same_file(a: str | Path, b: str | Path) -> bool:
     if a.exists() and b.exists():
         return os.path.samefile(a, b)
     return a.resolve() == b.resolve()
+
+
+def sha256_of(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,69 @@
+"""onnxruntime backend: the CPU reference path, and the CUDA provider with I/O binding."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..artifact import ArtifactInfo, parse_artifact
+from .base import BackendUnavailable
+
+#: Tiles per call on the CPU provider. Measured by benchmarks/throughput.py on 2 cores:
+#: batch 1 was faster per pixel than batch 4 (the working set of one tile fits the cache).
+CPU_BATCH = 1
+CUDA_BATCH = 8
+
+
+class OnnxRuntimeBackend:
+    def __init__(self, model: str | Path, device: str = "cpu", threads: int | None = None):
+        import onnxruntime as ort
+
+        self.path = Path(model)
+        providers = self._providers(ort, device)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+        except Exception as err:  # onnxruntime raises its own exception types for bad files
+            raise ValueError(f"{self.path}: onnxruntime cannot load it: {err}") from None
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        if set(inputs) != {"x", "t"}:
+            raise ValueError(f"{self.path}: inputs {sorted(inputs)}; a DF5T artifact has x and t")
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        self.info: ArtifactInfo = parse_artifact(str(self.path), metadata, list(inputs["x"].shape), inputs["x"].type)
+        self._x_dtype = np.float16 if self.info.precision == "fp16" else np.float32
+        self.on_gpu = providers[0] == "CUDAExecutionProvider"
+        self.name = "onnxruntime-cuda" if self.on_gpu else "onnxruntime-cpu"
+        self.preferred_batch = CUDA_BATCH if self.on_gpu else CPU_BATCH
+        self._device_id = int(device.partition(":")[2] or 0) if self.on_gpu else 0
+
+    @staticmethod
+    def _providers(ort, device: str) -> list:
+        if device == "cpu":
+            return ["CPUExecutionProvider"]
+        if not device.startswith("cuda"):
+            raise ValueError(f"unknown device {device!r}: use cpu or cuda[:N]")
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise BackendUnavailable(
+                "onnxruntime has no CUDA provider here (install onnxruntime-gpu in place of "
+                "onnxruntime, with a CUDA GPU and driver)"
+            )
+        device_id = int(device.partition(":")[2] or 0)
+        return [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
+
+    def __call__(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=self._x_dtype)
+        t = np.ascontiguousarray(t, dtype=np.float32)
+        if not self.on_gpu:
+            return self.session.run(["eps"], {"x": x, "t": t})[0].astype(np.float32, copy=False)
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("x", x)
+        binding.bind_cpu_input("t", t)
+        binding.bind_output("eps", "cuda", self._device_id)
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0].astype(np.float32, copy=False)

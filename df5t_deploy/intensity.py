@@ -1,0 +1,72 @@
+"""One affine intensity map per image or volume, to the model's [-1, 1] scale and back.
+
+uint8: v / 255. uint16 and float: the 0.1 and 99.9 percentiles map to 0 and 1, estimated
+once per image, or from a sample of planes for a volume. The output is mapped back with the
+same map and clipped to the input's dtype; the map is recorded in the output's metadata.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+SUPPORTED_DTYPES = (np.uint8, np.uint16, np.float32, np.float64)
+PERCENTILES = (0.1, 99.9)
+#: Planes a volume's percentiles are estimated from (evenly spaced).
+SAMPLE_PLANES = 16
+
+
+@dataclass(frozen=True)
+class IntensityMap:
+    low: float  # input value mapped to 0
+    high: float  # input value mapped to 1
+    dtype: str
+    rule: str  # "uint8 full range" or "percentiles 0.1/99.9"
+
+    def to_model(self, values: np.ndarray) -> np.ndarray:
+        """Input units -> [-1, 1] float32."""
+        unit = (values.astype(np.float32) - np.float32(self.low)) / np.float32(self.high - self.low)
+        return unit * 2.0 - 1.0
+
+    def from_unit(self, unit: np.ndarray) -> np.ndarray:
+        """[0, 1] -> input units, rounded and clipped for integer dtypes."""
+        values = unit.astype(np.float64) * (self.high - self.low) + self.low
+        dtype = np.dtype(self.dtype)
+        if dtype.kind == "u":
+            info = np.iinfo(dtype)
+            return np.clip(np.rint(values), info.min, info.max).astype(dtype)
+        return values.astype(dtype)
+
+    def sigma0_from_noise_std(self, noise_std: float) -> float:
+        """A noise std in input units, expressed on the [-1, 1] scale."""
+        return float(noise_std) * 2.0 / (self.high - self.low)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_dtype(array: np.ndarray) -> None:
+    if array.dtype.type not in SUPPORTED_DTYPES:
+        raise ValueError(
+            f"unsupported pixel type {array.dtype}; supported: uint8, uint16, float32, float64 "
+            "(convert the image first)"
+        )
+
+
+def intensity_map_for(array: np.ndarray) -> IntensityMap:
+    """The map for an image [Y, X] or a volume [Z, Y, X] (percentiles from sampled planes)."""
+    check_dtype(array)
+    if array.dtype == np.uint8:
+        return IntensityMap(0.0, 255.0, "uint8", "uint8 full range")
+    sample = array
+    if array.ndim == 3 and array.shape[0] > SAMPLE_PLANES:
+        sample = array[np.linspace(0, array.shape[0] - 1, SAMPLE_PLANES).round().astype(int)]
+    values = np.asarray(sample, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    low, high = np.percentile(values, PERCENTILES) if values.size else (0.0, 0.0)
+    if not high > low:
+        raise ValueError(
+            f"the image is constant (0.1 and 99.9 percentiles both {low:g}): nothing to restore"
+        )
+    return IntensityMap(float(low), float(high), array.dtype.name, "percentiles 0.1/99.9")

@@ -1,0 +1,147 @@
+"""The five restoration tasks: their options, checked together, and their operators."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.ndimage
+
+from .operators import BlockMean, GaussianBlur, Identity, Inpainting, SpatialOperator
+
+TASKS = ("denoise", "deblur", "sr", "inpaint", "isotropic")
+SR_FACTORS = range(2, 9)
+DEFAULT_MIN_HOLE = 200
+
+
+class TaskError(ValueError):
+    """Options that do not fit the task; the message names the option and the fix."""
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    task: str
+    scale: int | None = None  # sr: R
+    blur_sigma: tuple[float, float] | None = None  # deblur: (sigma_y, sigma_x) in pixels
+    mask: np.ndarray | str | None = None  # inpaint: bool array (True = missing) or "auto"
+    min_hole: int = DEFAULT_MIN_HOLE  # inpaint auto: smallest hole in pixels
+    z_factor: int | None = None  # isotropic: z spacing / xy spacing
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise TaskError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
+        self._only_for("sr", scale=self.scale)
+        self._only_for("deblur", blur_sigma=self.blur_sigma)
+        self._only_for("inpaint", mask=self.mask)
+        self._only_for("isotropic", z_factor=self.z_factor)
+        if self.task == "sr" and self.factor not in SR_FACTORS:
+            raise TaskError(f"--scale must be an integer from 2 to 8, got {self.scale}")
+        if self.task == "deblur":
+            if self.blur_sigma is None:
+                raise TaskError("--task deblur needs --blur-sigma (the PSF's std in pixels, or SY,SX)")
+            if min(self.blur_sigma) <= 0:
+                raise TaskError(f"--blur-sigma must be positive, got {self.blur_sigma}")
+        if isinstance(self.mask, str) and self.mask != "auto":
+            raise TaskError(f"mask must be an array or 'auto', got {self.mask!r}")
+        if self.min_hole < 1:
+            raise TaskError(f"--min-hole must be >= 1, got {self.min_hole}")
+        if self.z_factor is not None and self.z_factor < 2:
+            raise TaskError(f"--z-factor must be an integer >= 2, got {self.z_factor}")
+
+    def _only_for(self, task: str, **option) -> None:
+        (name, value), = option.items()
+        if value is not None and self.task != task:
+            flag = "--" + name.replace("_", "-")
+            raise TaskError(f"{flag} applies only to --task {task}, not to --task {self.task}")
+
+    @property
+    def factor(self) -> int:
+        """Upsampling factor from measurement grid to restoration grid (sr only)."""
+        return (self.scale or 2) if self.task == "sr" else 1
+
+    def grid_shape(self, measurement_shape: tuple[int, int]) -> tuple[int, int]:
+        return measurement_shape[0] * self.factor, measurement_shape[1] * self.factor
+
+    def operator(self, grid_shape: tuple[int, int], missing: np.ndarray | None = None) -> SpatialOperator:
+        """The spatial operator of a 2D task on a restoration grid."""
+        if self.task == "denoise":
+            return Identity(grid_shape)
+        if self.task == "sr":
+            return BlockMean(grid_shape, (self.factor, self.factor))
+        if self.task == "deblur":
+            return GaussianBlur(grid_shape, self.blur_sigma)
+        if self.task == "inpaint":
+            if missing is None:
+                raise TaskError("inpainting needs a mask")
+            return Inpainting(missing)
+        raise TaskError("--task isotropic restores volumes (ZYX); it has no 2D operator")
+
+    def to_dict(self) -> dict:
+        out = {"task": self.task}
+        if self.task == "sr":
+            out["scale"] = self.factor
+        if self.task == "deblur":
+            out["blur_sigma"] = list(self.blur_sigma)
+        if self.task == "inpaint":
+            out["mask"] = "auto" if isinstance(self.mask, str) or self.mask is None else "given"
+            out["min_hole"] = self.min_hole
+        if self.task == "isotropic":
+            out["z_factor"] = self.z_factor
+        return out
+
+
+def parse_blur_sigma(text: str | float | tuple | None) -> tuple[float, float] | None:
+    """"1.5" -> (1.5, 1.5); "2,1" -> (2.0, 1.0) as (sigma_y, sigma_x)."""
+    if text is None:
+        return None
+    if isinstance(text, (int, float)):
+        return float(text), float(text)
+    if isinstance(text, tuple):
+        values = list(text)
+    else:
+        try:
+            values = [float(v) for v in str(text).split(",")]
+        except ValueError:
+            raise TaskError(f"--blur-sigma takes one number or SY,SX, got {text!r}") from None
+    if len(values) == 1:
+        values *= 2
+    if len(values) != 2:
+        raise TaskError(f"--blur-sigma takes one number or SY,SX, got {text!r}")
+    return float(values[0]), float(values[1])
+
+
+def auto_mask(image: np.ndarray, min_hole: int = DEFAULT_MIN_HOLE) -> np.ndarray:
+    """Missing pixels: connected regions of exact zeros of at least ``min_hole`` pixels, and
+    every NaN (a NaN can never be observed). Small zero blobs are real EM content."""
+    nan = np.isnan(image) if image.dtype.kind == "f" else np.zeros(image.shape, bool)
+    zero = (image == 0) | nan
+    labels, count = scipy.ndimage.label(zero)
+    if count == 0:
+        return nan
+    sizes = np.bincount(labels.ravel())
+    big = sizes >= min_hole
+    big[0] = False
+    return big[labels] | nan
+
+
+def missing_pixels(options: TaskOptions, image: np.ndarray) -> np.ndarray:
+    """The inpainting mask for ``image`` (True = missing), checked against it."""
+    if options.mask is None or isinstance(options.mask, str):
+        missing = auto_mask(image, options.min_hole)
+    else:
+        missing = np.asarray(options.mask) != 0
+        if missing.shape != image.shape:
+            raise TaskError(
+                f"mask shape {missing.shape} does not match the image {image.shape}; give a mask "
+                "of the same height and width (nonzero = missing)"
+            )
+        if image.dtype.kind == "f":
+            missing = missing | np.isnan(image)
+    if not missing.any():
+        raise TaskError(
+            "no missing pixels: the mask is empty (auto masks need zero or NaN regions of at "
+            f"least --min-hole={options.min_hole} pixels); pass --mask FILE"
+        )
+    if missing.all():
+        raise TaskError("every pixel is masked as missing; nothing is observed")
+    return missing
