@@ -115,6 +115,8 @@ class Restorer:
             raise ValueError(f"expected a YX image or a ZYX stack, got an array of shape {image.shape}")
         if self.options.task == "isotropic":
             raise ValueError("--task isotropic needs the volume restorer (not available yet)")
+        if self.options.task != "inpaint":  # for inpainting, NaN pixels are the missing ones
+            _check_finite(image, None)
         planes = image if image.ndim == 3 else image[None]
         with self._lock:
             intensity = intensity_map_for(image)

@@ -1,0 +1,221 @@
+"""The runtime end to end: plumbing, determinism, statistics of the sampler, and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+from click.testing import CliRunner
+
+import df5t_deploy.api
+from df5t_deploy.api import Restorer
+from df5t_deploy.cli import main
+from df5t_deploy.files import atomic_path
+from df5t_deploy.io import read_image
+from onnx_models import exact_denoiser, gaussian_prior_denoiser, tile_mean_model
+
+TILE = 32
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("models")
+    return {
+        "exact": exact_denoiser(d / "exact.onnx", TILE, x0=0.3),
+        "prior": gaussian_prior_denoiser(d / "prior.onnx", TILE, prior_std=0.3),
+        "mean": tile_mean_model(d / "mean.onnx", TILE, gain=0.5),
+        "no-metadata": tile_mean_model(d / "plain.onnx", TILE, metadata=False),
+    }
+
+
+@pytest.fixture(scope="module")
+def em_crop(em_dir):
+    """A real, non-square EM crop that is not a whole number of tiles."""
+    return tifffile.imread(em_dir / "micrograph_vemstitch-mussel_tile3_2_2_1768x2048.tif")[400:448, 600:640]
+
+
+def cli(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+TASKS = {
+    "denoise": {},
+    "sr": {"scale": 2},
+    "deblur": {"blur_sigma": 1.5},
+    "inpaint": {"mask": "given"},
+}
+
+
+def _task_kwargs(task, shape):
+    kwargs = dict(TASKS[task])
+    if task == "inpaint":
+        mask = np.zeros(shape, bool)
+        mask[10:30, 5:25] = True
+        kwargs["mask"] = mask
+    return kwargs
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_exact_denoiser_gives_back_its_x0(models, em_crop, task):
+    restorer = Restorer(models["exact"], task, sigma0=0.1, steps=20, seed=3, overlap=8, **_task_kwargs(task, em_crop.shape))
+    out = restorer.restore(em_crop)
+    expected = round((0.3 + 1) / 2 * 255)  # x0 = 0.3 on the [-1,1] scale, uint8 map v/255
+    assert out.dtype == np.uint8
+    assert out.shape == tuple(s * restorer.options.factor for s in em_crop.shape)
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_same_seed_same_result_other_seed_differs(models, em_crop):
+    first = Restorer(models["mean"], sigma0=0.1, steps=10, seed=7).restore(em_crop)
+    again = Restorer(models["mean"], sigma0=0.1, steps=10, seed=7).restore(em_crop)
+    other = Restorer(models["mean"], sigma0=0.1, steps=10, seed=8).restore(em_crop)
+    np.testing.assert_array_equal(first, again)
+    assert np.abs(first.astype(int) - other.astype(int)).mean() > 0.5
+
+
+def test_batch_size_does_not_change_the_result(models, em_crop):
+    image = em_crop.astype(np.float32)
+    runs = [Restorer(models["mean"], sigma0=0.1, steps=10, seed=1, batch=b).restore_full(image) for b in (1, 8)]
+    scale = runs[0].intensity.high - runs[0].intensity.low
+    assert np.abs(runs[0].image - runs[1].image).max() / scale < 1e-4
+
+
+def _zero_noise_reference(monkeypatch, model, task, image, sigma0, steps, mask_file=None, **kwargs):
+    def no_noise(seed, *, height, width, **_):
+        return np.zeros((3, height, width), np.float32)
+
+    with monkeypatch.context() as m:
+        m.setattr(df5t_deploy.api, "gaussian_field", no_noise)
+        mask = read_image(mask_file)[0] if mask_file else None
+        restorer = Restorer(model, task, sigma0=sigma0, steps=steps, overlap=4, mask=mask, **kwargs)
+        return restorer.restore(image)
+
+
+@pytest.mark.parametrize("task, extra", [("denoise", []), ("sr", ["--scale", "2"]), ("inpaint", ["--mask", "MASK"])])
+def test_mean_of_seeded_runs_matches_the_noise_free_sampler(tmp_path, monkeypatch, models, em_crop, task, extra):
+    """With a model linear in x the sampler is linear in its noise: the mean over seeds is the
+    noise-free run, within sampling error (and a wrong sigma0 is detected)."""
+    image = em_crop.astype(np.float32)
+    if task == "sr":
+        image = image.reshape(24, 2, 20, 2).mean(axis=(1, 3))
+    source = tmp_path / "in.tif"
+    tifffile.imwrite(source, image)
+    mask_file = None
+    if task == "inpaint":
+        mask_file = tmp_path / "mask.tif"
+        mask = np.zeros(image.shape, np.uint8)
+        mask[12:36, 8:30] = 1
+        tifffile.imwrite(mask_file, mask)
+        extra = ["--mask", mask_file]
+    runs = []
+    for seed in range(32):
+        out = tmp_path / f"out{seed}.tif"
+        code, output = cli("restore", source, "-o", out, "--model", models["prior"], "--task", task,
+                           "--sigma0", "0.2", "--steps", "10", "--overlap", "4", "--seed", seed, "--quiet", *extra)
+        assert code == 0, output
+        runs.append(tifffile.imread(out))
+    runs = np.stack(runs).astype(np.float64)
+    kwargs = {"scale": 2} if task == "sr" else {}
+    reference = _zero_noise_reference(monkeypatch, models["prior"], task, image, 0.2, 10, mask_file, **kwargs)
+    wrong = _zero_noise_reference(monkeypatch, models["prior"], task, image, 0.6, 10, mask_file, **kwargs)
+
+    def mean_abs_z(ref):
+        standard_error = runs.std(axis=0, ddof=1) / np.sqrt(len(runs)) + 1e-6 * np.ptp(image)
+        return np.abs((runs.mean(axis=0) - ref) / standard_error).mean()
+
+    assert runs.std(axis=0).mean() > 1e-3 * np.ptp(image), "the seeds must actually change the result"
+    assert mean_abs_z(reference) < 1.2  # ~0.8 expected for a t-distribution
+    assert mean_abs_z(wrong) > 1.8
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.fixture
+def workdir(tmp_path, em_crop):
+    tifffile.imwrite(tmp_path / "in.tif", em_crop)
+    return tmp_path
+
+
+def _assert_fails_cleanly(workdir, args, message):
+    before = sorted(p.name for p in workdir.iterdir())
+    code, output = cli(*args)
+    assert code != 0, output
+    assert message in output, output
+    assert sorted(p.name for p in workdir.iterdir()) == before  # nothing written, no partial file
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--task", "denoise", "--scale", "2", "--sigma0", "0.1"], "--scale applies only to --task sr"),
+    (["--task", "sr", "--blur-sigma", "1", "--sigma0", "0.1"], "--blur-sigma applies only to --task deblur"),
+    (["--task", "deblur", "--sigma0", "0.1"], "needs --blur-sigma"),
+    (["--task", "sr", "--scale", "9", "--sigma0", "0.1"], "--scale must be an integer from 2 to 8"),
+    (["--sigma0", "0"], "sigma0 must be > 0"),
+    (["--sigma0", "-0.5"], "sigma0 must be > 0"),
+    ([], "give exactly one of sigma0"),
+    (["--sigma0", "0.1", "--noise-std", "3"], "give exactly one of sigma0"),
+])
+def test_bad_options(workdir, models, extra, message):
+    args = ["restore", workdir / "in.tif", "-o", workdir / "out.tif", "--model", models["mean"], *extra]
+    _assert_fails_cleanly(workdir, args, message)
+
+
+def test_mask_of_wrong_shape(workdir, models):
+    tifffile.imwrite(workdir / "mask.tif", np.ones((10, 10), np.uint8))
+    args = ["restore", workdir / "in.tif", "-o", workdir / "out.tif", "--model", models["mean"],
+            "--task", "inpaint", "--mask", workdir / "mask.tif", "--sigma0", "0.1"]
+    _assert_fails_cleanly(workdir, args, "mask shape (10, 10) does not match the image (48, 40)")
+
+
+def _with(value):
+    def make(crop):
+        image = crop.astype(np.float32)
+        image[5, 5:9] = value
+        return image
+    return make
+
+
+@pytest.mark.parametrize("make, message", [
+    (_with(np.nan), "4 NaN or Inf pixels"),
+    (_with(np.inf), "4 NaN or Inf pixels"),
+    (lambda crop: crop.astype(np.int32), "unsupported pixel type int32"),
+    (lambda crop: np.ones((2, 5, 16, 16), np.uint8), "expected a grey YX image or a ZYX stack"),
+])
+def test_bad_images(workdir, models, em_crop, make, message):
+    array = make(em_crop)
+    tifffile.imwrite(workdir / "bad.tif", array)
+    args = ["restore", workdir / "bad.tif", "-o", workdir / "out.tif", "--model", models["mean"], "--sigma0", "0.1"]
+    _assert_fails_cleanly(workdir, args, message)
+
+
+def test_model_without_df5t_metadata(workdir, models):
+    args = ["restore", workdir / "in.tif", "-o", workdir / "out.tif", "--model", models["no-metadata"], "--sigma0", "0.1"]
+    _assert_fails_cleanly(workdir, args, "not a DF5T artifact")
+
+
+def test_output_equal_to_input_is_refused(workdir, models, em_crop):
+    args = ["restore", workdir / "in.tif", "-o", workdir / "in.tif", "--model", models["mean"], "--sigma0", "0.1"]
+    _assert_fails_cleanly(workdir, args, "is the input file")
+    np.testing.assert_array_equal(tifffile.imread(workdir / "in.tif"), em_crop)
+
+
+def test_restore_cli_writes_metadata(workdir, models):
+    code, output = cli("restore", workdir / "in.tif", "-o", workdir / "out.tif", "--model", models["mean"],
+                       "--sigma0", "0.1", "--steps", "5", "--seed", "4", "--quiet")
+    assert code == 0, output
+    assert "wrote" in output
+    with tifffile.TiffFile(workdir / "out.tif") as tif:
+        meta = tif.shaped_metadata[0]["df5t"]
+    assert meta["seed"] == 4 and meta["steps"] == 5 and meta["task"] == "denoise"
+    assert meta["intensity_map"]["rule"] == "uint8 full range"
+    assert len(meta["model_sha256"]) == 64
+
+
+def test_atomic_path_leaves_nothing_on_interrupt(tmp_path):
+    target = tmp_path / "out.tif"
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
