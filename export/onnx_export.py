@@ -19,7 +19,7 @@ import torch
 from ..artifact import Schedule, metadata_for
 from ..files import atomic_path
 from .checkpoint import LoadedCheckpoint
-from .network import DF5TNetwork, to_mixed_precision
+from .network import DF5TNetwork, Downsample, to_mixed_precision
 
 OPSET = 18
 #: Protobuf cannot hold a model over 2 GiB; above this the weights go to a side file.
@@ -47,14 +47,34 @@ class ExportReport:
 
 
 def eps_only(network: DF5TNetwork) -> DF5TNetwork:
-    """A copy whose final convolution keeps only the three noise channels."""
+    """A copy for inference: the final convolution keeps only the three noise channels, and
+    the stride-1 transposed convolutions of the downsamplers become plain convolutions."""
     pruned = copy.deepcopy(network)
     conv = pruned.restormer.output
     if conv.out_channels != 3:
         trimmed = torch.nn.Conv2d(conv.in_channels, 3, conv.kernel_size, padding=conv.padding, bias=False)
         trimmed.weight.data.copy_(conv.weight.data[:3])
         pruned.restormer.output = trimmed
+    for module in pruned.modules():
+        if isinstance(module, Downsample):
+            module.transpose_conv = _as_convolution(module.transpose_conv)
     return pruned.eval()
+
+
+def _as_convolution(transposed: torch.nn.ConvTranspose2d) -> torch.nn.Conv2d:
+    """The same map as a Conv2d: swap in/out channels and flip the kernel.
+
+    Valid for stride 1 without groups, dilation or output padding (the published
+    downsamplers); onnxruntime's CPU kernels for Conv are several times faster.
+    """
+    k, p = transposed.kernel_size[0], transposed.padding[0]
+    assert transposed.stride == (1, 1) and transposed.groups == 1 and transposed.dilation == (1, 1)
+    conv = torch.nn.Conv2d(transposed.in_channels, transposed.out_channels, k, padding=k - 1 - p,
+                           bias=transposed.bias is not None)
+    conv.weight.data.copy_(transposed.weight.data.transpose(0, 1).flip(-2, -1))
+    if transposed.bias is not None:
+        conv.bias.data.copy_(transposed.bias.data)
+    return conv
 
 
 def export_checkpoint(
