@@ -25,16 +25,15 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     return [round(i * (length - tile) / (count - 1)) for i in range(count)]
 
 
-def _ramp(length: int, rise_start: bool, rise_end: bool, width: int) -> np.ndarray:
-    """1 inside, a raised-cosine ramp of ``width`` at each end that meets a neighbour."""
-    w = np.ones(length, dtype=np.float64)
-    if width > 0:
-        ramp = 0.5 - 0.5 * np.cos(np.pi * (np.arange(width) + 0.5) / width)
-        if rise_start:
-            w[:width] *= ramp
-        if rise_end:
-            w[length - width :] *= ramp[::-1]
-    return w
+def _rising(width: int) -> np.ndarray:
+    """Raised-cosine ramp from exactly 0 to exactly 1 over ``width`` pixels.
+
+    A tile's outermost pixel gets weight 0, so convolution padding at the tile edge never
+    reaches the blend; a neighbour's falling ramp over the same pixels sums with it to 1.
+    """
+    if width == 1:
+        return np.array([0.5])
+    return 0.5 - 0.5 * np.cos(np.pi * np.arange(width) / (width - 1))
 
 
 @dataclass(frozen=True)
@@ -75,11 +74,16 @@ class TileGrid:
         return np.outer(wy, wx).astype(np.float32)
 
     def _axis_window(self, start: int, starts: list[int]) -> np.ndarray:
+        """1 inside; ramps over the overlaps with the previous and next tile, if any."""
         i = starts.index(start)
-        before = starts[i - 1] + self.tile - start if i > 0 else 0
-        after = start + self.tile - starts[i + 1] if i + 1 < len(starts) else 0
-        width = max(before, after)
-        return _ramp(self.tile, before > 0, after > 0, min(width, self.tile // 2))
+        before = min(starts[i - 1] + self.tile - start, self.tile // 2) if i > 0 else 0
+        after = min(start + self.tile - starts[i + 1], self.tile // 2) if i + 1 < len(starts) else 0
+        w = np.ones(self.tile)
+        if before > 0:
+            w[:before] = _rising(before)
+        if after > 0:
+            w[self.tile - after :] *= _rising(after)[::-1]
+        return w
 
 
 class BlendedDenoiser:
