@@ -12,29 +12,26 @@ import numpy as np
 from . import __version__
 from .backends import Backend, open_backend
 from .files import sha256_of
+from .formats.base import Source
 from .intensity import IntensityMap, check_dtype, intensity_map_for
 from .models import default_model_path
-from .noise import gaussian_field
-from .sampler import DDRM, SamplerSettings, run_ddrm, state_to_image
+from .planes import (
+    NoiseKey,
+    ProgressCallback,
+    ProgressTracker,
+    RestorationCancelled,
+    restore_group,
+    tiles_per_plane,
+)
+from .sampler import SamplerSettings
+from .streaming import ArraySource, prefetch
 from .tasks import TaskOptions, missing_pixels, parse_blur_sigma
 from .tiling import BlendedDenoiser
 
+#: Called with (output plane index, samples [S, H, W] on the [0, 1] scale), in plane order.
+Emit = Callable[[int, np.ndarray], None]
 
-class RestorationCancelled(RuntimeError):
-    """The progress callback asked to stop; nothing was returned or written."""
-
-
-@dataclass(frozen=True)
-class Progress:
-    tiles_done: int
-    tiles_total: int
-    step: int  # sampler steps finished in the current plane
-    steps: int
-    plane: int
-    planes: int
-
-
-ProgressCallback = Callable[[Progress], "bool | None"]  # return False to cancel
+__all__ = ["Restoration", "RestorationCancelled", "Restorer"]
 
 
 @dataclass
@@ -49,9 +46,11 @@ class Restoration:
 
 
 class Restorer:
-    """Restores YX images (and stacks of them, ZYX) with DDRM and a DF5T model.
+    """Restores YX images and ZYX stacks with DDRM and a DF5T model.
 
-    One instance may be shared by threads: calls are serialised and reuse the backend.
+    2D tasks restore every plane of a stack; ``isotropic`` restores an anisotropic volume on
+    the isotropic grid. One instance may be shared by threads: calls are serialised and
+    reuse the backend.
     """
 
     def __init__(
@@ -100,69 +99,100 @@ class Restorer:
         self.denoiser = BlendedDenoiser(self.backend, tile, self.overlap, self.batch)
         self._lock = threading.Lock()
 
+    @property
+    def schedule(self):
+        return self.backend.info.schedule
+
+    # ------------------------------------------------------------------ arrays
+
     def restore(self, image: np.ndarray, progress: ProgressCallback | None = None) -> np.ndarray:
-        """The restored YX image or ZYX stack (same dtype; sr grows YX by the scale)."""
+        """The restored YX image or ZYX stack (same dtype; sr grows YX, isotropic grows Z)."""
         return self.restore_full(image, progress).image
 
     def restore_full(self, image: np.ndarray, progress: ProgressCallback | None = None) -> Restoration:
-        """Like ``restore``, with the intensity map, sigma0, provenance and sample std.
-
-        A ZYX stack gets the 2D task on every plane, with one intensity map for the stack.
-        """
+        """Like ``restore``, with the intensity map, sigma0, provenance and sample std."""
         image = np.asarray(image)
         check_dtype(image)
-        if image.ndim not in (2, 3) or min(image.shape) < 1:
-            raise ValueError(f"expected a YX image or a ZYX stack, got an array of shape {image.shape}")
-        if self.options.task == "isotropic":
-            raise ValueError("--task isotropic needs the volume restorer (not available yet)")
-        if self.options.task != "inpaint":  # for inpainting, NaN pixels are the missing ones
-            _check_finite(image, None)
-        planes = image if image.ndim == 3 else image[None]
-        with self._lock:
-            intensity = intensity_map_for(image)
-            settings = self._settings(intensity)
-            results = [
-                self._restore_plane(plane, index, len(planes), intensity, settings, progress)
-                for index, plane in enumerate(planes)
-            ]
-        mean = np.stack([intensity.from_unit(unit.mean(axis=0)) for unit in results])
-        std = None
-        if self.samples > 1:
-            std = np.stack([unit.std(axis=0) for unit in results]) * np.float32(intensity.high - intensity.low)
+        source = ArraySource(image)
+        intensity = intensity_map_for_source(source)
+        means, stds = {}, {}
+
+        def collect(z: int, unit: np.ndarray) -> None:
+            means[z], stds[z] = mean_and_std(unit, intensity)
+
+        sigma0 = self.restore_source(source, collect, intensity, progress)
+        mean = np.stack([means[z] for z in sorted(means)])
+        std = np.stack([stds[z] for z in sorted(stds)]) if self.samples > 1 else None
         if image.ndim == 2:
             mean, std = mean[0], None if std is None else std[0]
-        provenance = self.provenance(intensity, settings.sigma0)
-        return Restoration(mean, intensity, settings.sigma0, provenance, std)
+        return Restoration(mean, intensity, sigma0, self.provenance(intensity, sigma0), std)
+
+    # ------------------------------------------------------------------ streaming
+
+    def output_shape(self, source: Source) -> tuple[int, ...]:
+        if self.options.task == "isotropic":
+            z, y, x = source.shape
+            return z * self.z_factor_for(source), y, x
+        grid = self.options.grid_shape(source.shape[-2:])
+        return (*source.shape[:-2], *grid)
+
+    def z_factor_for(self, source: Source) -> int:
+        from .volume import z_factor_of
+
+        return z_factor_of(source, self.options.z_factor)
+
+    def restore_source(
+        self, source: Source, emit: Emit, intensity: IntensityMap, progress: ProgressCallback | None = None,
+        start: int = 0,
+    ) -> float:
+        """Restore ``source`` plane by plane, emitting output planes from ``start`` on, in order.
+
+        Returns the sigma0 used. Memory is bounded by a group of planes (or, for isotropic
+        restoration, by a slab of the volume), whatever the stack's length.
+        """
+        settings = self._settings(intensity)
+        with self._lock:
+            if self.options.task == "isotropic":
+                from .volume import restore_isotropic
+
+                restore_isotropic(self, source, intensity, settings, emit, progress)
+            else:
+                self._restore_stack(source, intensity, settings, emit, progress, start)
+        return settings.sigma0
 
     def _settings(self, intensity: IntensityMap) -> SamplerSettings:
         sigma0 = self.sigma0 if self.sigma0 is not None else intensity.sigma0_from_noise_std(self.noise_std)
         return SamplerSettings(sigma0=sigma0, steps=self.steps, eta=self.eta, eta_b=self.eta_b)
 
-    def _restore_plane(self, plane, index, planes, intensity, settings, progress) -> np.ndarray:
-        """All samples of one plane on the [0, 1] scale, [samples, H, W]."""
-        missing = missing_pixels(self.options, plane) if self.options.task == "inpaint" else None
-        _check_finite(plane, missing)
-        y = intensity.to_model(np.where(missing, 0, plane) if missing is not None else plane)
-        grid = self.options.grid_shape(plane.shape)
-        ddrm = DDRM(self.options.operator(grid, missing), self.backend.info.schedule, settings)
-        y = np.broadcast_to(y, (self.samples, *y.shape))
+    def group_size(self, grid: tuple[int, int]) -> int:
+        """Planes restored together so that their tiles fill the backend's batch."""
+        if self.options.task == "inpaint":  # each plane has its own mask, hence operator
+            return 1
+        per_plane = self.denoiser.tiles_per_call(self.samples, *grid)
+        return max(1, self.batch // per_plane)
 
-        def noise(step: int) -> np.ndarray:
-            return np.stack([
-                gaussian_field(self.seed, step=step, draw=sample, plane=index, y0=0, x0=0, height=grid[0], width=grid[1])
-                for sample in range(self.samples)
-            ])
-
-        per_step = self.denoiser.tiles_per_call(self.samples, *grid)
-        total = per_step * len(ddrm.timesteps)
-
-        def on_step(plan) -> None:
-            if progress is not None:
-                event = Progress((plan.index + 1) * per_step, total, plan.index + 1, len(ddrm.timesteps), index, planes)
-                if progress(event) is False:
-                    raise RestorationCancelled("restoration cancelled by the progress callback")
-
-        return state_to_image(run_ddrm(ddrm, y, self.denoiser, noise, on_step))
+    def _restore_stack(self, source, intensity, settings, emit, progress, start) -> None:
+        grid = self.options.grid_shape(source.shape[-2:])
+        planes = range(start, source.planes)
+        cost = tiles_per_plane(self.denoiser, grid, self.samples, self.steps, self.schedule)
+        tracker = ProgressTracker(progress, cost * len(planes), len(planes))
+        tracker.report()
+        for first, block in prefetch(source, planes, self.group_size(grid)):
+            missing = None
+            if self.options.task == "inpaint":
+                missing = missing_pixels(self.options, block[0])
+            else:
+                check_finite(block, None)
+            if missing is not None:
+                check_finite(block[0], missing)
+                block = np.where(missing, 0, block)
+            y = intensity.to_model(block)
+            op = self.options.operator(grid, missing)
+            key = NoiseKey(self.seed, 0, range(first, first + len(block)))
+            unit = restore_group(y, op, self.schedule, settings, self.denoiser, key, self.samples, tracker)
+            for offset, samples in enumerate(unit):
+                emit(first + offset, samples)
+            tracker.planes_finished(len(block), len(block) * grid[0] * grid[1])
 
     def provenance(self, intensity: IntensityMap, sigma0: float) -> dict:
         return {
@@ -185,10 +215,27 @@ class Restorer:
         }
 
 
-def _check_finite(plane: np.ndarray, missing: np.ndarray | None) -> None:
-    if plane.dtype.kind != "f":
+def intensity_map_for_source(source: Source) -> IntensityMap:
+    """One map per image or volume; a volume's percentiles come from sampled planes."""
+    from .intensity import SAMPLE_PLANES
+
+    if source.planes == 1:
+        return intensity_map_for(source.plane(0))
+    chosen = np.unique(np.linspace(0, source.planes - 1, SAMPLE_PLANES).round().astype(int))
+    return intensity_map_for(np.stack([source.plane(int(z)) for z in chosen]))
+
+
+def mean_and_std(unit: np.ndarray, intensity: IntensityMap) -> tuple[np.ndarray, np.ndarray | None]:
+    """Samples [S, H, W] on [0, 1] -> mean in the input dtype, std in input units."""
+    mean = intensity.from_unit(unit.mean(axis=0))
+    std = (unit.std(axis=0) * np.float32(intensity.high - intensity.low)) if len(unit) > 1 else None
+    return mean, std
+
+
+def check_finite(planes: np.ndarray, missing: np.ndarray | None) -> None:
+    if planes.dtype.kind != "f":
         return
-    bad = ~np.isfinite(plane)
+    bad = ~np.isfinite(planes)
     if missing is not None:
         bad &= ~missing
     if bad.any():
@@ -196,4 +243,3 @@ def _check_finite(plane: np.ndarray, missing: np.ndarray | None) -> None:
             f"the image has {int(bad.sum())} NaN or Inf pixels; clean them, or restore them "
             "with --task inpaint (NaN pixels count as missing)"
         )
-

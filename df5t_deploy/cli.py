@@ -104,14 +104,16 @@ def _user_errors():
     """The exception types whose message is the whole story for a user."""
     from .artifact import ArtifactError
     from .backends import BackendUnavailable
-    from .io import ImageFormatError
+    from .formats import ImageFormatError
+    from .planes import RestorationCancelled
     from .tasks import TaskError
 
-    return (ArtifactError, BackendUnavailable, ImageFormatError, TaskError, ValueError, FileNotFoundError)
+    return (ArtifactError, BackendUnavailable, ImageFormatError, TaskError, ValueError, FileNotFoundError,
+            RestorationCancelled)
 
 
 def _read_mask(mask: str | None):
-    from .io import read_image
+    from .formats import read_image
 
     if mask is None or mask == "auto":
         return mask
@@ -120,38 +122,42 @@ def _read_mask(mask: str | None):
 
 
 @main.command("restore")
-@click.argument("input_path", metavar="INPUT", type=click.Path(exists=True, dir_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Image to write (.tif, .png).")
+@click.argument("input_path", metavar="INPUT", type=click.Path(exists=True))
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output (.tif, .ome.tif, .png, .mrc, .zarr).")
 @_task_options
 @_restore_options
+@click.option("--uncertainty", type=click.Path(), default=None,
+              help="Also write the per-pixel std over --samples (input units, float32).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted zarr output.")
 def restore_command(input_path, output, task, sigma0, noise_std, seed, scale, blur_sigma, mask, min_hole,
-                    z_factor, model, steps, eta, eta_b, overlap, batch, samples, backend, device, threads, quiet):
-    """Restore an EM image or stack with DDRM and a DF5T model."""
+                    z_factor, model, steps, eta, eta_b, overlap, batch, samples, backend, device, threads, quiet,
+                    uncertainty, resume):
+    """Restore an EM image, stack or volume with DDRM and a DF5T model."""
     from .api import Restorer
-    from .io import check_writable, read_image, write_image
+    from .pipeline import restore_file
 
     _require_distinct(input_path, output)
+    if uncertainty:
+        _require_distinct(input_path, uncertainty)
     started = time.perf_counter()
     try:
-        image, meta = read_image(input_path)
         restorer = Restorer(
             model, task, sigma0=sigma0, noise_std=noise_std, steps=steps, eta=eta, eta_b=eta_b, seed=seed,
             scale=scale, blur_sigma=blur_sigma, mask=_read_mask(mask), min_hole=min_hole, z_factor=z_factor,
             overlap=overlap, batch=batch, samples=samples, backend=backend, device=device, threads=threads,
         )
-        check_writable(output, image.dtype, image.ndim)
         with _ProgressBar(quiet) as bar:
-            result = restorer.restore_full(image, progress=bar.update)
-        factor = restorer.options.factor
-        write_image(output, result.image, meta.scaled(xy=1.0 / factor), result.provenance)
+            result = restore_file(restorer, input_path, output, uncertainty_path=uncertainty, resume=resume,
+                                  progress=bar.update)
     except _user_errors() as err:
         raise click.ClickException(str(err)) from None
     seconds = time.perf_counter() - started
-    megapixels = result.image.size / 1e6
+    megapixels = float(np.prod(result.output_shape)) / 1e6
     click.echo(
-        f"restored {input_path} {image.shape} {image.dtype} ({task}, {steps} steps, sigma0={result.sigma0:.4g}, "
-        f"{restorer.backend.name}) in {seconds:.1f} s, {megapixels / seconds:.3f} MPix/s\nwrote {output}"
+        f"restored {input_path} {result.input_shape} {result.dtype} -> {result.output_shape} ({task}, {steps} steps, "
+        f"sigma0={result.sigma0:.4g}, {restorer.backend.name}) in {seconds:.1f} s, {megapixels / seconds:.3f} MPix/s"
     )
+    click.echo(f"wrote {output}" + (f" and {uncertainty}" if uncertainty else ""))
 
 
 class _ProgressBar:
@@ -175,9 +181,13 @@ class _ProgressBar:
         if self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=event.tiles_total * event.planes, unit="tile", desc="restoring", leave=False)
-        self.bar.n = event.plane * event.tiles_total + event.tiles_done
-        self.bar.set_postfix_str(f"plane {event.plane + 1}/{event.planes} step {event.step}/{event.steps}")
+            self.bar = tqdm(total=event.tiles_total, unit="tile", desc="restoring", leave=False, dynamic_ncols=True)
+        self.bar.n = event.tiles_done
+        rate = event.pixels_done / 1e6 / max(time.perf_counter() - self.started, 1e-9)
+        self.bar.set_postfix_str(
+            f"planes {event.planes_done}/{event.planes_total} step {event.step}/{event.steps} {rate:.3f} MPix/s"
+        )
+        self.bar.refresh()
 
 
 @main.command("degrade")
@@ -193,7 +203,7 @@ def degrade_command(input_path, output, task, sigma0, noise_std, seed, scale, bl
     import warnings
 
     from .degrade import blob_mask, degrade
-    from .io import read_image, write_image
+    from .formats import read_image, write_image
     from .tasks import TaskOptions, parse_blur_sigma
 
     _require_distinct(input_path, output)

@@ -18,17 +18,22 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     On any exception, Ctrl-C included, the temporary file is removed and ``final`` is left
     as it was. The temporary name keeps the final suffix, so writers that dispatch on it work.
     """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.stem}.partial-", suffix=final.suffix, dir=final.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = temporary_sibling(final)
     try:
         yield tmp_path
         os.replace(tmp_path, final)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def temporary_sibling(final: str | Path) -> Path:
+    """A new empty file beside ``final`` (same folder, so a rename is atomic), same suffix."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.stem}.partial-", suffix=final.suffix, dir=final.parent)
+    os.close(fd)
+    return Path(tmp)
 
 
 def same_file(a: str | Path, b: str | Path) -> bool:

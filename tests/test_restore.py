@@ -7,11 +7,11 @@ import pytest
 import tifffile
 from click.testing import CliRunner
 
-import df5t_deploy.api
+import df5t_deploy.planes
 from df5t_deploy.api import Restorer
 from df5t_deploy.cli import main
 from df5t_deploy.files import atomic_path
-from df5t_deploy.io import read_image
+from df5t_deploy.formats import read_image
 from onnx_models import exact_denoiser, gaussian_prior_denoiser, tile_mean_model
 
 TILE = 32
@@ -86,7 +86,7 @@ def _zero_noise_reference(monkeypatch, model, task, image, sigma0, steps, mask_f
         return np.zeros((3, height, width), np.float32)
 
     with monkeypatch.context() as m:
-        m.setattr(df5t_deploy.api, "gaussian_field", no_noise)
+        m.setattr(df5t_deploy.planes, "gaussian_field", no_noise)
         mask = read_image(mask_file)[0] if mask_file else None
         restorer = Restorer(model, task, sigma0=sigma0, steps=steps, overlap=4, mask=mask, **kwargs)
         return restorer.restore(image)

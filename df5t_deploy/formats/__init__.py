@@ -1,0 +1,74 @@
+"""EM image formats: TIFF/BigTIFF/OME-TIFF, PNG, MRC, zarr/OME-Zarr.
+
+``open_source`` reads plane by plane, ``create_sink`` writes plane by plane and atomically;
+``read_image`` and ``write_image`` are the whole-array shortcuts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from . import mrc, png, tiff, zarr_format
+from .base import ImageFormatError, ImageMeta, Sink, Source
+
+_FORMATS = (
+    (tiff.SUFFIXES, tiff.TiffSource, tiff.TiffSink),
+    (png.SUFFIXES, png.PngSource, png.PngSink),
+    (mrc.SUFFIXES, mrc.MrcSource, mrc.MrcSink),
+    (zarr_format.SUFFIXES, zarr_format.ZarrSource, zarr_format.ZarrSink),
+)
+SUPPORTED = tuple(s for suffixes, _, _ in _FORMATS for s in suffixes)
+
+
+def _format_of(path: Path):
+    suffix = path.suffix.lower()
+    for suffixes, source, sink in _FORMATS:
+        if suffix in suffixes:
+            return source, sink
+    raise ImageFormatError(f"{path}: unsupported file type {suffix or '(none)'}; supported: {', '.join(SUPPORTED)}")
+
+
+def open_source(path: str | Path) -> Source:
+    path = Path(path)
+    source, _ = _format_of(path)
+    if not path.exists():
+        raise ImageFormatError(f"{path}: no such file")
+    return source(path)
+
+
+def create_sink(path: str | Path, shape, dtype, meta: ImageMeta, provenance: dict | None = None,
+                resume: bool = False) -> Sink:
+    path = Path(path)
+    _, sink = _format_of(path)
+    if resume:
+        if sink is not zarr_format.ZarrSink:
+            raise ImageFormatError(f"{path}: --resume works for zarr outputs only")
+        return sink(path, shape, dtype, meta, provenance, resume=True)
+    return sink(path, shape, dtype, meta, provenance)
+
+
+def check_writable(path: str | Path, dtype, ndim: int) -> None:
+    """Fail before hours of compute if the output cannot hold the result."""
+    path = Path(path)
+    _, sink = _format_of(path)
+    if sink is png.PngSink:
+        png.check_png(path, dtype, ndim)
+    if not path.parent.exists():
+        raise ImageFormatError(f"{path}: folder {path.parent} does not exist")
+
+
+def read_image(path: str | Path) -> tuple[np.ndarray, ImageMeta]:
+    with open_source(path) as source:
+        return source.read(), source.meta
+
+
+def write_image(path: str | Path, array: np.ndarray, meta: ImageMeta, provenance: dict | None = None) -> None:
+    with create_sink(path, array.shape, array.dtype, meta, provenance) as sink:
+        for plane in array if array.ndim == 3 else [array]:
+            sink.write_plane(plane)
+
+
+__all__ = ["ImageFormatError", "ImageMeta", "Sink", "Source", "SUPPORTED", "check_writable",
+           "create_sink", "open_source", "read_image", "write_image"]

@@ -1,0 +1,165 @@
+"""What every format provides: a plane-by-plane source and an atomic plane-by-plane sink."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from ..files import temporary_sibling
+
+
+class ImageFormatError(ValueError):
+    """The file cannot be read or written as an EM image; the message says why."""
+
+
+@dataclass(frozen=True)
+class ImageMeta:
+    axes: str  # "YX" or "ZYX"
+    voxel_size_nm: tuple[float, float, float | None] | None = None  # (x, y, z); unknown z: None
+
+    def scaled(self, xy: float = 1.0, z: float = 1.0) -> "ImageMeta":
+        """The voxel size after resampling by these factors (sr: xy = 1/R; isotropic: z = 1/k)."""
+        if self.voxel_size_nm is None:
+            return self
+        x, y, zz = self.voxel_size_nm
+        return replace(self, voxel_size_nm=(x * xy, y * xy, None if zz is None else zz * z))
+
+    def with_axes(self, ndim: int) -> "ImageMeta":
+        return replace(self, axes="ZYX" if ndim == 3 else "YX")
+
+
+def check_grey(path: Path, shape: tuple[int, ...], axes: str) -> None:
+    if len(shape) not in (2, 3) or min(shape) < 1:
+        raise ImageFormatError(
+            f"{path}: array of shape {shape} (axes {axes}); expected a grey YX image or a ZYX "
+            "stack (split channels or time points first)"
+        )
+
+
+class Source(ABC):
+    """A grey YX image or ZYX stack, read one plane (or one slab of rows) at a time."""
+
+    path: Path
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    meta: ImageMeta
+
+    @property
+    def planes(self) -> int:
+        return self.shape[0] if len(self.shape) == 3 else 1
+
+    @abstractmethod
+    def plane(self, z: int) -> np.ndarray:
+        """Plane z as a YX array (z = 0 for a 2D image)."""
+
+    def rows(self, y0: int, y1: int) -> np.ndarray:
+        """Rows y0..y1 of every plane, [Z, y1 - y0, X]: one pass over the planes."""
+        return np.stack([self.plane(z)[y0:y1] for z in range(self.planes)])
+
+    def read(self) -> np.ndarray:
+        """The whole image or stack (small data only)."""
+        if len(self.shape) == 2:
+            return self.plane(0)
+        return np.stack([self.plane(z) for z in range(self.planes)])
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Sink(ABC):
+    """Receives planes in order; the file appears under its name only when all are written.
+
+    Use as a context manager: leaving it by an exception (Ctrl-C included) removes every
+    partial file.
+    """
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype, meta: ImageMeta, provenance: dict | None):
+        self.path, self.shape, self.dtype = Path(path), tuple(shape), np.dtype(dtype)
+        self.meta, self.provenance = meta.with_axes(len(shape)), provenance
+        self.written = 0
+
+    @property
+    def planes(self) -> int:
+        return self.shape[0] if len(self.shape) == 3 else 1
+
+    def write_plane(self, plane: np.ndarray) -> None:
+        expected = self.shape[-2:]
+        if plane.shape != expected:
+            raise ValueError(f"plane of shape {plane.shape} written to a sink of planes {expected}")
+        if self.written >= self.planes:
+            raise ValueError(f"{self.path}: all {self.planes} planes are already written")
+        self._write(np.asarray(plane, dtype=self.dtype))
+        self.written += 1
+
+    @abstractmethod
+    def _write(self, plane: np.ndarray) -> None: ...
+
+    @abstractmethod
+    def _commit(self) -> None:
+        """Everything is written: make the output appear under its final name."""
+
+    @abstractmethod
+    def _abort(self) -> None:
+        """Remove every partial file."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None and self.written != self.planes:
+            self._abort()
+            raise ValueError(f"{self.path}: only {self.written} of {self.planes} planes were written")
+        if exc_type is None:
+            self._commit()
+        else:
+            self._abort()
+
+
+class TempFileSink(Sink):
+    """A sink that writes one file beside the target and renames it at the end."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tmp = temporary_sibling(self.path)
+
+    def _commit(self) -> None:
+        self._close()
+        os.replace(self.tmp, self.path)
+
+    def _abort(self) -> None:
+        try:
+            self._close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+    def _close(self) -> None:
+        pass
+
+
+class TempDirSink(Sink):
+    """A sink that writes a folder (zarr) beside the target and renames it at the end."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.partial-", dir=self.path.parent))
+
+    def _commit(self) -> None:
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        self.tmp.rename(self.path)
+
+    def _abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)

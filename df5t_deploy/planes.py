@@ -1,0 +1,106 @@
+"""Restoring groups of planes: DDRM on several planes and samples at once, with progress.
+
+Every plane of a group shares one operator; planes and samples go along the leading axis of
+the sampler state, so their tiles fill the same backend calls. Each (plane, sample) draws
+its own counter-based noise, so grouping never changes a result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .artifact import Schedule
+from .noise import gaussian_field
+from .operators import SpatialOperator
+from .sampler import DDRM, SamplerSettings, StepPlan, run_ddrm, state_to_image
+from .tiling import BlendedDenoiser
+
+
+class RestorationCancelled(RuntimeError):
+    """The progress callback asked to stop; nothing was returned or written."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    tiles_done: int
+    tiles_total: int
+    planes_done: int
+    planes_total: int
+    step: int  # sampler steps finished in the current group of planes
+    steps: int
+    pixels_done: int  # output pixels finished so far
+
+
+ProgressCallback = Callable[[Progress], "bool | None"]  # return False to cancel
+
+
+class ProgressTracker:
+    """Counts tiles over a whole job and lets the callback cancel it."""
+
+    def __init__(self, callback: ProgressCallback | None, tiles_total: int, planes_total: int):
+        self.callback, self.tiles_total, self.planes_total = callback, tiles_total, planes_total
+        self.tiles_done = self.planes_done = self.pixels_done = 0
+
+    def report(self, step: int = 0, steps: int = 0) -> None:
+        if self.callback is None:
+            return
+        event = Progress(self.tiles_done, self.tiles_total, self.planes_done, self.planes_total, step, steps, self.pixels_done)
+        if self.callback(event) is False:
+            raise RestorationCancelled("restoration cancelled by the progress callback")
+
+    def planes_finished(self, count: int, pixels: int) -> None:
+        self.planes_done += count
+        self.pixels_done += pixels
+        self.report()
+
+
+@dataclass(frozen=True)
+class NoiseKey:
+    """Where a group's noise comes from in the counter space (DESIGN.md, Noise)."""
+
+    seed: int
+    orientation: int  # 0: XY planes, 1: XZ planes, 2: YZ planes
+    plane_ids: Sequence[int]
+
+
+def restore_group(
+    y: np.ndarray,
+    op: SpatialOperator,
+    schedule: Schedule,
+    settings: SamplerSettings,
+    denoiser: BlendedDenoiser,
+    key: NoiseKey,
+    samples: int,
+    tracker: ProgressTracker,
+) -> np.ndarray:
+    """Samples [G, samples, H, W] on the [0, 1] scale for measurements y [G, h, w] (model scale)."""
+    groups = len(y)
+    height, width = op.shape
+    ddrm = DDRM(op, schedule, settings)
+    y_all = np.repeat(y, samples, axis=0)
+
+    def noise(step: int) -> np.ndarray:
+        return np.stack([
+            gaussian_field(key.seed, step=step, draw=sample, orientation=key.orientation, plane=plane,
+                           y0=0, x0=0, height=height, width=width)
+            for plane in key.plane_ids for sample in range(samples)
+        ])
+
+    tiles_per_step = denoiser.tiles_per_call(groups * samples, height, width)
+
+    def on_step(plan: StepPlan) -> None:
+        tracker.tiles_done += tiles_per_step
+        tracker.report(plan.index + 1, len(ddrm.timesteps))
+
+    state = run_ddrm(ddrm, y_all, denoiser, noise, on_step)
+    return state_to_image(state).reshape(groups, samples, height, width)
+
+
+def tiles_per_plane(denoiser: BlendedDenoiser, shape: tuple[int, int], samples: int, steps: int, schedule: Schedule) -> int:
+    """Network tiles one plane costs (for progress totals)."""
+    from .sampler import Timesteps
+
+    return denoiser.tiles_per_call(samples, *shape) * len(Timesteps(schedule, steps))
