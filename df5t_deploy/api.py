@@ -58,7 +58,7 @@ class Restorer:
         model: str | Path | None = None,
         task: str = "denoise",
         *,
-        sigma0: float | None = None,
+        sigma0: float | str | None = None,
         noise_std: float | None = None,
         steps: int = 50,
         eta: float = 0.85,
@@ -84,8 +84,10 @@ class Restorer:
             raise ValueError("give exactly one of sigma0 (on the [-1,1] scale) or noise_std (in input units)")
         if noise_std is not None and not noise_std > 0:
             raise ValueError(f"noise_std must be > 0, got {noise_std}")
-        if sigma0 is not None:
-            SamplerSettings(sigma0=sigma0, steps=steps, eta=eta, eta_b=eta_b)  # validate early
+        if sigma0 == "auto":
+            SamplerSettings(sigma0=1.0, steps=steps, eta=eta, eta_b=eta_b)  # validate the rest early
+        elif sigma0 is not None:
+            SamplerSettings(sigma0=sigma0, steps=steps, eta=eta, eta_b=eta_b)
         if samples < 1:
             raise ValueError(f"samples must be >= 1, got {samples}")
         self.sigma0, self.noise_std = sigma0, noise_std
@@ -93,6 +95,7 @@ class Restorer:
         self.model_path = Path(model) if model is not None else default_model_path()
         self.backend: Backend = open_backend(backend, self.model_path, device=device, threads=threads)
         self.model_sha256 = sha256_of(self.model_path)
+        self.estimated_noise_std: float | None = None
         tile = self.backend.info.tile
         self.overlap = tile // 8 if overlap is None else overlap
         self.batch = batch or self.backend.preferred_batch
@@ -143,15 +146,15 @@ class Restorer:
 
     def restore_source(
         self, source: Source, emit: Emit, intensity: IntensityMap, progress: ProgressCallback | None = None,
-        start: int = 0,
+        start: int = 0, settings: SamplerSettings | None = None,
     ) -> float:
         """Restore ``source`` plane by plane, emitting output planes from ``start`` on, in order.
 
         Returns the sigma0 used. Memory is bounded by a group of planes (or, for isotropic
         restoration, by a slab of the volume), whatever the stack's length.
         """
-        settings = self._settings(intensity)
         with self._lock:
+            settings = settings or self.settings_for(source, intensity)
             if self.options.task == "isotropic":
                 from .volume import restore_isotropic
 
@@ -160,8 +163,17 @@ class Restorer:
                 self._restore_stack(source, intensity, settings, emit, progress, start)
         return settings.sigma0
 
-    def _settings(self, intensity: IntensityMap) -> SamplerSettings:
-        sigma0 = self.sigma0 if self.sigma0 is not None else intensity.sigma0_from_noise_std(self.noise_std)
+    def settings_for(self, source: Source, intensity: IntensityMap) -> SamplerSettings:
+        """The sampler settings for this input: sigma0 given, from --noise-std, or estimated."""
+        if self.sigma0 == "auto":
+            from .noise_estimate import estimate_noise_std
+
+            self.estimated_noise_std = estimate_noise_std(source)
+            sigma0 = intensity.sigma0_from_noise_std(self.estimated_noise_std)
+        elif self.sigma0 is not None:
+            sigma0 = self.sigma0
+        else:
+            sigma0 = intensity.sigma0_from_noise_std(self.noise_std)
         return SamplerSettings(sigma0=sigma0, steps=self.steps, eta=self.eta, eta_b=self.eta_b)
 
     def group_size(self, grid: tuple[int, int]) -> int:
@@ -203,7 +215,8 @@ class Restorer:
             "backend": self.backend.name,
             **self.options.to_dict(),
             "sigma0": sigma0,
-            "noise_std": self.noise_std,
+            "sigma0_rule": _sigma0_rule(self.sigma0, self.noise_std),
+            "noise_std": self.noise_std if self.sigma0 != "auto" else self.estimated_noise_std,
             "steps": self.steps,
             "eta": self.eta,
             "eta_b": self.eta_b,
@@ -213,6 +226,14 @@ class Restorer:
             "overlap": self.overlap,
             "intensity_map": intensity.to_dict(),
         }
+
+
+def _sigma0_rule(sigma0, noise_std) -> str:
+    from .noise_estimate import RULE
+
+    if sigma0 == "auto":
+        return RULE
+    return "given (--sigma0)" if sigma0 is not None else "from --noise-std"
 
 
 def intensity_map_for_source(source: Source) -> IntensityMap:

@@ -84,8 +84,8 @@ def _restore_options(f):
 def _task_options(f):
     options = [
         click.option("--task", type=click.Choice(TASKS), default="denoise", show_default=True),
-        click.option("--sigma0", type=float, default=None,
-                     help="Noise std of the measurement on the [-1,1] scale (published runs: 0.2)."),
+        click.option("--sigma0", type=_Sigma0(), default=None,
+                     help="Noise std of the measurement on the [-1,1] scale (published runs: 0.2), or 'auto'."),
         click.option("--noise-std", type=float, default=None, help="The same noise std in input units."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--scale", type=int, default=None, help="sr: factor R (2..8, default 2)."),
@@ -98,6 +98,18 @@ def _task_options(f):
     for option in reversed(options):
         f = option(f)
     return f
+
+
+class _Sigma0(click.ParamType):
+    name = "FLOAT|auto"
+
+    def convert(self, value, param, ctx):
+        if value == "auto" or isinstance(value, float):
+            return value
+        try:
+            return float(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a number nor 'auto'", param, ctx)
 
 
 def _user_errors():
@@ -157,6 +169,9 @@ def restore_command(input_path, output, task, sigma0, noise_std, seed, scale, bl
         f"restored {input_path} {result.input_shape} {result.dtype} -> {result.output_shape} ({task}, {steps} steps, "
         f"sigma0={result.sigma0:.4g}, {restorer.backend.name}) in {seconds:.1f} s, {megapixels / seconds:.3f} MPix/s"
     )
+    if restorer.estimated_noise_std is not None:
+        click.echo(f"sigma0 auto: estimated noise std {restorer.estimated_noise_std:.4g} (input units) "
+                   f"-> sigma0 {result.sigma0:.4g} on the [-1,1] scale")
     click.echo(f"wrote {output}" + (f" and {uncertainty}" if uncertainty else ""))
 
 

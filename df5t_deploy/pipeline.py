@@ -46,7 +46,8 @@ def restore_file(
                 raise ValueError("--uncertainty needs --samples 2 or more (it is the std over samples)")
             check_writable(uncertainty_path, np.float32, len(out_shape))
         intensity = intensity_map_for_source(source)
-        sigma0 = restorer._settings(intensity).sigma0
+        settings = restorer.settings_for(source, intensity)
+        sigma0 = settings.sigma0
         provenance = restorer.provenance(intensity, sigma0)
         meta = _output_meta(restorer, source)
         with contextlib.ExitStack() as stack:
@@ -62,7 +63,7 @@ def restore_file(
                 if std_sink is not None:
                     std_sink.write_plane(std)
 
-            restorer.restore_source(source, emit, intensity, progress, start=sink.written)
+            restorer.restore_source(source, emit, intensity, progress, start=sink.written, settings=settings)
     return FileResult(source.shape, out_shape, source.dtype, sigma0, provenance)
 
 

@@ -219,3 +219,27 @@ def test_atomic_path_leaves_nothing_on_interrupt(tmp_path):
             tmp.write_bytes(b"half")
             raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sigma0_auto_estimates_a_known_noise_level(workdir, models, em_dir):
+    import scipy.ndimage
+
+    clean = scipy.ndimage.gaussian_filter(
+        tifffile.imread(em_dir / "micrograph_vemstitch-mussel_tile3_2_2_1768x2048.tif")[:256, :256].astype(float), 3)
+    noisy = clean + 10.0 * np.random.default_rng(0).standard_normal(clean.shape)
+    tifffile.imwrite(workdir / "noisy.tif", noisy.astype(np.float32))
+    code, output = cli("restore", workdir / "noisy.tif", "-o", workdir / "out.tif", "--model", models["mean"],
+                       "--sigma0", "auto", "--steps", "2", "--quiet")
+    assert code == 0, output
+    with tifffile.TiffFile(workdir / "out.tif") as tif:
+        meta = tif.shaped_metadata[0]["df5t"]
+    assert meta["sigma0_rule"].startswith("auto")
+    assert meta["noise_std"] == pytest.approx(10.0, rel=0.1)
+    scale = meta["intensity_map"]["high"] - meta["intensity_map"]["low"]
+    assert meta["sigma0"] == pytest.approx(2 * meta["noise_std"] / scale)
+    assert "sigma0 auto: estimated noise std" in output
+
+
+def test_sigma0_must_be_a_number_or_auto(workdir, models):
+    code, output = cli("restore", workdir / "in.tif", "-o", workdir / "o.tif", "--model", models["mean"], "--sigma0", "lots")
+    assert code != 0 and "neither a number nor 'auto'" in output
