@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,12 +28,20 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
 
 
 def temporary_sibling(final: str | Path) -> Path:
-    """A new empty file beside ``final`` (same folder, so a rename is atomic), same suffix."""
+    """A new empty file beside ``final`` (same folder, so a rename is atomic), same suffix.
+
+    Created like any output (permissions from the umask, unlike mkstemp's 0600), under a
+    hidden name that says it is partial.
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.stem}.partial-", suffix=final.suffix, dir=final.parent)
-    os.close(fd)
-    return Path(tmp)
+    while True:
+        tmp = final.with_name(f".{final.stem}.partial-{secrets.token_hex(4)}{final.suffix}")
+        try:
+            open(tmp, "xb").close()
+            return tmp
+        except FileExistsError:
+            continue
 
 
 def same_file(a: str | Path, b: str | Path) -> bool:
