@@ -77,7 +77,15 @@ def collect() -> dict:
         "torch": _version("torch"),
         "gpus": gpus,
         "backends": _backends(providers, gpus),
+        "kernels": _kernels(),
     }
+
+
+def _kernels() -> dict[str, str]:
+    """NVRTC builds of the CUDA kernels, per architecture (no GPU needed)."""
+    from .cuda import kernel_status
+
+    return kernel_status()
 
 
 def render(facts: dict) -> str:
@@ -90,4 +98,5 @@ def render(facts: dict) -> str:
         "backends:",
     ]
     lines += [f"  {name:<18} {state}" for name, state in facts["backends"].items()]
+    lines.append("CUDA kernels (NVRTC): " + ", ".join(f"{arch} {state}" for arch, state in facts["kernels"].items()))
     return "\n".join(lines)

@@ -67,11 +67,13 @@ class TileGrid:
     def positions(self) -> list[tuple[int, int]]:
         return [(y, x) for y in self.ys for x in self.xs]
 
+    def axis_windows(self, y: int, x: int) -> tuple[np.ndarray, np.ndarray]:
+        """The separable blending weights of the tile at (y, x): rows, columns."""
+        return self._axis_window(y, self.ys), self._axis_window(x, self.xs)
+
     def window(self, y: int, x: int) -> np.ndarray:
         """Blending weights of the tile at (y, x): ramps only where a neighbour overlaps."""
-        wy = self._axis_window(y, self.ys)
-        wx = self._axis_window(x, self.xs)
-        return np.outer(wy, wx).astype(np.float32)
+        return np.outer(*self.axis_windows(y, x)).astype(np.float32)
 
     def _axis_window(self, start: int, starts: list[int]) -> np.ndarray:
         """1 inside; ramps over the overlaps with the previous and next tile, if any."""
@@ -84,6 +86,26 @@ class TileGrid:
         if after > 0:
             w[self.tile - after :] *= _rising(after)[::-1]
         return w
+
+
+Job = tuple[int, int, int]  # (plane, top, left) of a tile in the padded region
+
+
+def gather_tiles(padded: np.ndarray, jobs: list[Job], tile: int) -> np.ndarray:
+    """Tiles [J, 3, T, T] cut from reflect-padded regions [P, 3, Hp, Wp]."""
+    return np.stack([padded[p, :, y : y + tile, x : x + tile] for p, y, x in jobs])
+
+
+def blend_tiles(acc: np.ndarray, eps: np.ndarray, wy: np.ndarray, wx: np.ndarray, jobs: list[Job], tile: int) -> None:
+    """acc [P, 3, Hp, Wp] += each tile's eps times its window (wy[j] outer wx[j])."""
+    for (p, y, x), e, a, b in zip(jobs, eps, wy, wx):
+        acc[p, :, y : y + tile, x : x + tile] += e * np.outer(a, b).astype(np.float32)
+
+
+def finalize_blend(acc: np.ndarray, weight: np.ndarray, grid: "TileGrid") -> np.ndarray:
+    """eps [P, 3, H, W]: the weighted mean, cropped from the padded region."""
+    (pt, _), (pl, _) = grid.padding
+    return (acc / weight)[:, :, pt : pt + grid.height, pl : pl + grid.width]
 
 
 class BlendedDenoiser:
@@ -110,17 +132,16 @@ class BlendedDenoiser:
         (pt, pb), (pl, pr) = grid.padding
         padded = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)), mode="reflect") if pt + pb + pl + pr else x
         jobs = [(p, y, xx) for p in range(planes) for (y, xx) in grid.positions]
-        windows = {pos: grid.window(*pos) for pos in grid.positions}
+        windows = {pos: grid.axis_windows(*pos) for pos in grid.positions}
         acc = np.zeros((planes, 3, *grid.padded), dtype=np.float32)
         weight = np.zeros(grid.padded, dtype=np.float32)
-        for (y, xx), w in windows.items():
-            weight[y : y + self.tile, xx : xx + self.tile] += w
-        for chunk_start in range(0, len(jobs), self.batch):
-            chunk = jobs[chunk_start : chunk_start + self.batch]
-            tiles = np.stack([padded[p, :, y : y + self.tile, xx : xx + self.tile] for p, y, xx in chunk])
-            eps = self.network(tiles, np.full(len(chunk), t, dtype=np.float32))
-            for (p, y, xx), e in zip(chunk, eps):
-                acc[p, :, y : y + self.tile, xx : xx + self.tile] += e * windows[y, xx]
+        for (y, xx), (wy, wx) in windows.items():
+            weight[y : y + self.tile, xx : xx + self.tile] += np.outer(wy, wx).astype(np.float32)
+        for start in range(0, len(jobs), self.batch):
+            chunk = jobs[start : start + self.batch]
+            eps = self.network(gather_tiles(padded, chunk, self.tile), np.full(len(chunk), t, dtype=np.float32))
+            wy = np.stack([windows[y, xx][0] for _, y, xx in chunk])
+            wx = np.stack([windows[y, xx][1] for _, y, xx in chunk])
+            blend_tiles(acc, eps, wy, wx, chunk, self.tile)
             self.tiles_run += len(chunk)
-        acc /= weight
-        return acc[:, :, pt : pt + height, pl : pl + width]
+        return finalize_blend(acc, weight, grid)

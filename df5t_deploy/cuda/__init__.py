@@ -1,0 +1,127 @@
+"""CUDA kernels: their source, and their NVRTC build for each GPU architecture, cached.
+
+NVRTC needs no GPU, so every machine can check that the kernels compile (``df5t doctor``
+reports it); launching them needs a GPU (``df5t_deploy.backends`` on CUDA).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from functools import lru_cache
+from pathlib import Path
+
+SOURCE_PATH = Path(__file__).with_name("kernels.cu")
+ARCHITECTURES = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120")
+KERNELS = (
+    "df5t_normals",
+    "df5t_ddrm_step_pointwise",
+    "df5t_ddrm_step_block",
+    "df5t_ddrm_split",
+    "df5t_ddrm_update",
+    "df5t_ddrm_merge",
+    "df5t_gather_tiles_f32",
+    "df5t_gather_tiles_f16",
+    "df5t_blend_tiles_f32",
+    "df5t_blend_tiles_f16",
+    "df5t_blend_finalize",
+    "df5t_map_in_u8",
+    "df5t_map_in_u16",
+    "df5t_map_in_f32",
+    "df5t_map_out_u8",
+    "df5t_map_out_u16",
+    "df5t_map_out_f32",
+)
+# Precise math: the kernels must match their numpy twins (no --use_fast_math).
+NVRTC_OPTIONS = ("-std=c++17",)
+
+
+class KernelBuildError(RuntimeError):
+    """NVRTC failed; the message holds its log."""
+
+
+def kernel_source() -> str:
+    return SOURCE_PATH.read_text()
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("DF5T_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "df5t-deploy")
+    return Path(root) / "kernels"
+
+
+def _nvrtc():
+    try:
+        from cuda.bindings import nvrtc
+    except ImportError as err:
+        raise KernelBuildError("cuda-python is not installed: pip install cuda-bindings nvidia-cuda-nvrtc") from err
+    return nvrtc
+
+
+def _check(nvrtc, result, what: str, program=None) -> None:
+    status = result[0] if isinstance(result, tuple) else result
+    if status != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        log = _log(nvrtc, program) if program is not None else ""
+        raise KernelBuildError(f"NVRTC {what} failed: {status.name}\n{log}")
+
+
+def _log(nvrtc, program) -> str:
+    status, size = nvrtc.nvrtcGetProgramLogSize(program)
+    if status != nvrtc.nvrtcResult.NVRTC_SUCCESS or size <= 1:
+        return ""
+    buffer = b" " * size
+    nvrtc.nvrtcGetProgramLog(program, buffer)
+    return buffer.decode(errors="replace").rstrip("\x00 \n")
+
+
+def nvrtc_version() -> str:
+    nvrtc = _nvrtc()
+    result = nvrtc.nvrtcVersion()
+    _check(nvrtc, result, "version")
+    return f"{result[1]}.{result[2]}"
+
+
+def compile_cubin(arch: str) -> bytes:
+    """The kernels' cubin for ``arch`` (e.g. "sm_90"), from the cache or NVRTC."""
+    if arch not in ARCHITECTURES:
+        raise KernelBuildError(f"unsupported architecture {arch}; supported: {', '.join(ARCHITECTURES)}")
+    source = kernel_source().encode()
+    key = hashlib.sha256(source + arch.encode() + nvrtc_version().encode() + repr(NVRTC_OPTIONS).encode()).hexdigest()[:16]
+    cached = cache_dir() / f"{key}-{arch}.cubin"
+    if cached.is_file():
+        return cached.read_bytes()
+    cubin = _build(source, arch)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_name(cached.name + f".{os.getpid()}.partial")
+    tmp.write_bytes(cubin)
+    os.replace(tmp, cached)
+    return cubin
+
+
+def _build(source: bytes, arch: str) -> bytes:
+    nvrtc = _nvrtc()
+    result = nvrtc.nvrtcCreateProgram(source, b"kernels.cu", 0, [], [])
+    _check(nvrtc, result, "program creation")
+    program = result[1]
+    try:
+        options = [f"--gpu-architecture={arch}".encode(), *(o.encode() for o in NVRTC_OPTIONS)]
+        _check(nvrtc, nvrtc.nvrtcCompileProgram(program, len(options), options), f"compilation for {arch}", program)
+        result = nvrtc.nvrtcGetCUBINSize(program)
+        _check(nvrtc, result, "cubin size")
+        cubin = b" " * result[1]
+        _check(nvrtc, nvrtc.nvrtcGetCUBIN(program, cubin), "cubin")
+        return cubin
+    finally:
+        nvrtc.nvrtcDestroyProgram(program)
+
+
+@lru_cache(maxsize=1)
+def kernel_status() -> dict[str, str]:
+    """For ``df5t doctor``: "ok" or the reason, per architecture."""
+    status = {}
+    for arch in ARCHITECTURES:
+        try:
+            compile_cubin(arch)
+            status[arch] = "ok"
+        except KernelBuildError as err:
+            status[arch] = str(err).splitlines()[0]
+    return status

@@ -1,0 +1,250 @@
+"""The CUDA kernels: they compile with NVRTC for every supported GPU, and their logic, run on
+the CPU through the grid-emulation header, matches the numpy twins."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from df5t_deploy import cuda
+from df5t_deploy.artifact import Schedule
+from df5t_deploy.intensity import IntensityMap
+from df5t_deploy.noise import gaussian_field
+from df5t_deploy.operators import BlockMean, GaussianBlur, Identity, Inpainting
+from df5t_deploy.sampler import DDRM, SamplerSettings, state_to_image
+from df5t_deploy.tiling import TileGrid, blend_tiles, finalize_blend, gather_tiles
+
+HERE = Path(__file__).parent
+
+
+def _require_nvrtc():
+    """In CI NVRTC must be installed (the [test] extra); elsewhere its absence is a stated skip."""
+    if os.environ.get("CI"):
+        from cuda.bindings import nvrtc  # noqa: F401  (fails loudly if the install step is missing)
+    else:
+        pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-bindings (NVRTC) not installed: pip install '.[test]'")
+
+
+@pytest.mark.parametrize("arch", cuda.ARCHITECTURES)
+def test_kernels_compile_with_nvrtc(arch, tmp_path, monkeypatch):
+    _require_nvrtc()
+    monkeypatch.setenv("DF5T_CACHE", str(tmp_path))
+    cubin = cuda.compile_cubin(arch)
+    assert cubin[:4] == b"\x7fELF" and len(cubin) > 10_000
+    for name in cuda.KERNELS:
+        assert name.encode() in cubin, f"{name} missing from the {arch} cubin"
+    assert list(tmp_path.glob(f"kernels/*-{arch}.cubin"))  # cached for the next run
+
+
+def test_build_errors_carry_the_nvrtc_log(monkeypatch):
+    _require_nvrtc()
+    monkeypatch.setattr(cuda, "kernel_source", lambda: "extern \"C\" __global__ void broken( { }")
+    with pytest.raises(cuda.KernelBuildError, match="compilation for sm_90 failed"):
+        cuda._build(cuda.kernel_source().encode(), "sm_90")
+
+
+# ------------------------------------------------------------------ emulation on the CPU
+
+
+class Step(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_float) for name in
+                ("sqrt_ab", "sqrt_1m_ab", "sn", "sigma0", "eta", "eta_b", "sqrt_ab_next")]
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    compiler = shutil.which("g++")
+    if compiler is None:
+        pytest.skip("g++ is not installed: the kernels' CPU emulation needs it")
+    out = tmp_path_factory.mktemp("emulation") / "kernels.so"
+    subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-std=c++17", "-include", str(HERE / "cuda_emulation.h"),
+                    "-x", "c++", str(cuda.SOURCE_PATH), "-o", str(out)], check=True)
+    return ctypes.CDLL(str(out))
+
+
+def ptr(a: np.ndarray):
+    assert a.flags.c_contiguous
+    return a.ctypes.data_as(ctypes.c_void_p)
+
+
+U32, U64, INT = ctypes.c_uint32, ctypes.c_uint64, ctypes.c_int
+
+
+def poisoned(shape, dtype=np.float32):
+    return np.full(shape, np.nan if np.dtype(dtype).kind == "f" else 0xAB, dtype=dtype)
+
+
+def test_normals_match_numpy(lib):
+    out = poisoned((3, 37, 53))
+    seed, step, draw, orientation, plane = 2**40 + 12345, 17, 3, 2, 9
+    word = step | draw << 16 | orientation << 24
+    lib.df5t_normals(ptr(out), U32(37), U32(53), U64(seed), U32(word), U32(plane), U32(100), U32(200))
+    expected = gaussian_field(seed, step=step, draw=draw, orientation=orientation, plane=plane,
+                              y0=100, x0=200, height=37, width=53)
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-6)
+
+
+def _step_args(ddrm: DDRM, plan_index: int):
+    plan = list(ddrm.timesteps)[plan_index]
+    cfg = ddrm.settings
+    sn = np.sqrt(1 - plan.alpha_bar_next) / np.sqrt(plan.alpha_bar_next)
+    step = Step(np.sqrt(plan.alpha_bar), np.sqrt(1 - plan.alpha_bar), sn, cfg.sigma0, cfg.eta, cfg.eta_b,
+                np.sqrt(plan.alpha_bar_next))
+    return plan, step
+
+
+def _states(batch, shape, rng):
+    x = rng.standard_normal((batch, 3, *shape)).astype(np.float32)
+    eps = rng.standard_normal((batch, 3, *shape)).astype(np.float32)
+    return x, eps
+
+
+def _reference_step(ddrm, plan, x, eps, y, seed, samples, plane_base, orientation=0):
+    """DDRM.step with the counter-based noise the kernels draw."""
+    groups = len(x) // samples
+    word_noise = np.stack([
+        gaussian_field(seed, step=plan.index, draw=s, orientation=orientation, plane=plane_base + g,
+                       y0=0, x0=0, height=x.shape[-2], width=x.shape[-1])
+        for g in range(groups) for s in range(samples)])
+    ybar = np.repeat(ddrm.spectral_measurement(y), samples, axis=0)
+    return ddrm.step(plan, x, eps, ybar, word_noise)
+
+
+@pytest.mark.parametrize("task", ["denoise", "inpaint"])
+@pytest.mark.parametrize("plan_index", [3, 9])  # a step in the middle, and the last one
+def test_pointwise_step_matches_numpy(lib, task, plan_index):
+    rng = np.random.default_rng(1)
+    shape, groups, samples, seed = (20, 28), 2, 2, 77
+    op = Identity(shape) if task == "denoise" else Inpainting(rng.random(shape) < 0.3)
+    ddrm = DDRM(op, Schedule(1000), SamplerSettings(sigma0=0.1, steps=10))
+    plan, step = _step_args(ddrm, plan_index)
+    x, eps = _states(groups * samples, shape, rng)
+    y = rng.uniform(-1, 1, (groups, *shape)).astype(np.float32)
+    ybar = np.ascontiguousarray(ddrm.spectral_measurement(y), dtype=np.float32)
+    s = np.ascontiguousarray(ddrm.s, dtype=np.float32)
+    out = poisoned(x.shape)
+    lib.df5t_ddrm_step_pointwise(ptr(x), ptr(eps), ptr(ybar), ptr(s), U64(0), ptr(out), U32(groups * samples),
+                                 U32(samples), U32(shape[0]), U32(shape[1]), U32(5), U32(0), U32(0), U64(seed),
+                                 U32(plan.index), step)
+    expected = _reference_step(ddrm, plan, x, eps, y, seed, samples, plane_base=5)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=2e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("block", [(2, 2), (4, 4), (8, 8), (3, 3), (4, 1)])
+def test_block_step_matches_numpy(lib, block):
+    rng = np.random.default_rng(2)
+    shape, groups, samples, seed = (24, 24), 2, 1, 5
+    op = BlockMean(shape, block)
+    ddrm = DDRM(op, Schedule(1000), SamplerSettings(sigma0=0.05, steps=10))
+    plan, step = _step_args(ddrm, 5)
+    x, eps = _states(groups * samples, shape, rng)
+    y = rng.uniform(-1, 1, (groups, *op.measurement_shape)).astype(np.float32)
+    out = poisoned(x.shape)
+    lib.df5t_ddrm_step_block(ptr(x), ptr(eps), ptr(np.ascontiguousarray(y)), ptr(out), U32(groups * samples),
+                             U32(samples), U32(shape[0]), U32(shape[1]), U32(block[0]), U32(block[1]), U32(0),
+                             U32(0), U32(0), U64(seed), U32(plan.index), step)
+    expected = _reference_step(ddrm, plan, x, eps, y, seed, samples, plane_base=0)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=2e-5 * np.abs(expected).max())
+
+
+def test_split_update_merge_match_numpy_for_the_blur(lib):
+    """The blur's kernels, with the DCTs done by numpy between them (as cuFFT would)."""
+    rng = np.random.default_rng(3)
+    shape, samples, seed = (16, 20), 1, 9
+    op = GaussianBlur(shape, (1.2, 1.2))
+    ddrm = DDRM(op, Schedule(1000), SamplerSettings(sigma0=0.05, steps=10))
+    plan, step = _step_args(ddrm, 4)
+    x, eps = _states(1, shape, rng)
+    y = rng.uniform(-1, 1, (1, *shape)).astype(np.float32)
+    n = shape[0] * shape[1]
+    g0, ge, gz = (poisoned((1, *shape)) for _ in range(3))
+    diffs = poisoned((1, 2, *shape))
+    args = (U32(1), U32(samples), U32(shape[0]), U32(shape[1]), U32(0), U32(0), U32(0), U64(seed), U32(plan.index), step)
+    lib.df5t_ddrm_split(ptr(x), ptr(eps), ptr(g0), ptr(ge), ptr(gz), ptr(diffs), *args)
+    v0, ve, vz = (np.ascontiguousarray(op.vt(a), dtype=np.float32) for a in (g0, ge, gz))
+    ybar = np.ascontiguousarray(ddrm.spectral_measurement(y), dtype=np.float32)
+    lib.df5t_ddrm_update(ptr(v0), ptr(ve), ptr(vz), ptr(ybar), ptr(np.ascontiguousarray(ddrm.s)), U32(1), U32(samples),
+                         U64(n), step)
+    grey = np.ascontiguousarray(op.v(v0), dtype=np.float32)
+    out = poisoned(x.shape)
+    lib.df5t_ddrm_merge(ptr(grey), ptr(diffs), ptr(out), U32(1), U64(n), step)
+    expected = _reference_step(ddrm, plan, x, eps, y, seed, samples, plane_base=0)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=2e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_gather_blend_finalize_match_numpy(lib, fp16):
+    rng = np.random.default_rng(4)
+    planes, height, width, tile = 2, 40, 23, 32  # width < tile: reflect padding
+    grid = TileGrid(height, width, tile, 8)
+    (pt, pb), (pl, pr) = grid.padding
+    region = rng.standard_normal((planes, 3, height, width)).astype(np.float32)
+    padded = np.pad(region, ((0, 0), (0, 0), (pt, pb), (pl, pr)), mode="reflect")
+    jobs = [(p, y, x) for p in range(planes) for (y, x) in grid.positions]
+    tp, ty, tx = (np.array([j[i] for j in jobs], dtype=np.int32) for i in range(3))
+    kind = "f16" if fp16 else "f32"
+    tiles = poisoned((len(jobs), 3, tile, tile), np.uint16 if fp16 else np.float32)
+    getattr(lib, f"df5t_gather_tiles_{kind}")(ptr(region), ptr(tiles), ptr(tp), ptr(ty), ptr(tx), U32(len(jobs)),
+                                              U32(height), U32(width), INT(pt), INT(pl), U32(tile))
+    expected_tiles = gather_tiles(padded, jobs, tile)
+    got = tiles.view(np.float16).astype(np.float32) if fp16 else tiles
+    np.testing.assert_allclose(got, expected_tiles, rtol=1e-3 if fp16 else 0, atol=1e-3 if fp16 else 0)
+
+    windows = [grid.axis_windows(y, x) for _, y, x in jobs]
+    wy = np.ascontiguousarray([w[0] for w in windows], dtype=np.float32)
+    wx = np.ascontiguousarray([w[1] for w in windows], dtype=np.float32)
+    acc = np.zeros((planes, 3, *grid.padded), np.float32)
+    getattr(lib, f"df5t_blend_tiles_{kind}")(ptr(tiles), ptr(wy), ptr(wx), ptr(acc), ptr(tp), ptr(ty), ptr(tx),
+                                             U32(len(jobs)), U32(grid.padded[0]), U32(grid.padded[1]), U32(tile))
+    expected_acc = np.zeros_like(acc)
+    blend_tiles(expected_acc, got, wy, wx, jobs, tile)
+    np.testing.assert_allclose(acc, expected_acc, rtol=1e-5, atol=1e-5)
+
+    weight = np.zeros(grid.padded, np.float32)
+    for (y, x), (a, b) in zip(grid.positions, windows):
+        weight[y : y + tile, x : x + tile] += np.outer(a, b)
+    eps = poisoned((planes, 3, height, width))
+    lib.df5t_blend_finalize(ptr(acc), ptr(weight), ptr(eps), U32(planes), U32(height), U32(width),
+                            U32(grid.padded[0]), U32(grid.padded[1]), INT(pt), INT(pl))
+    np.testing.assert_allclose(eps, finalize_blend(expected_acc, weight, grid), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype, low, high", [(np.uint8, 0, 255), (np.uint16, 100, 40000), (np.float32, -3.5, 7.25)])
+def test_intensity_maps_match_numpy(lib, dtype, low, high):
+    rng = np.random.default_rng(5)
+    intensity = IntensityMap(low, high, np.dtype(dtype).name, "test")
+    values = (rng.uniform(low, high, (7, 9))).astype(dtype)
+    mapped = poisoned(values.shape)
+    kind = {np.uint8: "u8", np.uint16: "u16", np.float32: "f32"}[dtype]
+    getattr(lib, f"df5t_map_in_{kind}")(ptr(values), ptr(mapped), U64(values.size), ctypes.c_float(low),
+                                        ctypes.c_float(high - low))
+    np.testing.assert_allclose(mapped, intensity.to_model(values), rtol=1e-6, atol=1e-6)
+
+    state = rng.uniform(-1.3, 1.3, (2, 3, 7, 9)).astype(np.float32)
+    out = poisoned((2, 7, 9), dtype)
+    getattr(lib, f"df5t_map_out_{kind}")(ptr(state), ptr(out), U32(2), U64(63), ctypes.c_double(low),
+                                         ctypes.c_double(high - low))
+    expected = intensity.from_unit(state_to_image(state))
+    if np.dtype(dtype).kind == "u":
+        assert np.abs(out.astype(int) - expected.astype(int)).max() <= 1  # ties of rint may differ by one
+        assert (out == expected).mean() > 0.99
+    else:
+        np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-5)
+
+
+def test_doctor_reports_kernels_per_architecture():
+    _require_nvrtc()
+    from click.testing import CliRunner
+
+    from df5t_deploy.cli import main
+    import json
+
+    result = CliRunner().invoke(main, ["doctor", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["kernels"] == {arch: "ok" for arch in cuda.ARCHITECTURES}
