@@ -24,6 +24,7 @@ from .planes import (
     tiles_per_plane,
 )
 from .sampler import SamplerSettings
+from .regions import DEFAULT_MAX_REGION, layout
 from .streaming import ArraySource, prefetch
 from .tasks import TaskOptions, missing_pixels, parse_blur_sigma
 from .tiling import BlendedDenoiser
@@ -71,6 +72,7 @@ class Restorer:
         z_factor: int | None = None,
         overlap: int | None = None,
         batch: int | None = None,
+        max_region: int = DEFAULT_MAX_REGION,
         samples: int = 1,
         backend: str = "auto",
         device: str = "cpu",
@@ -100,6 +102,8 @@ class Restorer:
         self.overlap = tile // 8 if overlap is None else overlap
         self.batch = batch or self.backend.preferred_batch
         self.denoiser = BlendedDenoiser(self.backend, tile, self.overlap, self.batch)
+        self.max_region = max_region
+        layout((max_region, max_region), 1, tile, max_region)  # validates max_region early
         self._lock = threading.Lock()
 
     @property
@@ -183,28 +187,55 @@ class Restorer:
         per_plane = self.denoiser.tiles_per_call(self.samples, *grid)
         return max(1, self.batch // per_plane)
 
+    def _regions(self, measurement_shape: tuple[int, int]):
+        return layout(measurement_shape, self.options.factor, self.backend.info.tile, self.max_region)
+
     def _restore_stack(self, source, intensity, settings, emit, progress, start) -> None:
         grid = self.options.grid_shape(source.shape[-2:])
+        regions = self._regions(source.shape[-2:])
         planes = range(start, source.planes)
-        cost = tiles_per_plane(self.denoiser, grid, self.samples, self.steps, self.schedule)
+        f = self.options.factor
+        cost = sum(tiles_per_plane(self.denoiser, (r.height * f, r.width * f), self.samples, self.steps, self.schedule)
+                   for r in regions)
         tracker = ProgressTracker(progress, cost * len(planes), len(planes))
         tracker.report()
-        for first, block in prefetch(source, planes, self.group_size(grid)):
+        group = self.group_size((regions[0].height * f, regions[0].width * f))
+        for first, block in prefetch(source, planes, group):
             missing = None
             if self.options.task == "inpaint":
                 missing = missing_pixels(self.options, block[0])
-            else:
-                check_finite(block, None)
-            if missing is not None:
                 check_finite(block[0], missing)
                 block = np.where(missing, 0, block)
+            else:
+                check_finite(block, None)
             y = intensity.to_model(block)
-            op = self.options.operator(grid, missing)
-            key = NoiseKey(self.seed, 0, range(first, first + len(block)))
-            unit = restore_group(y, op, self.schedule, settings, self.denoiser, key, self.samples, tracker)
+            unit = self._restore_regions(y, missing, regions, range(first, first + len(block)), settings, tracker)
             for offset, samples in enumerate(unit):
                 emit(first + offset, samples)
             tracker.planes_finished(len(block), len(block) * grid[0] * grid[1])
+
+    def _restore_regions(self, y, missing, regions, plane_ids, settings, tracker) -> np.ndarray:
+        """Samples [G, S, H, W] of planes y [G, h, w], one super-tile at a time if needed."""
+        f = self.options.factor
+
+        def restore(region):
+            shape = (region.height * f, region.width * f)
+            op = self.options.operator(shape, None if missing is None else region.measurement(missing))
+            key = NoiseKey(self.seed, 0, plane_ids, region.y * f, region.x * f)
+            return restore_group(region.measurement(y), op, self.schedule, settings, self.denoiser, key,
+                                 self.samples, tracker)
+
+        if len(regions) == 1:
+            return restore(regions[0])
+        acc = np.zeros((len(y), self.samples, y.shape[-2] * f, y.shape[-1] * f), np.float32)
+        weight = np.zeros(acc.shape[-2:], np.float32)
+        for region in regions:
+            window = np.outer(region.wy, region.wx).astype(np.float32)
+            rows = slice(region.y * f, (region.y + region.height) * f)
+            cols = slice(region.x * f, (region.x + region.width) * f)
+            acc[..., rows, cols] += restore(region) * window
+            weight[rows, cols] += window
+        return acc / weight
 
     def provenance(self, intensity: IntensityMap, sigma0: float) -> dict:
         return {
@@ -224,6 +255,7 @@ class Restorer:
             "samples": self.samples,
             "tile": self.backend.info.tile,
             "overlap": self.overlap,
+            "max_region": self.max_region,
             "intensity_map": intensity.to_dict(),
         }
 

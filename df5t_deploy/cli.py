@@ -70,6 +70,8 @@ def _restore_options(f):
         click.option("--eta-b", type=float, default=1.0, show_default=True),
         click.option("--overlap", type=int, default=None, help="Tile overlap in pixels. Default: tile/8."),
         click.option("--batch", type=int, default=None, help="Tiles per network call. Default: per backend."),
+        click.option("--max-region", type=int, default=4096, show_default=True,
+                     help="Largest plane side restored at once; larger planes go by blended super-tiles."),
         click.option("--samples", type=int, default=1, show_default=True, help="Posterior samples averaged."),
         click.option("--backend", type=click.Choice(["auto", "onnxruntime"]), default="auto", show_default=True),
         click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N]."),
@@ -142,8 +144,8 @@ def _read_mask(mask: str | None):
               help="Also write the per-pixel std over --samples (input units, float32).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted zarr output.")
 def restore_command(input_path, output, task, sigma0, noise_std, seed, scale, blur_sigma, mask, min_hole,
-                    z_factor, model, steps, eta, eta_b, overlap, batch, samples, backend, device, threads, quiet,
-                    uncertainty, resume):
+                    z_factor, model, steps, eta, eta_b, overlap, batch, max_region, samples, backend, device, threads,
+                    quiet, uncertainty, resume):
     """Restore an EM image, stack or volume with DDRM and a DF5T model."""
     from .api import Restorer
     from .pipeline import restore_file
@@ -156,7 +158,8 @@ def restore_command(input_path, output, task, sigma0, noise_std, seed, scale, bl
         restorer = Restorer(
             model, task, sigma0=sigma0, noise_std=noise_std, steps=steps, eta=eta, eta_b=eta_b, seed=seed,
             scale=scale, blur_sigma=blur_sigma, mask=_read_mask(mask), min_hole=min_hole, z_factor=z_factor,
-            overlap=overlap, batch=batch, samples=samples, backend=backend, device=device, threads=threads,
+            overlap=overlap, batch=batch, max_region=max_region, samples=samples, backend=backend, device=device,
+            threads=threads,
         )
         with _ProgressBar(quiet) as bar:
             result = restore_file(restorer, input_path, output, uncertainty_path=uncertainty, resume=resume,

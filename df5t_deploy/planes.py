@@ -64,6 +64,8 @@ class NoiseKey:
     seed: int
     orientation: int  # 0: XY planes, 1: XZ planes, 2: YZ planes
     plane_ids: Sequence[int]
+    y0: int = 0  # global position of the region's first row and column in its plane
+    x0: int = 0
 
 
 def restore_group(
@@ -85,7 +87,7 @@ def restore_group(
     def noise(step: int) -> np.ndarray:
         return np.stack([
             gaussian_field(key.seed, step=step, draw=sample, orientation=key.orientation, plane=plane,
-                           y0=0, x0=0, height=height, width=width)
+                           y0=key.y0, x0=key.x0, height=height, width=width)
             for plane in key.plane_ids for sample in range(samples)
         ])
 

@@ -69,23 +69,26 @@ class TileGrid:
 
     def axis_windows(self, y: int, x: int) -> tuple[np.ndarray, np.ndarray]:
         """The separable blending weights of the tile at (y, x): rows, columns."""
-        return self._axis_window(y, self.ys), self._axis_window(x, self.xs)
+        return axis_window(y, self.ys, self.tile), axis_window(x, self.xs, self.tile)
 
     def window(self, y: int, x: int) -> np.ndarray:
         """Blending weights of the tile at (y, x): ramps only where a neighbour overlaps."""
         return np.outer(*self.axis_windows(y, x)).astype(np.float32)
 
-    def _axis_window(self, start: int, starts: list[int]) -> np.ndarray:
-        """1 inside; ramps over the overlaps with the previous and next tile, if any."""
-        i = starts.index(start)
-        before = min(starts[i - 1] + self.tile - start, self.tile // 2) if i > 0 else 0
-        after = min(start + self.tile - starts[i + 1], self.tile // 2) if i + 1 < len(starts) else 0
-        w = np.ones(self.tile)
-        if before > 0:
-            w[:before] = _rising(before)
-        if after > 0:
-            w[self.tile - after :] *= _rising(after)[::-1]
-        return w
+
+
+def axis_window(start: int, starts: list[int], size: int) -> np.ndarray:
+    """Weights along one axis of the piece at ``start`` (pieces of ``size`` at ``starts``):
+    1 inside, ramps over the overlaps with the previous and next piece, if any."""
+    i = starts.index(start)
+    before = min(starts[i - 1] + size - start, size // 2) if i > 0 else 0
+    after = min(start + size - starts[i + 1], size // 2) if i + 1 < len(starts) else 0
+    w = np.ones(size)
+    if before > 0:
+        w[:before] = _rising(before)
+    if after > 0:
+        w[size - after :] *= _rising(after)[::-1]
+    return w
 
 
 Job = tuple[int, int, int]  # (plane, top, left) of a tile in the padded region

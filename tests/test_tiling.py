@@ -41,15 +41,19 @@ def em_image(em_dir):
     return tifffile.imread(em_dir / "micrograph_vemstitch-mussel_tile1_2_2_1768x2048.tif")[300:500, 500:700]
 
 
-def seam_ratio(image: np.ndarray, starts: list[int], tile: int) -> float:
+def _lines(starts: list[int], size: int, length: int) -> list[int]:
+    return [line for line in sorted({*starts[1:], *(s + size for s in starts[:-1])}) if 0 < line < length]
+
+
+def seam_ratio(image: np.ndarray, starts: list[int], tile: int, col_starts: list[int] | None = None) -> float:
     """Mean |gradient| across tile-boundary lines over the mean |gradient| elsewhere."""
-    lines = sorted({s for s in starts[1:]} | {s + tile for s in starts[:-1]})
+    col_starts = starts if col_starts is None else col_starts
     gy = np.abs(np.diff(image.astype(np.float64), axis=0))  # gy[i] is across the line at row i+1
     gx = np.abs(np.diff(image.astype(np.float64), axis=1))
     on_y = np.zeros(gy.shape[0], bool)
-    on_y[[line - 1 for line in lines if 0 < line < image.shape[0]]] = True
+    on_y[[line - 1 for line in _lines(starts, tile, image.shape[0])]] = True
     on_x = np.zeros(gx.shape[1], bool)
-    on_x[[line - 1 for line in lines if 0 < line < image.shape[1]]] = True
+    on_x[[line - 1 for line in _lines(col_starts, tile, image.shape[1])]] = True
     boundary = np.concatenate([gy[on_y].ravel(), gx[:, on_x].ravel()])
     elsewhere = np.concatenate([gy[~on_y].ravel(), gx[:, ~on_x].ravel()])
     return boundary.mean() / elsewhere.mean()
@@ -107,3 +111,25 @@ def test_image_smaller_than_a_tile(tmp_path, em_image):
     model = tile_mean_model(tmp_path / "mean.onnx", 64)
     out = Restorer(model, sigma0=0.2, steps=5).restore(em_image[:20, :45])
     assert out.shape == (20, 45) and out.dtype == np.uint8
+
+
+def test_super_tiles_of_a_large_plane_leave_no_seams(tmp_path, em_dir):
+    """Planes over --max-region go by super-tiles blended over a 2-tile margin."""
+    from df5t_deploy.regions import layout
+
+    image = tifffile.imread(em_dir / "micrograph_vemstitch-mussel_tile1_2_2_1768x2048.tif")[300:560, 500:800]
+    image = image.astype(np.float32)
+    model = tile_mean_model(tmp_path / "mean32.onnx", 32, gain=1.0)
+    regions = layout(image.shape, 1, 32, 128)
+    assert len(regions) == 16
+    whole = Restorer(model, sigma0=1.0, steps=10, samples=4).restore(image)
+    split = Restorer(model, sigma0=1.0, steps=10, samples=4, max_region=128).restore(image)
+    ys, xs = sorted({r.y for r in regions}), sorted({r.x for r in regions})
+    assert seam_ratio(split, ys, 128, xs) <= 1.05
+    assert np.abs(split - whole).mean() < 0.02 * np.ptp(image)  # regions change the result only slightly
+
+
+def test_super_tiles_hold_whole_blocks_for_super_resolution(tmp_path, em_image):
+    model = tile_mean_model(tmp_path / "mean32.onnx", 32)
+    out = Restorer(model, "sr", scale=3, sigma0=0.5, steps=3, max_region=128).restore(em_image[:70, :95])
+    assert out.shape == (210, 285)
