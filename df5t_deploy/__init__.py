@@ -1,3 +1,16 @@
-"""df5t-deploy: restore electron-microscopy images and volumes with DF5T."""
+"""df5t-deploy: restore electron-microscopy images and volumes with DF5T.
+
+``from df5t_deploy import Restorer`` is the embedding API (see ``df5t_deploy.api``); it is
+imported on first use so that ``import df5t_deploy`` stays light.
+"""
 
 __version__ = "0.1.0"
+__all__ = ["Restorer", "__version__"]
+
+
+def __getattr__(name: str):
+    if name == "Restorer":
+        from .api import Restorer
+
+        return Restorer
+    raise AttributeError(f"module 'df5t_deploy' has no attribute {name!r}")
