@@ -77,6 +77,7 @@ class Restorer:
         backend: str = "auto",
         device: str = "cpu",
         threads: int | None = None,
+        report: Callable[[str], None] | None = None,
     ):
         self.options = TaskOptions(
             task, scale=scale, blur_sigma=parse_blur_sigma(blur_sigma), mask=mask,
@@ -95,7 +96,7 @@ class Restorer:
         self.sigma0, self.noise_std = sigma0, noise_std
         self.steps, self.eta, self.eta_b, self.seed, self.samples = steps, eta, eta_b, seed, samples
         self.model_path = Path(model) if model is not None else default_model_path()
-        self.backend: Backend = open_backend(backend, self.model_path, device=device, threads=threads)
+        self.backend: Backend = open_backend(backend, self.model_path, device=device, threads=threads, report=report)
         self.model_sha256 = sha256_of(self.model_path)
         self.estimated_noise_std: float | None = None
         tile = self.backend.info.tile

@@ -73,7 +73,8 @@ def _restore_options(f):
         click.option("--max-region", type=int, default=4096, show_default=True,
                      help="Largest plane side restored at once; larger planes go by blended super-tiles."),
         click.option("--samples", type=int, default=1, show_default=True, help="Posterior samples averaged."),
-        click.option("--backend", type=click.Choice(["auto", "onnxruntime"]), default="auto", show_default=True),
+        click.option("--backend", type=click.Choice(["auto", "tensorrt", "onnxruntime", "torch"]), default="auto",
+                     show_default=True, help="auto: TensorRT, onnxruntime-gpu, PyTorch CUDA, then onnxruntime CPU."),
         click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N]."),
         click.option("--threads", type=int, default=None, help="CPU threads. Default: all cores."),
         click.option("--quiet", is_flag=True, help="No progress bar."),
@@ -159,7 +160,7 @@ def restore_command(input_path, output, task, sigma0, noise_std, seed, scale, bl
             model, task, sigma0=sigma0, noise_std=noise_std, steps=steps, eta=eta, eta_b=eta_b, seed=seed,
             scale=scale, blur_sigma=blur_sigma, mask=_read_mask(mask), min_hole=min_hole, z_factor=z_factor,
             overlap=overlap, batch=batch, max_region=max_region, samples=samples, backend=backend, device=device,
-            threads=threads,
+            threads=threads, report=None if quiet else lambda message: click.echo(message, err=True),
         )
         with _ProgressBar(quiet) as bar:
             result = restore_file(restorer, input_path, output, uncertainty_path=uncertainty, resume=resume,
@@ -261,3 +262,27 @@ def doctor_command(as_json: bool) -> None:
 
     facts = collect()
     click.echo(json.dumps(facts, indent=2) if as_json else render(facts))
+
+
+@main.command("build")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Engine cache folder. Default: ~/.cache/df5t-deploy/engines.")
+@click.option("--max-batch", type=int, default=None, help="Largest batch of tiles (default 16).")
+@click.option("--opt-batch", type=int, default=None, help="Batch TensorRT tunes for (default: --max-batch).")
+@click.option("--device", default="cuda", show_default=True)
+@click.option("--workspace-gb", type=float, default=8.0, show_default=True)
+@click.option("--optimization-level", type=click.IntRange(0, 5), default=3, show_default=True)
+@click.option("--rebuild", is_flag=True, help="Build even if the cache holds a matching plan.")
+def build_command(model, cache_dir, max_batch, opt_batch, device, workspace_gb, optimization_level, rebuild):
+    """Build (or find in the cache) the FP16 TensorRT engine of an ONNX artifact for this GPU."""
+    from .engines.build import EngineBuildError, build_engine, choose_profile
+    from .engines.cache import EngineCache, EngineCacheError
+
+    try:
+        plan = build_engine(model, EngineCache(cache_dir), choose_profile(max_batch, opt_batch),
+                            device=int(device.partition(":")[2] or 0), workspace_bytes=int(workspace_gb * 2**30),
+                            optimization_level=optimization_level, rebuild=rebuild, log=click.echo)
+    except (EngineBuildError, EngineCacheError, *_user_errors()) as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"engine: {plan}")

@@ -1,21 +1,73 @@
-"""Backends turn (x, t) into eps. ``open_backend`` picks one and says why."""
+"""Backends turn (x, t) into eps. ``open_backend`` picks one and says why.
+
+On a GPU, ``auto`` tries TensorRT, then onnxruntime's CUDA provider, then PyTorch on CUDA,
+and falls back to onnxruntime on the CPU; each skipped backend is reported with its reason.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from .base import Backend, BackendUnavailable
 
-BACKENDS = ("auto", "onnxruntime")
+BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
+GPU_ORDER = ("tensorrt", "onnxruntime-cuda", "torch-cuda")
+_EXPLICIT = {"tensorrt": ("tensorrt",), "onnxruntime": ("onnxruntime-cuda",), "torch": ("torch-cuda",)}
 
 
-def open_backend(name: str, model: str | Path, device: str = "cpu", threads: int | None = None) -> Backend:
-    """Open ``model`` with the named backend ("auto" picks the best one available)."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+def _open_one(kind: str, model: Path, device: str, threads: int | None) -> Backend:
+    if kind == "tensorrt":
+        if model.suffix.lower() != ".onnx":
+            raise BackendUnavailable("TensorRT builds engines from ONNX artifacts; export the checkpoint first")
+        from ..engines.runtime import TensorRTBackend
+
+        return TensorRTBackend(model, device=device)
+    if kind == "torch-cuda":
+        from .torch_backend import TorchBackend
+
+        return TorchBackend(model, device=device)
     from .onnxruntime_backend import OnnxRuntimeBackend
 
-    return OnnxRuntimeBackend(model, device=device, threads=threads)
+    if model.suffix.lower() != ".onnx":
+        raise BackendUnavailable("onnxruntime runs ONNX artifacts; export the checkpoint with `df5t export` first")
+    return OnnxRuntimeBackend(model, device="cpu" if kind == "onnxruntime-cpu" else device, threads=threads)
 
 
-__all__ = ["BACKENDS", "Backend", "BackendUnavailable", "open_backend"]
+def candidates(name: str, device: str) -> tuple[str, ...]:
+    """The backends to try, in order, for a requested name on a device."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if device == "cpu":
+        if name not in ("auto", "onnxruntime"):
+            raise ValueError(f"--backend {name} runs on a GPU; pass --device cuda (or use onnxruntime on the CPU)")
+        return ("onnxruntime-cpu",)
+    if not device.startswith("cuda"):
+        raise ValueError(f"unknown device {device!r}: use cpu or cuda[:N]")
+    return (*GPU_ORDER, "onnxruntime-cpu") if name == "auto" else _EXPLICIT[name]
+
+
+def open_backend(
+    name: str,
+    model: str | Path,
+    device: str = "cpu",
+    threads: int | None = None,
+    report: Callable[[str], None] | None = None,
+    opener: Callable[[str, Path, str, int | None], Backend] = _open_one,
+) -> Backend:
+    """Open ``model`` with the first backend of ``candidates(name, device)`` that works here."""
+    reasons = []
+    for kind in candidates(name, device):
+        try:
+            backend = opener(kind, Path(model), device, threads)
+        except BackendUnavailable as err:
+            reasons.append(f"{kind}: {err}")
+            continue
+        if report is not None and (reasons or name == "auto"):
+            skipped = "; ".join(reasons)
+            report(f"backend {backend.name}" + (f" (skipped {skipped})" if skipped else ""))
+        return backend
+    raise BackendUnavailable("no backend can run here: " + "; ".join(reasons))
+
+
+__all__ = ["BACKENDS", "Backend", "BackendUnavailable", "candidates", "open_backend"]

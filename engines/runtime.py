@@ -1,0 +1,94 @@
+"""The TensorRT backend: deserialise a cached plan, bind device buffers, run on a stream.
+
+Every CUDA runtime call's status is checked (``_ok``); TensorRT calls that report failure by
+their return value (deserialisation, shape setting, binding, execution) are checked too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..artifact import ArtifactInfo
+from ..backends.base import BackendUnavailable
+from .build import artifact_facts, build_engine, choose_profile
+from .cache import EngineCache
+
+
+class TensorRTError(RuntimeError):
+    pass
+
+
+def _ok(result, what: str):
+    """Unpack a cuda-python result tuple, raising on any status but cudaSuccess."""
+    from cuda.bindings import runtime as cudart
+
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if err != cudart.cudaError_t.cudaSuccess:
+        raise TensorRTError(f"{what} failed: {err.name}")
+    return values[0] if len(values) == 1 else values
+
+
+class TensorRTBackend:
+    name = "tensorrt"
+
+    def __init__(self, model: str | Path, device: str = "cuda", max_batch: int | None = None,
+                 cache: EngineCache | None = None):
+        try:
+            import tensorrt as trt
+            from cuda.bindings import runtime as cudart
+        except ImportError as err:
+            raise BackendUnavailable(f"TensorRT backend needs tensorrt and cuda-python ({err.name} missing)") from None
+        self._cudart = cudart
+        self.device = int(device.partition(":")[2] or 0)
+        _ok(cudart.cudaSetDevice(self.device), f"cudaSetDevice({self.device})")
+        facts = artifact_facts(model)
+        self.info: ArtifactInfo = facts.info
+        profile = choose_profile(max_batch)
+        plan = build_engine(model, cache or EngineCache(), profile, device=self.device)
+        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = self._runtime.deserialize_cuda_engine(plan.read_bytes())
+        if self.engine is None:
+            raise TensorRTError(f"{plan}: TensorRT could not deserialise the plan (delete it to rebuild)")
+        self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise TensorRTError("TensorRT could not create an execution context")
+        self.preferred_batch = profile.opt
+        self.max_batch = profile.max
+        self._x_dtype = np.float16 if facts.info.precision == "fp16" else np.float32
+        self.stream = _ok(cudart.cudaStreamCreate(), "cudaStreamCreate")
+        tile = facts.info.tile
+        itemsize = np.dtype(self._x_dtype).itemsize
+        self._bytes = {"x": profile.max * 3 * tile * tile * itemsize, "t": profile.max * 4,
+                       "eps": profile.max * 3 * tile * tile * itemsize}
+        self._buffers = {name: _ok(cudart.cudaMalloc(size), f"cudaMalloc({name})") for name, size in self._bytes.items()}
+        for name, pointer in self._buffers.items():
+            if not self.context.set_tensor_address(name, int(pointer)):
+                raise TensorRTError(f"set_tensor_address({name}) failed")
+
+    def __call__(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
+        cudart = self._cudart
+        batch = len(x)
+        if batch > self.max_batch:
+            raise TensorRTError(f"batch {batch} exceeds the engine profile's maximum {self.max_batch}")
+        x = np.ascontiguousarray(x, dtype=self._x_dtype)
+        t = np.ascontiguousarray(t, dtype=np.float32)
+        eps = np.empty_like(x)
+        if not self.context.set_input_shape("x", x.shape) or not self.context.set_input_shape("t", t.shape):
+            raise TensorRTError(f"TensorRT rejected input shapes {x.shape}, {t.shape}")
+        h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        _ok(cudart.cudaMemcpyAsync(self._buffers["x"], x.ctypes.data, x.nbytes, h2d, self.stream), "copy x")
+        _ok(cudart.cudaMemcpyAsync(self._buffers["t"], t.ctypes.data, t.nbytes, h2d, self.stream), "copy t")
+        if not self.context.execute_async_v3(int(self.stream)):
+            raise TensorRTError("execute_async_v3 failed")
+        _ok(cudart.cudaMemcpyAsync(eps.ctypes.data, self._buffers["eps"], eps.nbytes, d2h, self.stream), "copy eps")
+        _ok(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+        return eps.astype(np.float32, copy=False)
+
+    def close(self) -> None:
+        for pointer in self._buffers.values():
+            _ok(self._cudart.cudaFree(pointer), "cudaFree")
+        self._buffers = {}
+        _ok(self._cudart.cudaStreamDestroy(self.stream), "cudaStreamDestroy")
+

@@ -1,0 +1,163 @@
+"""TensorRT engines: cache keys, sidecars, profiles and backend choice, without TensorRT; the
+TensorRT paths themselves run where TensorRT and a GPU exist."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from df5t_deploy.backends import BackendUnavailable, candidates, open_backend
+from df5t_deploy.cli import main
+from df5t_deploy.engines.build import choose_profile
+from df5t_deploy.engines.cache import BatchProfile, EngineCache, EngineCacheError, EngineKey, validate_sidecar
+from onnx_models import tile_mean_model
+
+KEY = EngineKey("a" * 64, "10.7.0", "NVIDIA H100 80GB HBM3", "9.0", "fp16", 512, BatchProfile(1, 8, 16))
+
+
+@pytest.mark.parametrize("field, value", [
+    ("artifact_sha256", "b" * 64), ("tensorrt_version", "10.8.0"), ("gpu_name", "NVIDIA L40S"),
+    ("compute_capability", "8.9"), ("precision", "fp32"), ("tile", 256), ("profile", BatchProfile(1, 4, 16)),
+])
+def test_every_key_field_changes_the_digest(field, value):
+    assert dataclasses.replace(KEY, **{field: value}).digest != KEY.digest
+    assert dataclasses.replace(KEY).digest == KEY.digest
+
+
+def test_cache_round_trip_and_layout(tmp_path):
+    cache = EngineCache(tmp_path)
+    assert cache.lookup(KEY) is None
+    plan = cache.store(KEY, b"PLAN", {"df5t.format": "1"}, {"seconds": 1.0})
+    assert plan == tmp_path / f"{KEY.digest}.plan" and plan.read_bytes() == b"PLAN"
+    sidecar = json.loads((tmp_path / f"{KEY.digest}.json").read_text())
+    assert sidecar["key"]["gpu_name"] == KEY.gpu_name and sidecar["artifact_metadata"] == {"df5t.format": "1"}
+    assert cache.lookup(KEY) == plan
+
+
+def test_a_plan_for_another_gpu_is_never_loaded(tmp_path):
+    cache = EngineCache(tmp_path)
+    plan = cache.store(KEY, b"PLAN", {}, {})
+    other = dataclasses.replace(KEY, gpu_name="NVIDIA A100-SXM4-80GB", compute_capability="8.0")
+    # the same file names with a sidecar from another GPU, as if copied between machines
+    sidecar = tmp_path / f"{KEY.digest}.json"
+    document = json.loads(sidecar.read_text())
+    document["key"]["gpu_name"] = other.gpu_name
+    sidecar.write_text(json.dumps(document))
+    assert cache.lookup(KEY) is None
+    with pytest.raises(EngineCacheError, match="built for gpu_name='NVIDIA A100-SXM4-80GB'"):
+        validate_sidecar(document, KEY)
+    assert plan.exists()  # left for the rebuild to replace, never loaded
+
+
+@pytest.mark.parametrize("damage", ["missing", "garbage", "old-format"])
+def test_damaged_sidecars_mean_rebuild(tmp_path, damage):
+    cache = EngineCache(tmp_path)
+    cache.store(KEY, b"PLAN", {}, {})
+    sidecar = tmp_path / f"{KEY.digest}.json"
+    if damage == "missing":
+        sidecar.unlink()
+    elif damage == "garbage":
+        sidecar.write_text("{not json")
+    else:
+        sidecar.write_text(json.dumps({"format": 0, "key": KEY.to_dict()}))
+    assert cache.lookup(KEY) is None
+
+
+def test_profiles():
+    assert choose_profile() == BatchProfile(1, 16, 16)
+    assert choose_profile(32, 8) == BatchProfile(1, 8, 32)
+    with pytest.raises(EngineCacheError, match="1 <= min <= opt <= max"):
+        choose_profile(8, 16)
+    with pytest.raises(EngineCacheError):
+        choose_profile(0)
+
+
+def test_backend_order():
+    assert candidates("auto", "cuda") == ("tensorrt", "onnxruntime-cuda", "torch-cuda", "onnxruntime-cpu")
+    assert candidates("auto", "cuda:1") == candidates("auto", "cuda")
+    assert candidates("auto", "cpu") == ("onnxruntime-cpu",)
+    assert candidates("tensorrt", "cuda") == ("tensorrt",)
+    with pytest.raises(ValueError, match="--backend tensorrt runs on a GPU"):
+        candidates("tensorrt", "cpu")
+    with pytest.raises(ValueError, match="unknown device"):
+        candidates("auto", "tpu")
+
+
+def test_auto_falls_back_and_says_why(tmp_path):
+    tried, messages = [], []
+
+    def opener(kind, model, device, threads):
+        tried.append(kind)
+        if kind != "onnxruntime-cpu":
+            raise BackendUnavailable(f"{kind} is not here")
+        return type("Fake", (), {"name": kind})()
+
+    backend = open_backend("auto", tmp_path / "m.onnx", "cuda", report=messages.append, opener=opener)
+    assert backend.name == "onnxruntime-cpu"
+    assert tried == ["tensorrt", "onnxruntime-cuda", "torch-cuda", "onnxruntime-cpu"]
+    assert "tensorrt: tensorrt is not here" in messages[0] and "torch-cuda" in messages[0]
+
+
+def test_explicit_backend_that_cannot_run_is_an_error(tmp_path):
+    def opener(kind, model, device, threads):
+        raise BackendUnavailable("no GPU")
+
+    with pytest.raises(BackendUnavailable, match="no backend can run here: tensorrt: no GPU"):
+        open_backend("tensorrt", tmp_path / "m.onnx", "cuda", opener=opener)
+
+
+def test_build_without_tensorrt_says_what_is_missing(tmp_path):
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("TensorRT is installed here; the real build test covers this machine")
+    except ImportError:
+        pass
+    model = tile_mean_model(tmp_path / "m.onnx", 64)
+    result = CliRunner().invoke(main, ["build", str(model), "-o", str(tmp_path / "cache")])
+    assert result.exit_code != 0 and "TensorRT is not installed" in result.output
+    assert not (tmp_path / "cache").exists()
+
+
+def _tensorrt_and_gpu():
+    trt = pytest.importorskip("tensorrt", reason="TensorRT is not installed on this machine")
+    cudart = pytest.importorskip("cuda.bindings.runtime", reason="cuda-python is not installed")
+    err, count = cudart.cudaGetDeviceCount()
+    if err != cudart.cudaError_t.cudaSuccess or count == 0:
+        pytest.skip("no CUDA GPU on this machine")
+    return trt
+
+
+@pytest.mark.gpu
+def test_tensorrt_engine_matches_onnxruntime(tmp_path):
+    _tensorrt_and_gpu()
+    from df5t_deploy.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from df5t_deploy.engines.runtime import TensorRTBackend
+
+    model = tile_mean_model(tmp_path / "m.onnx", 64)
+    trt_backend = TensorRTBackend(model, cache=EngineCache(tmp_path / "cache"), max_batch=4)
+    x = np.random.default_rng(0).standard_normal((3, 3, 64, 64), dtype=np.float32)
+    t = np.array([1.0, 500.0, 999.0], np.float32)
+    np.testing.assert_allclose(trt_backend(x, t), OnnxRuntimeBackend(model)(x, t), atol=1e-3)
+    again = TensorRTBackend(model, cache=EngineCache(tmp_path / "cache"), max_batch=4)  # a cache hit
+    assert len(list((tmp_path / "cache").glob("*.plan"))) == 1
+    np.testing.assert_array_equal(again(x, t), trt_backend(x, t))
+
+
+@pytest.mark.gpu
+def test_a_fake_plan_is_rebuilt_not_trusted(tmp_path):
+    """A plan file whose sidecar matches but whose bytes are not an engine fails clearly."""
+    trt = _tensorrt_and_gpu()
+    from df5t_deploy.engines.build import artifact_facts, engine_key, gpu_identity
+    from df5t_deploy.engines.runtime import TensorRTBackend, TensorRTError
+
+    model = tile_mean_model(tmp_path / "m.onnx", 64)
+    cache = EngineCache(tmp_path / "cache")
+    key = engine_key(artifact_facts(model), choose_profile(4), trt.__version__, gpu_identity(0))
+    cache.store(key, b"not a plan", {}, {})
+    with pytest.raises(TensorRTError, match="could not deserialise"):
+        TensorRTBackend(model, cache=cache, max_batch=4)
