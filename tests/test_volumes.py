@@ -137,3 +137,27 @@ def test_memory_is_bounded_by_a_plane_not_the_stack(tmp_path, flyem):
         peaks[planes] = int(out.stdout.split("PEAK_RSS_KB")[1]) / 1024
         assert read_image(tmp_path / f"out{planes}.tif")[0].shape == (planes, 512, 512)
     assert peaks[512] - peaks[64] < 32, peaks
+
+
+def test_interrupted_zarr_output_resumes_to_the_same_result(tmp_path, flyem):
+    from df5t_deploy.pipeline import restore_file
+
+    model = tile_mean_model(tmp_path / "mean.onnx", 32)
+    write_image(tmp_path / "in.tif", flyem[:5, :32, :40], ImageMeta("ZYX", (10.0, 10.0, 10.0)))
+
+    def restorer():
+        return Restorer(model, sigma0=0.1, steps=3, seed=4)
+
+    def interrupt_after_two(event):
+        if event.planes_done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        restore_file(restorer(), tmp_path / "in.tif", tmp_path / "out.zarr", progress=interrupt_after_two)
+    assert not (tmp_path / "out.zarr").exists()
+    restore_file(restorer(), tmp_path / "in.tif", tmp_path / "out.zarr", resume=True)
+    restore_file(restorer(), tmp_path / "in.tif", tmp_path / "whole.tif")
+    resumed, meta = read_image(tmp_path / "out.zarr")
+    np.testing.assert_array_equal(resumed, read_image(tmp_path / "whole.tif")[0])
+    assert meta.voxel_size_nm == (10.0, 10.0, 10.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif", "mean.onnx", "out.zarr", "whole.tif"]

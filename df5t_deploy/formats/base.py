@@ -149,12 +149,15 @@ class TempFileSink(Sink):
 
 
 class TempDirSink(Sink):
-    """A sink that writes a folder (zarr) beside the target and renames it at the end."""
+    """A sink that writes a folder (zarr) beside the target and renames it at the end.
 
-    def __init__(self, *args, **kwargs):
+    ``partial``: continue in this earlier, interrupted folder instead of a new one.
+    """
+
+    def __init__(self, *args, partial: Path | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.partial-", dir=self.path.parent))
+        self.tmp = partial or Path(tempfile.mkdtemp(prefix=f".{self.path.name}.partial-", dir=self.path.parent))
 
     def _commit(self) -> None:
         if self.path.exists():

@@ -7,7 +7,6 @@ folder's attributes) are skipped by the caller.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -59,11 +58,9 @@ class ZarrSink(TempDirSink):
     def __init__(self, path, shape, dtype, meta, provenance, resume: bool = False):
         import zarr
 
-        super().__init__(path, shape, dtype, meta, provenance)
         partial = self._partial_of(path) if resume else None
+        super().__init__(path, shape, dtype, meta, provenance, partial=partial)
         if partial is not None:
-            shutil.rmtree(self.tmp)
-            self.tmp = partial
             self._group = zarr.open_group(str(self.tmp), mode="r+")
             self._array = self._group["0"]
             if tuple(self._array.shape) != self.shape or np.dtype(self._array.dtype) != self.dtype:
