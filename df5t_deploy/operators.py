@@ -28,18 +28,23 @@ BLUR_TRUNCATE = 4.0
 
 
 class SpatialOperator(ABC):
-    """A linear degradation of a grey image [..., H, W] given by its SVD."""
+    """A linear degradation of a grey image [..., H, W] given by its SVD.
 
-    shape: tuple[int, int]  # the image (restoration) grid
+    Subclasses set ``shape`` (the restoration grid) and ``_s`` (the singular values).
+    """
+
+    shape: tuple[int, int]
+    _s: np.ndarray
 
     @property
-    @abstractmethod
-    def measurement_shape(self) -> tuple[int, int]: ...
+    def measurement_shape(self) -> tuple[int, int]:
+        """The measurement grid; the restoration grid unless the operator subsamples."""
+        return self.shape
 
     @property
-    @abstractmethod
     def singular_values(self) -> np.ndarray:
         """[H, W] in the spectral layout, 0 where unobserved."""
+        return self._s
 
     @abstractmethod
     def vt(self, g: np.ndarray) -> np.ndarray: ...
@@ -73,13 +78,8 @@ class Identity(SpatialOperator):
 
     shape: tuple[int, int]
 
-    @property
-    def measurement_shape(self) -> tuple[int, int]:
-        return self.shape
-
-    @property
-    def singular_values(self) -> np.ndarray:
-        return np.ones(self.shape, dtype=np.float32)
+    def __post_init__(self):
+        self._s = np.ones(self.shape, dtype=np.float32)
 
     def vt(self, g):
         return g
@@ -105,14 +105,6 @@ class Inpainting(SpatialOperator):
             raise ValueError(f"mask must be 2D, got shape {self.missing.shape}")
         self.shape = self.missing.shape
         self._s = (~self.missing).astype(np.float32)
-
-    @property
-    def measurement_shape(self) -> tuple[int, int]:
-        return self.shape
-
-    @property
-    def singular_values(self) -> np.ndarray:
-        return self._s
 
     def vt(self, g):
         return g
@@ -148,10 +140,6 @@ class BlockMean(SpatialOperator):
     @property
     def measurement_shape(self) -> tuple[int, int]:
         return self.shape[0] // self.block[0], self.shape[1] // self.block[1]
-
-    @property
-    def singular_values(self) -> np.ndarray:
-        return self._s
 
     def _blocks(self, a: np.ndarray) -> np.ndarray:
         (h, w), (by, bx) = self.shape, self.block
@@ -198,14 +186,6 @@ class GaussianBlur(SpatialOperator):
         eig = np.outer(ey, ex)
         self._sign = np.where(eig < 0, -1.0, 1.0).astype(np.float32)
         self._s = np.where(np.abs(eig) < self.zero_threshold, 0.0, np.abs(eig)).astype(np.float32)
-
-    @property
-    def measurement_shape(self) -> tuple[int, int]:
-        return self.shape
-
-    @property
-    def singular_values(self) -> np.ndarray:
-        return self._s
 
     def vt(self, g):
         return scipy.fft.dctn(g, type=2, norm="ortho", axes=(-2, -1)).astype(np.float32, copy=False)
