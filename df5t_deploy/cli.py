@@ -60,49 +60,6 @@ def export_command(checkpoint: str, output: str, tile: int | None, fp16: bool, d
         raise click.ClickException(str(err)) from None
 
 
-def _restore_options(f):
-    """Options shared by restore (and, where they apply, degrade)."""
-    options = [
-        click.option("--model", type=click.Path(exists=True, dir_okay=False), default=None,
-                     help="ONNX artifact. Default: the bundled df5t-tiny-em."),
-        click.option("--steps", type=int, default=50, show_default=True, help="Sampler steps."),
-        click.option("--eta", type=float, default=0.85, show_default=True),
-        click.option("--eta-b", type=float, default=1.0, show_default=True),
-        click.option("--overlap", type=int, default=None, help="Tile overlap in pixels. Default: tile/8."),
-        click.option("--batch", type=int, default=None, help="Tiles per network call. Default: per backend."),
-        click.option("--max-region", type=int, default=4096, show_default=True,
-                     help="Largest plane side restored at once; larger planes go by blended super-tiles."),
-        click.option("--samples", type=int, default=1, show_default=True, help="Posterior samples averaged."),
-        click.option("--backend", type=click.Choice(["auto", "tensorrt", "onnxruntime", "torch"]), default="auto",
-                     show_default=True, help="auto: TensorRT, onnxruntime-gpu, PyTorch CUDA, then onnxruntime CPU."),
-        click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N]."),
-        click.option("--threads", type=int, default=None, help="CPU threads. Default: all cores."),
-        click.option("--quiet", is_flag=True, help="No progress bar."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
-def _task_options(f):
-    options = [
-        click.option("--task", type=click.Choice(TASKS), default="denoise", show_default=True),
-        click.option("--sigma0", type=_Sigma0(), default=None,
-                     help="Noise std of the measurement on the [-1,1] scale (published runs: 0.2), or 'auto'."),
-        click.option("--noise-std", type=float, default=None, help="The same noise std in input units."),
-        click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--scale", type=int, default=None, help="sr: factor R (2..8, default 2)."),
-        click.option("--blur-sigma", default=None, help="deblur: PSF std in pixels, or SY,SX."),
-        click.option("--mask", default=None, help="inpaint: mask image (nonzero = missing) or 'auto'."),
-        click.option("--min-hole", type=int, default=200, show_default=True,
-                     help="inpaint auto: smallest zero/NaN region counted as missing."),
-        click.option("--z-factor", type=int, default=None, help="isotropic: z spacing / xy spacing."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
 class _Sigma0(click.ParamType):
     name = "FLOAT|auto"
 
@@ -113,6 +70,50 @@ class _Sigma0(click.ParamType):
             return float(value)
         except ValueError:
             self.fail(f"{value!r} is neither a number nor 'auto'", param, ctx)
+
+
+def _options(*options):
+    """One decorator applying several click options, in the order listed."""
+
+    def decorate(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
+
+
+_restore_options = _options(
+    click.option("--model", type=click.Path(exists=True, dir_okay=False), default=None,
+                 help="ONNX artifact (or .pt checkpoint for --backend torch). Default: the bundled df5t-tiny-em."),
+    click.option("--steps", type=int, default=50, show_default=True, help="Sampler steps."),
+    click.option("--eta", type=float, default=0.85, show_default=True),
+    click.option("--eta-b", type=float, default=1.0, show_default=True),
+    click.option("--overlap", type=int, default=None, help="Tile overlap in pixels. Default: tile/8."),
+    click.option("--batch", type=int, default=None, help="Tiles per network call. Default: per backend."),
+    click.option("--max-region", type=int, default=4096, show_default=True,
+                 help="Largest plane side restored at once; larger planes go by blended super-tiles."),
+    click.option("--samples", type=int, default=1, show_default=True, help="Posterior samples averaged."),
+    click.option("--backend", type=click.Choice(["auto", "tensorrt", "onnxruntime", "torch"]), default="auto",
+                 show_default=True, help="auto: TensorRT, onnxruntime-gpu, PyTorch CUDA, then onnxruntime CPU."),
+    click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N]."),
+    click.option("--threads", type=int, default=None, help="CPU threads. Default: all cores."),
+    click.option("--quiet", is_flag=True, help="No progress bar."),
+)
+
+_task_options = _options(
+    click.option("--task", type=click.Choice(TASKS), default="denoise", show_default=True),
+    click.option("--sigma0", type=_Sigma0(), default=None,
+                 help="Noise std of the measurement on the [-1,1] scale (published runs: 0.2), or 'auto'."),
+    click.option("--noise-std", type=float, default=None, help="The same noise std in input units."),
+    click.option("--seed", type=int, default=0, show_default=True),
+    click.option("--scale", type=int, default=None, help="sr: factor R (2..8, default 2)."),
+    click.option("--blur-sigma", default=None, help="deblur: PSF std in pixels, or SY,SX."),
+    click.option("--mask", default=None, help="inpaint: mask image (nonzero = missing) or 'auto'."),
+    click.option("--min-hole", type=int, default=200, show_default=True,
+                 help="inpaint auto: smallest zero/NaN region counted as missing."),
+    click.option("--z-factor", type=int, default=None, help="isotropic: z spacing / xy spacing."),
+)
 
 
 def _user_errors():
@@ -226,6 +227,8 @@ def degrade_command(input_path, output, task, sigma0, noise_std, seed, scale, bl
     from .tasks import TaskOptions, parse_blur_sigma
 
     _require_distinct(input_path, output)
+    if sigma0 == "auto":
+        raise click.UsageError("degrade adds noise of a given level: pass --sigma0 as a number (auto is for restore)")
     try:
         image, meta = read_image(input_path)
         options = TaskOptions(task, scale=scale, blur_sigma=parse_blur_sigma(blur_sigma), z_factor=z_factor,
