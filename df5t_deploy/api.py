@@ -11,6 +11,8 @@ import numpy as np
 
 from . import __version__
 from .backends import Backend, open_backend
+from .device_loop import DeviceSampler
+from .device_loop import supports as supports_device_loop
 from .files import sha256_of
 from .formats.base import Source
 from .intensity import IntensityMap, check_dtype, intensity_map_for
@@ -50,8 +52,9 @@ class Restorer:
     """Restores YX images and ZYX stacks with DDRM and a DF5T model.
 
     2D tasks restore every plane of a stack; ``isotropic`` restores an anisotropic volume on
-    the isotropic grid. One instance may be shared by threads: calls are serialised and
-    reuse the backend.
+    the isotropic grid. ``backend`` is a name (``open_backend`` chooses) or an open backend
+    for ``model``. One instance may be shared by threads: calls are serialised and reuse the
+    backend.
     """
 
     def __init__(
@@ -74,7 +77,7 @@ class Restorer:
         batch: int | None = None,
         max_region: int = DEFAULT_MAX_REGION,
         samples: int = 1,
-        backend: str = "auto",
+        backend: str | Backend = "auto",
         device: str = "cpu",
         threads: int | None = None,
         report: Callable[[str], None] | None = None,
@@ -96,7 +99,9 @@ class Restorer:
         self.sigma0, self.noise_std = sigma0, noise_std
         self.steps, self.eta, self.eta_b, self.seed, self.samples = steps, eta, eta_b, seed, samples
         self.model_path = Path(model) if model is not None else default_model_path()
-        self.backend: Backend = open_backend(backend, self.model_path, device=device, threads=threads, report=report)
+        if isinstance(backend, str):
+            backend = open_backend(backend, self.model_path, device=device, threads=threads, report=report)
+        self.backend: Backend = backend
         self.model_sha256 = sha256_of(self.model_path)
         self.estimated_noise_std: float | None = None
         tile = self.backend.info.tile
@@ -223,8 +228,7 @@ class Restorer:
             shape = (region.height * f, region.width * f)
             op = self.options.operator(shape, None if missing is None else region.measurement(missing))
             key = NoiseKey(self.seed, 0, plane_ids, region.y * f, region.x * f)
-            return restore_group(region.measurement(y), op, self.schedule, settings, self.denoiser, key,
-                                 self.samples, tracker)
+            return self.restore_group(region.measurement(y), op, settings, key, tracker)
 
         if len(regions) == 1:
             return restore(regions[0])
@@ -237,6 +241,21 @@ class Restorer:
             acc[..., rows, cols] += restore(region) * window
             weight[rows, cols] += window
         return acc / weight
+
+    def restore_group(self, y: np.ndarray, op, settings: SamplerSettings, key: NoiseKey,
+                      tracker: ProgressTracker) -> np.ndarray:
+        """Samples [G, S, H, W] on [0, 1]: on the backend's device when it has a device loop
+        for this operator (no host round trip per step), else with the host loop."""
+        device = getattr(self.backend, "device_api", None)
+        if device is None or not supports_device_loop(op):
+            return restore_group(y, op, self.schedule, settings, self.denoiser, key, self.samples, tracker)
+        states = len(y) * self.samples
+        tile_dtype = np.float16 if self.backend.info.precision == "fp16" else np.float32
+        sampler = DeviceSampler(device, op, self.schedule, settings, self.denoiser.grid(*op.shape), self.batch,
+                                states, tile_dtype)
+        on_step = tracker.step_reporter(self.denoiser.tiles_per_call(states, *op.shape), len(sampler.ddrm.timesteps))
+        final = sampler.run(y, self.backend.device_network, key, self.samples, on_step)
+        return sampler.to_unit(final).reshape(len(y), self.samples, *op.shape)
 
     def provenance(self, intensity: IntensityMap, sigma0: float) -> dict:
         return {

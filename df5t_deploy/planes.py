@@ -51,6 +51,15 @@ class ProgressTracker:
         if self.callback(event) is False:
             raise RestorationCancelled("restoration cancelled by the progress callback")
 
+    def step_reporter(self, tiles_per_step: int, steps: int) -> Callable[[StepPlan], None]:
+        """The on_step callback of a sampler loop that runs ``tiles_per_step`` tiles a step."""
+
+        def on_step(plan: StepPlan) -> None:
+            self.tiles_done += tiles_per_step
+            self.report(plan.index + 1, steps)
+
+        return on_step
+
     def planes_finished(self, count: int, pixels: int) -> None:
         self.planes_done += count
         self.pixels_done += pixels
@@ -83,22 +92,18 @@ def restore_group(
     height, width = op.shape
     ddrm = DDRM(op, schedule, settings)
     y_all = np.repeat(y, samples, axis=0)
-
-    def noise(step: int) -> np.ndarray:
-        return np.stack([
-            gaussian_field(key.seed, step=step, draw=sample, orientation=key.orientation, plane=plane,
-                           y0=key.y0, x0=key.x0, height=height, width=width)
-            for plane in key.plane_ids for sample in range(samples)
-        ])
-
-    tiles_per_step = denoiser.tiles_per_call(groups * samples, height, width)
-
-    def on_step(plan: StepPlan) -> None:
-        tracker.tiles_done += tiles_per_step
-        tracker.report(plan.index + 1, len(ddrm.timesteps))
-
-    state = run_ddrm(ddrm, y_all, denoiser, noise, on_step)
+    on_step = tracker.step_reporter(denoiser.tiles_per_call(groups * samples, height, width), len(ddrm.timesteps))
+    state = run_ddrm(ddrm, y_all, denoiser, lambda step: group_noise(key, samples, op.shape, step), on_step)
     return state_to_image(state).reshape(groups, samples, height, width)
+
+
+def group_noise(key: NoiseKey, samples: int, shape: tuple[int, int], step: int) -> np.ndarray:
+    """Pixel normals [G * samples, 3, H, W] of a group at a noise step (plane-major)."""
+    return np.stack([
+        gaussian_field(key.seed, step=step, draw=sample, orientation=key.orientation, plane=plane,
+                       y0=key.y0, x0=key.x0, height=shape[0], width=shape[1])
+        for plane in key.plane_ids for sample in range(samples)
+    ])
 
 
 def tiles_per_plane(denoiser: BlendedDenoiser, shape: tuple[int, int], samples: int, steps: int, schedule: Schedule) -> int:

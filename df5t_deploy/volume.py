@@ -18,7 +18,7 @@ import numpy as np
 from .formats.base import Source
 from .intensity import IntensityMap
 from .operators import BlockMean
-from .planes import NoiseKey, ProgressTracker, restore_group, tiles_per_plane
+from .planes import NoiseKey, ProgressTracker, tiles_per_plane
 from .sampler import SamplerSettings
 from .tasks import TaskError
 
@@ -105,7 +105,6 @@ class _OrientationPass:
         for start in range(0, len(planes), group):
             block = planes[start : start + group]
             key = NoiseKey(r.seed, orientation, range(offset + start, offset + start + len(block)))
-            unit = restore_group(self.intensity.to_model(block), op, r.schedule, self.settings, r.denoiser, key,
-                                 r.samples, self.tracker)
+            unit = r.restore_group(self.intensity.to_model(block), op, self.settings, key, self.tracker)
             self.tracker.planes_finished(len(block), len(block) * grid[0] * grid[1])
             yield offset + start, unit

@@ -122,7 +122,7 @@ class _Run:
                 raise SystemExit(f"{path} was trained with other settings (now, then): {changed}")
             run.model.load_state_dict(state["model"])
             run.ema.load_state_dict(state["ema"])
-            run.optimizer.load_state_dict(state["optimizer"])
+            run.optimizer.load_state_dict(_by_current_order(state["optimizer"], state["param_names"], run.model))
             run.rng.bit_generator.state = state["numpy_rng"]
             torch.set_rng_state(state["torch_rng"])
             run.step, run.seconds, run.loss_avg = state["step"], state["seconds"], state["loss_avg"]
@@ -162,6 +162,7 @@ class _Run:
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "param_names": [name for name, _ in self.model.named_parameters()],
             "numpy_rng": self.rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(),
             "step": self.step,
@@ -170,6 +171,17 @@ class _Run:
         }
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
+
+
+def _by_current_order(optimizer_state: dict, saved_names: list[str], model: torch.nn.Module) -> dict:
+    """The optimizer state re-indexed by parameter name: the saved indices follow the saved
+    model's parameter order, which need not be this code's."""
+    current = [name for name, _ in model.named_parameters()]
+    if sorted(saved_names) != sorted(current):
+        raise SystemExit("the saved training state belongs to a network with other parameters")
+    position = {name: i for i, name in enumerate(current)}
+    remapped = {position[saved_names[i]]: value for i, value in optimizer_state["state"].items()}
+    return {**optimizer_state, "state": remapped}
 
 
 def _write_results(run: _Run, config: TrainConfig, out: Path) -> Path:

@@ -5,22 +5,19 @@ from __future__ import annotations
 
 import ctypes
 import os
-import shutil
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from df5t_deploy import cuda
 from df5t_deploy.artifact import Schedule
+from df5t_deploy.cuda.launch import DF5TStep
 from df5t_deploy.intensity import IntensityMap
 from df5t_deploy.noise import gaussian_field
 from df5t_deploy.operators import BlockMean, GaussianBlur, Identity, Inpainting
 from df5t_deploy.sampler import DDRM, SamplerSettings, state_to_image
 from df5t_deploy.tiling import TileGrid, blend_tiles, finalize_blend, gather_tiles
-
-HERE = Path(__file__).parent
+from kernel_emulation import EmulatedKernels, build_library
 
 
 def _require_nvrtc():
@@ -52,25 +49,45 @@ def test_build_errors_carry_the_nvrtc_log(monkeypatch):
 # ------------------------------------------------------------------ emulation on the CPU
 
 
-class Step(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_float) for name in
-                ("sqrt_ab", "sqrt_1m_ab", "sn", "sigma0", "eta", "eta_b", "sqrt_ab_next")]
+class GpuKernels:
+    """The NVRTC-built kernels on the GPU: arrays go to the device, run, and come back."""
+
+    def __init__(self):
+        import torch
+
+        from df5t_deploy.cuda.launch import CudaKernels
+
+        self.torch = torch
+        self.kernels = CudaKernels(torch.cuda.current_device())
+
+    def __call__(self, name: str, *args) -> None:
+        torch = self.torch
+        on_device = {i: torch.from_numpy(np.ascontiguousarray(a)).cuda() for i, a in enumerate(args)
+                     if isinstance(a, np.ndarray)}
+        converted = [ctypes.c_void_p(on_device[i].data_ptr()) if i in on_device else a for i, a in enumerate(args)]
+        stream = torch.cuda.current_stream().cuda_stream
+        self.kernels.launch(name, converted, stream)
+        self.kernels.synchronize(stream)
+        for i, tensor in on_device.items():
+            args[i][...] = tensor.cpu().numpy()
 
 
-@pytest.fixture(scope="module")
-def lib(tmp_path_factory):
-    compiler = shutil.which("g++")
-    if compiler is None:
-        pytest.skip("g++ is not installed: the kernels' CPU emulation needs it")
-    out = tmp_path_factory.mktemp("emulation") / "kernels.so"
-    subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-std=c++17", "-include", str(HERE / "cuda_emulation.h"),
-                    "-x", "c++", str(cuda.SOURCE_PATH), "-o", str(out)], check=True)
-    return ctypes.CDLL(str(out))
+def _emulated(tmp_path_factory):
+    return EmulatedKernels(build_library(tmp_path_factory.mktemp("emulation")))
 
 
-def ptr(a: np.ndarray):
-    assert a.flags.c_contiguous
-    return a.ctypes.data_as(ctypes.c_void_p)
+def _gpu():
+    torch = pytest.importorskip("torch", reason="the GPU kernel tests drive the GPU through PyTorch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU on this machine")
+    pytest.importorskip("cuda.bindings.driver", reason="cuda-python is not installed")
+    return GpuKernels()
+
+
+@pytest.fixture(scope="module", params=["emulated", pytest.param("gpu", marks=pytest.mark.gpu)])
+def run(request, tmp_path_factory):
+    """Each kernel test runs on the CPU emulation and, where there is one, on the GPU."""
+    return _emulated(tmp_path_factory) if request.param == "emulated" else _gpu()
 
 
 U32, U64, INT = ctypes.c_uint32, ctypes.c_uint64, ctypes.c_int
@@ -80,11 +97,11 @@ def poisoned(shape, dtype=np.float32):
     return np.full(shape, np.nan if np.dtype(dtype).kind == "f" else 0xAB, dtype=dtype)
 
 
-def test_normals_match_numpy(lib):
+def test_normals_match_numpy(run):
     out = poisoned((3, 37, 53))
     seed, step, draw, orientation, plane = 2**40 + 12345, 17, 3, 2, 9
     word = step | draw << 16 | orientation << 24
-    lib.df5t_normals(ptr(out), U32(37), U32(53), U64(seed), U32(word), U32(plane), U32(100), U32(200))
+    run("df5t_normals", out, U32(37), U32(53), U64(seed), U32(word), U32(plane), U32(100), U32(200))
     expected = gaussian_field(seed, step=step, draw=draw, orientation=orientation, plane=plane,
                               y0=100, x0=200, height=37, width=53)
     np.testing.assert_allclose(out, expected, rtol=0, atol=1e-6)
@@ -94,7 +111,7 @@ def _step_args(ddrm: DDRM, plan_index: int):
     plan = list(ddrm.timesteps)[plan_index]
     cfg = ddrm.settings
     sn = np.sqrt(1 - plan.alpha_bar_next) / np.sqrt(plan.alpha_bar_next)
-    step = Step(np.sqrt(plan.alpha_bar), np.sqrt(1 - plan.alpha_bar), sn, cfg.sigma0, cfg.eta, cfg.eta_b,
+    step = DF5TStep(np.sqrt(plan.alpha_bar), np.sqrt(1 - plan.alpha_bar), sn, cfg.sigma0, cfg.eta, cfg.eta_b,
                 np.sqrt(plan.alpha_bar_next))
     return plan, step
 
@@ -118,7 +135,7 @@ def _reference_step(ddrm, plan, x, eps, y, seed, samples, plane_base, orientatio
 
 @pytest.mark.parametrize("task", ["denoise", "inpaint"])
 @pytest.mark.parametrize("plan_index", [3, 9])  # a step in the middle, and the last one
-def test_pointwise_step_matches_numpy(lib, task, plan_index):
+def test_pointwise_step_matches_numpy(run, task, plan_index):
     rng = np.random.default_rng(1)
     shape, groups, samples, seed = (20, 28), 2, 2, 77
     op = Identity(shape) if task == "denoise" else Inpainting(rng.random(shape) < 0.3)
@@ -129,7 +146,7 @@ def test_pointwise_step_matches_numpy(lib, task, plan_index):
     ybar = np.ascontiguousarray(ddrm.spectral_measurement(y), dtype=np.float32)
     s = np.ascontiguousarray(ddrm.s, dtype=np.float32)
     out = poisoned(x.shape)
-    lib.df5t_ddrm_step_pointwise(ptr(x), ptr(eps), ptr(ybar), ptr(s), U64(0), ptr(out), U32(groups * samples),
+    run("df5t_ddrm_step_pointwise", x, eps, ybar, s, U64(0), out, U32(groups * samples),
                                  U32(samples), U32(shape[0]), U32(shape[1]), U32(5), U32(0), U32(0), U64(seed),
                                  U32(plan.index), step)
     expected = _reference_step(ddrm, plan, x, eps, y, seed, samples, plane_base=5)
@@ -137,7 +154,7 @@ def test_pointwise_step_matches_numpy(lib, task, plan_index):
 
 
 @pytest.mark.parametrize("block", [(2, 2), (4, 4), (8, 8), (3, 3), (4, 1)])
-def test_block_step_matches_numpy(lib, block):
+def test_block_step_matches_numpy(run, block):
     rng = np.random.default_rng(2)
     shape, groups, samples, seed = (24, 24), 2, 1, 5
     op = BlockMean(shape, block)
@@ -146,14 +163,14 @@ def test_block_step_matches_numpy(lib, block):
     x, eps = _states(groups * samples, shape, rng)
     y = rng.uniform(-1, 1, (groups, *op.measurement_shape)).astype(np.float32)
     out = poisoned(x.shape)
-    lib.df5t_ddrm_step_block(ptr(x), ptr(eps), ptr(np.ascontiguousarray(y)), ptr(out), U32(groups * samples),
+    run("df5t_ddrm_step_block", x, eps, np.ascontiguousarray(y), out, U32(groups * samples),
                              U32(samples), U32(shape[0]), U32(shape[1]), U32(block[0]), U32(block[1]), U32(0),
                              U32(0), U32(0), U64(seed), U32(plan.index), step)
     expected = _reference_step(ddrm, plan, x, eps, y, seed, samples, plane_base=0)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=2e-5 * np.abs(expected).max())
 
 
-def test_split_update_merge_match_numpy_for_the_blur(lib):
+def test_split_update_merge_match_numpy_for_the_blur(run):
     """The blur's kernels, with the DCTs done by numpy between them (as cuFFT would)."""
     rng = np.random.default_rng(3)
     shape, samples, seed = (16, 20), 1, 9
@@ -166,20 +183,20 @@ def test_split_update_merge_match_numpy_for_the_blur(lib):
     g0, ge, gz = (poisoned((1, *shape)) for _ in range(3))
     diffs = poisoned((1, 2, *shape))
     args = (U32(1), U32(samples), U32(shape[0]), U32(shape[1]), U32(0), U32(0), U32(0), U64(seed), U32(plan.index), step)
-    lib.df5t_ddrm_split(ptr(x), ptr(eps), ptr(g0), ptr(ge), ptr(gz), ptr(diffs), *args)
+    run("df5t_ddrm_split", x, eps, g0, ge, gz, diffs, *args)
     v0, ve, vz = (np.ascontiguousarray(op.vt(a), dtype=np.float32) for a in (g0, ge, gz))
     ybar = np.ascontiguousarray(ddrm.spectral_measurement(y), dtype=np.float32)
-    lib.df5t_ddrm_update(ptr(v0), ptr(ve), ptr(vz), ptr(ybar), ptr(np.ascontiguousarray(ddrm.s)), U32(1), U32(samples),
+    run("df5t_ddrm_update", v0, ve, vz, ybar, np.ascontiguousarray(ddrm.s), U32(1), U32(samples),
                          U64(n), step)
     grey = np.ascontiguousarray(op.v(v0), dtype=np.float32)
     out = poisoned(x.shape)
-    lib.df5t_ddrm_merge(ptr(grey), ptr(diffs), ptr(out), U32(1), U64(n), step)
+    run("df5t_ddrm_merge", grey, diffs, out, U32(1), U64(n), step)
     expected = _reference_step(ddrm, plan, x, eps, y, seed, samples, plane_base=0)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=2e-5 * np.abs(expected).max())
 
 
 @pytest.mark.parametrize("fp16", [False, True])
-def test_gather_blend_finalize_match_numpy(lib, fp16):
+def test_gather_blend_finalize_match_numpy(run, fp16):
     rng = np.random.default_rng(4)
     planes, height, width, tile = 2, 40, 23, 32  # width < tile: reflect padding
     grid = TileGrid(height, width, tile, 8)
@@ -190,7 +207,7 @@ def test_gather_blend_finalize_match_numpy(lib, fp16):
     tp, ty, tx = (np.array([j[i] for j in jobs], dtype=np.int32) for i in range(3))
     kind = "f16" if fp16 else "f32"
     tiles = poisoned((len(jobs), 3, tile, tile), np.uint16 if fp16 else np.float32)
-    getattr(lib, f"df5t_gather_tiles_{kind}")(ptr(region), ptr(tiles), ptr(tp), ptr(ty), ptr(tx), U32(len(jobs)),
+    run(f"df5t_gather_tiles_{kind}", region, tiles, tp, ty, tx, U32(len(jobs)),
                                               U32(height), U32(width), INT(pt), INT(pl), U32(tile))
     expected_tiles = gather_tiles(padded, jobs, tile)
     got = tiles.view(np.float16).astype(np.float32) if fp16 else tiles
@@ -200,7 +217,7 @@ def test_gather_blend_finalize_match_numpy(lib, fp16):
     wy = np.ascontiguousarray([w[0] for w in windows], dtype=np.float32)
     wx = np.ascontiguousarray([w[1] for w in windows], dtype=np.float32)
     acc = np.zeros((planes, 3, *grid.padded), np.float32)
-    getattr(lib, f"df5t_blend_tiles_{kind}")(ptr(tiles), ptr(wy), ptr(wx), ptr(acc), ptr(tp), ptr(ty), ptr(tx),
+    run(f"df5t_blend_tiles_{kind}", tiles, wy, wx, acc, tp, ty, tx,
                                              U32(len(jobs)), U32(grid.padded[0]), U32(grid.padded[1]), U32(tile))
     expected_acc = np.zeros_like(acc)
     blend_tiles(expected_acc, got, wy, wx, jobs, tile)
@@ -210,25 +227,25 @@ def test_gather_blend_finalize_match_numpy(lib, fp16):
     for (y, x), (a, b) in zip(grid.positions, windows):
         weight[y : y + tile, x : x + tile] += np.outer(a, b)
     eps = poisoned((planes, 3, height, width))
-    lib.df5t_blend_finalize(ptr(acc), ptr(weight), ptr(eps), U32(planes), U32(height), U32(width),
+    run("df5t_blend_finalize", acc, weight, eps, U32(planes), U32(height), U32(width),
                             U32(grid.padded[0]), U32(grid.padded[1]), INT(pt), INT(pl))
     np.testing.assert_allclose(eps, finalize_blend(expected_acc, weight, grid), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype, low, high", [(np.uint8, 0, 255), (np.uint16, 100, 40000), (np.float32, -3.5, 7.25)])
-def test_intensity_maps_match_numpy(lib, dtype, low, high):
+def test_intensity_maps_match_numpy(run, dtype, low, high):
     rng = np.random.default_rng(5)
     intensity = IntensityMap(low, high, np.dtype(dtype).name, "test")
     values = (rng.uniform(low, high, (7, 9))).astype(dtype)
     mapped = poisoned(values.shape)
     kind = {np.uint8: "u8", np.uint16: "u16", np.float32: "f32"}[dtype]
-    getattr(lib, f"df5t_map_in_{kind}")(ptr(values), ptr(mapped), U64(values.size), ctypes.c_float(low),
+    run(f"df5t_map_in_{kind}", values, mapped, U64(values.size), ctypes.c_float(low),
                                         ctypes.c_float(high - low))
     np.testing.assert_allclose(mapped, intensity.to_model(values), rtol=1e-6, atol=1e-6)
 
     state = rng.uniform(-1.3, 1.3, (2, 3, 7, 9)).astype(np.float32)
     out = poisoned((2, 7, 9), dtype)
-    getattr(lib, f"df5t_map_out_{kind}")(ptr(state), ptr(out), U32(2), U64(63), ctypes.c_double(low),
+    run(f"df5t_map_out_{kind}", state, out, U32(2), U64(63), ctypes.c_double(low),
                                          ctypes.c_double(high - low))
     expected = intensity.from_unit(state_to_image(state))
     if np.dtype(dtype).kind == "u":

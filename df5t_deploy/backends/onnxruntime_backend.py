@@ -10,8 +10,9 @@ import numpy as np
 from ..artifact import ArtifactInfo, parse_artifact
 from .base import BackendUnavailable
 
-#: Tiles per call on the CPU provider. Measured by benchmarks/throughput.py on 2 cores:
-#: batch 1 was faster per pixel than batch 4 (the working set of one tile fits the cache).
+#: Tiles per call on the CPU provider, chosen by benchmarks/throughput.py on 2 cores
+#: (df5t-512, tile 256): 1.73 s/tile at batch 1, 1.68 s/tile at batch 4, the same speed within
+#: run-to-run noise, so batch 1, which holds a quarter of the activations.
 CPU_BATCH = 1
 CUDA_BATCH = 8
 

@@ -1,4 +1,4 @@
-"""PyTorch on CUDA: runs a DF5T checkpoint (.pt) in fp16, channels-last, on a GPU.
+"""PyTorch on CUDA: runs a DF5T checkpoint (.pt) in fp16 (or fp32), channels-last, on a GPU.
 
 For machines with PyTorch and a GPU but neither TensorRT nor onnxruntime-gpu (such as the
 project's GPU test machine). The network is the export's (eps head only), stored in fp16
@@ -21,7 +21,7 @@ class TorchBackend:
     name = "torch-cuda"
 
     def __init__(self, checkpoint: str | Path, device: str = "cuda", tile: int | None = None,
-                 diffusion_steps: int | None = None):
+                 diffusion_steps: int | None = None, precision: str = "fp16"):
         try:
             import torch
         except ImportError:
@@ -40,16 +40,40 @@ class TorchBackend:
         tile = tile or (loaded.preset.training_size if loaded.preset else DEFAULT_TILE)
         self._torch = torch
         self.device = torch.device(device)
-        network = to_mixed_precision(eps_only(loaded.network)).to(self.device)
-        self.network = network.to(memory_format=torch.channels_last).eval()
+        if precision not in ("fp16", "fp32"):
+            raise ValueError(f"precision must be fp16 or fp32, got {precision!r}")
+        network = eps_only(loaded.network)
+        network = to_mixed_precision(network) if precision == "fp16" else network
+        self.network = network.to(self.device).to(memory_format=torch.channels_last).eval()
+        self._x_dtype = np.float16 if precision == "fp16" else np.float32
         arch = {**loaded.config.to_dict(), "preset": loaded.preset.name if loaded.preset else None}
-        self.info = ArtifactInfo(tile, "fp16", schedule, arch, loaded.sha256)
+        self.info = ArtifactInfo(tile, precision, schedule, arch, loaded.sha256)
         self.preferred_batch = CUDA_BATCH
+        self._device_api = None
+
+    @property
+    def device_api(self):
+        """The device loop's buffers and kernels on this backend's GPU."""
+        if self._device_api is None:
+            from ..cuda.torch_device import TorchCudaDevice
+
+            self._device_api = TorchCudaDevice(self.device.index or 0)
+        return self._device_api
+
+    def device_network(self, tiles, eps_tiles, t: float) -> None:
+        """eps for device tiles, in chunks of the batch, written into eps_tiles (no host copy)."""
+        torch = self._torch
+        batch = self.preferred_batch
+        with torch.inference_mode():
+            ts = torch.full((batch,), float(t), dtype=torch.float32, device=self.device)
+            for start in range(0, len(tiles), batch):
+                chunk = tiles[start : start + batch].contiguous(memory_format=torch.channels_last)
+                eps_tiles[start : start + len(chunk)] = self.network(chunk, ts[: len(chunk)]).to(eps_tiles.dtype)
 
     def __call__(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
         torch = self._torch
         with torch.inference_mode():
-            xs = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float16)).to(self.device, non_blocking=True)
+            xs = torch.from_numpy(np.ascontiguousarray(x, dtype=self._x_dtype)).to(self.device, non_blocking=True)
             ts = torch.from_numpy(np.ascontiguousarray(t, dtype=np.float32)).to(self.device, non_blocking=True)
             eps = self.network(xs.contiguous(memory_format=torch.channels_last), ts)
             return eps.float().cpu().numpy()

@@ -1,0 +1,137 @@
+"""The DDRM loop on a device: buffers allocated once, kernels for every non-network step,
+no host round trip inside the loop.
+
+The loop is written against a small ``Device`` interface (allocate, upload, download, zero,
+launch a kernel by name), so the very same code runs on a GPU (``TorchCudaDevice``: PyTorch
+tensors and the NVRTC-built kernels on PyTorch's current stream) and, in the tests, on the
+CPU (numpy arrays and the kernels compiled by g++ through the grid-emulation header). Only
+the initial value (one V transform) is computed on the host, before the loop.
+
+Supported operators: those with a fused step kernel, i.e. identity/permutation (denoise,
+inpaint) and block means (sr, along-z). Other operators use the host loop (``planes``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import numpy as np
+
+from .artifact import Schedule
+from .cuda.launch import DF5TStep
+from .operators import BlockMean, Identity, Inpainting, SpatialOperator
+from .planes import NoiseKey, group_noise
+from .sampler import DDRM, SamplerSettings, StepPlan
+from .tiling import TileGrid
+
+U32, U64, INT = ctypes.c_uint32, ctypes.c_uint64, ctypes.c_int
+
+
+class Device(Protocol):
+    def empty(self, shape: tuple[int, ...], dtype: Any) -> Any: ...
+    def upload(self, array: np.ndarray) -> Any: ...
+    def download(self, buffer: Any) -> np.ndarray: ...
+    def zero(self, buffer: Any) -> None: ...
+    def pointer(self, buffer: Any) -> ctypes.c_void_p: ...
+    def launch(self, name: str, *args) -> None: ...
+
+
+DeviceNetwork = Callable[[Any, Any, float], None]  # (tiles in, eps tiles out, t): fills eps in place
+
+
+def supports(op: SpatialOperator) -> bool:
+    return isinstance(op, (Identity, Inpainting)) or (isinstance(op, BlockMean) and max(op.block) <= 8)
+
+
+def step_scalars(plan: StepPlan, settings: SamplerSettings) -> DF5TStep:
+    sn = float(np.sqrt(1.0 - plan.alpha_bar_next) / np.sqrt(plan.alpha_bar_next))
+    return DF5TStep(float(np.sqrt(plan.alpha_bar)), float(np.sqrt(1.0 - plan.alpha_bar)), sn, settings.sigma0,
+                    settings.eta, settings.eta_b, float(np.sqrt(plan.alpha_bar_next)))
+
+
+class DeviceSampler:
+    """DDRM for one region shape and group size, with every buffer allocated once."""
+
+    def __init__(self, device: Device, op: SpatialOperator, schedule: Schedule, settings: SamplerSettings,
+                 grid: TileGrid, batch: int, states: int, tile_dtype=np.float32):
+        if not supports(op):
+            raise ValueError(f"{type(op).__name__} has no fused device step; use the host loop")
+        self.device, self.op, self.settings, self.grid, self.batch = device, op, settings, grid, batch
+        self.ddrm = DDRM(op, schedule, settings)
+        self.states, self.tile_dtype = states, np.dtype(tile_dtype)
+        h, w = op.shape
+        tile = grid.tile
+        self.jobs = [(b, y, x) for b in range(states) for (y, x) in grid.positions]
+        self.x = device.empty((states, 3, h, w), np.float32)
+        self.x_next = device.empty((states, 3, h, w), np.float32)
+        self.eps = device.empty((states, 3, h, w), np.float32)
+        self.acc = device.empty((states, 3, *grid.padded), np.float32)
+        self.tiles = device.empty((len(self.jobs), 3, tile, tile), self.tile_dtype)
+        self.eps_tiles = device.empty((len(self.jobs), 3, tile, tile), self.tile_dtype)
+        windows = [grid.axis_windows(y, x) for _, y, x in self.jobs]
+        self.wy = device.upload(np.ascontiguousarray([w[0] for w in windows], dtype=np.float32))
+        self.wx = device.upload(np.ascontiguousarray([w[1] for w in windows], dtype=np.float32))
+        weight = np.zeros(grid.padded, np.float32)
+        for y, x in grid.positions:
+            weight[y : y + tile, x : x + tile] += grid.window(y, x)
+        self.weight = device.upload(weight)
+        self.tp, self.ty, self.tx = (device.upload(np.array([j[i] for j in self.jobs], dtype=np.int32)) for i in range(3))
+        self.s = device.upload(np.ascontiguousarray(self.ddrm.s, dtype=np.float32))
+
+    def run(self, y: np.ndarray, network: DeviceNetwork, key: NoiseKey, samples: int,
+            on_step: Callable[[StepPlan], None] | None = None):
+        """The final states, on the device [states, 3, H, W], for measurements y [G, ...] (host)."""
+        d = self.device
+        h, w = self.op.shape
+        ybar = self.ddrm.spectral_measurement(y)
+        # the block kernel reads ybar on the measurement grid (U = I), the pointwise one per pixel
+        kernel_ybar = y if isinstance(self.op, BlockMean) else ybar
+        ybar_dev = d.upload(np.ascontiguousarray(kernel_ybar, dtype=np.float32))
+        z = group_noise(key, samples, self.op.shape, len(self.ddrm.timesteps))
+        self.x = d.upload(np.ascontiguousarray(self.ddrm.initial_state(np.repeat(ybar, samples, axis=0), z)))
+        word = key.orientation << 24
+        for plan in self.ddrm.timesteps:
+            self._predict_eps(network, plan.t)
+            p = step_scalars(plan, self.settings)
+            common = (U32(self.states), U32(samples), U32(h), U32(w))
+            where = (U32(key.plane_ids[0]), U32(key.y0), U32(key.x0), U64(key.seed), U32(word | plan.index), p)
+            if isinstance(self.op, BlockMean):
+                by, bx = self.op.block
+                d.launch("df5t_ddrm_step_block", d.pointer(self.x), d.pointer(self.eps), d.pointer(ybar_dev),
+                         d.pointer(self.x_next), *common, U32(by), U32(bx), *where)
+            else:
+                d.launch("df5t_ddrm_step_pointwise", d.pointer(self.x), d.pointer(self.eps), d.pointer(ybar_dev),
+                         d.pointer(self.s), U64(0), d.pointer(self.x_next), *common, *where)  # s shared
+            self.x, self.x_next = self.x_next, self.x
+            if on_step is not None:
+                on_step(plan)
+        return self.x
+
+    def _predict_eps(self, network: DeviceNetwork, t: int) -> None:
+        d, grid = self.device, self.grid
+        (pt, _), (pl, _) = grid.padding
+        h, w = self.op.shape
+        kind = "f16" if self.tile_dtype == np.float16 else "f32"
+        n = len(self.jobs)
+        d.launch(f"df5t_gather_tiles_{kind}", d.pointer(self.x), d.pointer(self.tiles), d.pointer(self.tp),
+                 d.pointer(self.ty), d.pointer(self.tx), U32(n), U32(h), U32(w), INT(pt), INT(pl), U32(grid.tile))
+        network(self.tiles, self.eps_tiles, float(t))
+        d.zero(self.acc)
+        d.launch(f"df5t_blend_tiles_{kind}", d.pointer(self.eps_tiles), d.pointer(self.wy), d.pointer(self.wx),
+                 d.pointer(self.acc), d.pointer(self.tp), d.pointer(self.ty), d.pointer(self.tx), U32(n),
+                 U32(grid.padded[0]), U32(grid.padded[1]), U32(grid.tile))
+        d.launch("df5t_blend_finalize", d.pointer(self.acc), d.pointer(self.weight), d.pointer(self.eps),
+                 U32(self.states), U32(h), U32(w), U32(grid.padded[0]), U32(grid.padded[1]), INT(pt), INT(pl))
+
+    def to_unit(self, final) -> np.ndarray:
+        """Final states -> grey images [states, H, W] on [0, 1] (sampler.state_to_image), which
+        the host averages over samples exactly as in the host loop."""
+        d = self.device
+        h, w = self.op.shape
+        out = d.empty((self.states, h, w), np.float32)
+        d.launch("df5t_map_out_f32", d.pointer(final), d.pointer(out), U32(self.states), U64(h * w),
+                 ctypes.c_double(0.0), ctypes.c_double(1.0))
+        return d.download(out)
+

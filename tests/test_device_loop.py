@@ -1,0 +1,114 @@
+"""The on-device DDRM loop, run on the CPU through the kernels' emulation: it must give the
+host loop's result (same noise, same blending, same step)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from df5t_deploy.artifact import Schedule
+from df5t_deploy.device_loop import DeviceSampler
+from df5t_deploy.planes import NoiseKey, ProgressTracker, restore_group
+from df5t_deploy.operators import BlockMean, Identity, Inpainting
+from df5t_deploy.sampler import SamplerSettings
+from df5t_deploy.tiling import BlendedDenoiser
+from kernel_emulation import EmulatedDevice, build_library
+
+TILE = 32
+
+
+@pytest.fixture(scope="module", params=["emulated", pytest.param("gpu", marks=pytest.mark.gpu)])
+def device(request, tmp_path_factory):
+    """The loop on the CPU emulation of the kernels and, where there is one, on the GPU."""
+    if request.param == "emulated":
+        return EmulatedDevice(build_library(tmp_path_factory.mktemp("emulation")))
+    torch = pytest.importorskip("torch", reason="the GPU device loop runs on PyTorch tensors")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU on this machine")
+    from df5t_deploy.cuda.torch_device import TorchCudaDevice
+
+    return TorchCudaDevice(torch.cuda.current_device())
+
+
+def tile_network(x: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """A tile-wide, timestep-dependent test network (numpy)."""
+    gain = (1.0 + t / 1000.0).astype(np.float32)[:, None, None, None]
+    return gain * (x - x.mean(axis=(2, 3), keepdims=True)) * 0.5
+
+
+def device_network(tiles, eps_tiles, t: float) -> None:
+    """tile_network on device buffers (numpy arrays or CUDA tensors), written into eps_tiles."""
+    if isinstance(tiles, np.ndarray):
+        eps_tiles[...] = tile_network(tiles.astype(np.float32), np.full(len(tiles), t, np.float32))
+        return
+    x = tiles.float()
+    eps_tiles.copy_((0.5 * (1.0 + t / 1000.0) * (x - x.mean(dim=(2, 3), keepdim=True))).to(eps_tiles.dtype))
+
+
+@pytest.mark.parametrize("task", ["denoise", "inpaint", "sr"])
+def test_device_loop_equals_host_loop(device, task):
+    rng = np.random.default_rng(0)
+    groups, samples, seed = 2, 2, 21
+    if task == "sr":
+        op, measured = BlockMean((48, 40), (2, 2)), (24, 20)
+    elif task == "inpaint":
+        op, measured = Inpainting(rng.random((48, 40)) < 0.2), (48, 40)
+    else:
+        op, measured = Identity((48, 40)), (48, 40)
+    y = rng.uniform(-0.8, 0.8, (groups, *measured)).astype(np.float32)
+    settings = SamplerSettings(sigma0=0.1, steps=6)
+    schedule = Schedule(1000)
+    denoiser = BlendedDenoiser(tile_network, TILE, 4, batch=3)
+    key = NoiseKey(seed, 0, range(7, 7 + groups))
+    host = restore_group(y, op, schedule, settings, denoiser, key, samples, ProgressTracker(None, 0, 0))
+
+    if isinstance(device, EmulatedDevice):
+        device.launches.clear()
+    sampler = DeviceSampler(device, op, schedule, settings, denoiser.grid(*op.shape), batch=3, states=groups * samples)
+    final = sampler.run(y, device_network, key, samples)
+    ours = sampler.to_unit(final).reshape(groups, samples, *op.shape)
+    np.testing.assert_allclose(ours, host, atol=2e-5)
+    if isinstance(device, EmulatedDevice):
+        assert device.launches.count("df5t_gather_tiles_f32") == len(sampler.ddrm.timesteps)  # one per step
+
+
+class EmulatedDeviceBackend:
+    """An onnxruntime backend that also offers a device loop, on the kernels' CPU emulation."""
+
+    name = "emulated-device"
+
+    def __init__(self, model, device):
+        from df5t_deploy.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+        self.inner = OnnxRuntimeBackend(model)
+        self.info, self.preferred_batch, self.device_api = self.inner.info, 2, device
+
+    def __call__(self, x, t):
+        return self.inner(x, t)
+
+    def device_network(self, tiles, eps_tiles, t):
+        eps_tiles[...] = self.inner(tiles, np.full(len(tiles), t, np.float32))
+
+
+@pytest.mark.parametrize("task, options, fused", [
+    ("denoise", {}, "df5t_ddrm_step_pointwise"),
+    ("sr", {"scale": 2}, "df5t_ddrm_step_block"),
+    ("deblur", {"blur_sigma": 1.2}, None),  # no fused step: the host loop runs
+])
+def test_restorer_runs_the_device_loop_like_the_host_loop(tmp_path, em_dir, task, options, fused):
+    import tifffile
+
+    from df5t_deploy.api import Restorer
+    from onnx_models import tile_mean_model
+
+    device = EmulatedDevice(build_library(tmp_path))
+    model = tile_mean_model(tmp_path / "mean.onnx", TILE)
+    image = tifffile.imread(em_dir / "micrograph_vemstitch-mussel_tile3_2_2_1768x2048.tif")[:40, :52]
+    image = image.astype(np.float32)
+    settings = dict(sigma0=0.1, steps=5, seed=3, samples=2, batch=2, **options)
+    host = Restorer(model, task, **settings).restore_full(image)
+    ours = Restorer(model, task, backend=EmulatedDeviceBackend(model, device), **settings).restore_full(image)
+    scale = host.intensity.high - host.intensity.low
+    assert np.abs(ours.image - host.image).max() / scale < 1e-5
+    assert np.abs(ours.std - host.std).max() / scale < 1e-5
+    assert (fused in device.launches) if fused else not device.launches
