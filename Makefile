@@ -3,7 +3,19 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SHARED ?= ../shared
 
-.PHONY: test clean
+.PHONY: demo test clean
+DEMO_OUT ?= demo-output/mussel_nuclei_denoised.tif
+
+# The main job on a fresh machine: the runtime alone (no PyTorch), then the bundled real EM
+# sample restored (denoise, noise level estimated) with the bundled model on the CPU.
+$(VENV)/.demo-installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
+
+demo: $(VENV)/.demo-installed
+	$(VENV)/bin/df5t restore "$$($(PY) -m df5t_deploy.samples)" -o $(DEMO_OUT) --sigma0 auto
 
 # The runtime needs no PyTorch; tests also exercise export, so they install the CPU build
 # that pip finds locally (torch==2.13.0) before the [export] extra can pull anything bigger.
