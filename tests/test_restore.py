@@ -243,3 +243,18 @@ def test_sigma0_auto_estimates_a_known_noise_level(workdir, models, em_dir):
 def test_sigma0_must_be_a_number_or_auto(workdir, models):
     code, output = cli("restore", workdir / "in.tif", "-o", workdir / "o.tif", "--model", models["mean"], "--sigma0", "lots")
     assert code != 0 and "neither a number nor 'auto'" in output
+
+
+def test_fp16_artifact_restores_like_fp32(tmp_path, fixtures_dir, em_crop):
+    pytest.importorskip("torch", reason="exporting the fixture needs the [export] extra")
+    paths = {}
+    for precision, flags in (("fp32", []), ("fp16", ["--fp16"])):
+        paths[precision] = tmp_path / f"tiny-{precision}.onnx"
+        code, output = cli("export", fixtures_dir / "df5t_reference_tiny.pt", "-o", paths[precision], "--tile", "64",
+                           *flags)
+        assert code == 0, output
+    image = em_crop.astype(np.float32)
+    runs = {p: Restorer(path, sigma0=0.1, steps=10, seed=1).restore_full(image) for p, path in paths.items()}
+    assert runs["fp16"].provenance["model_info"]["precision"] == "fp16"
+    scale = runs["fp32"].intensity.high - runs["fp32"].intensity.low
+    assert np.abs(runs["fp16"].image - runs["fp32"].image).mean() / scale < 0.01
