@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import scipy.ndimage
 import tifffile
+from df5t_deploy.export.train_data import FLYEM_HELDOUT_PLANES, FLYEM_VOLUME, MUSSEL_HELDOUT
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from df5t_deploy.api import Restorer
 from df5t_deploy.degrade import blob_mask, degrade
-from df5t_deploy.export.train_data import FLYEM_HELDOUT_PLANES, FLYEM_VOLUME, MUSSEL_HELDOUT
 from df5t_deploy.operators import gaussian_kernel
 from df5t_deploy.tasks import TaskOptions
 

@@ -51,7 +51,6 @@ def _peak_rss_mb() -> float:
 
 def _network(seed: int = 0):
     import torch
-
     from df5t_deploy.export.network import DF5TNetwork
     from df5t_deploy.export.presets import PRESETS
 
@@ -92,7 +91,7 @@ def run_reference(image: np.ndarray, tile: int, steps: int, threads: int) -> dic
     return {"seconds": seconds, "peak_rss_mb": _peak_rss_mb(), "network_calls": len(ys) * len(xs) * len(timesteps)}
 
 
-def _reference_ddrm(net, y, timesteps) -> "torch.Tensor":
+def _reference_ddrm(net, y, timesteps):
     """DDRM denoising (H = channel mean, so V is the channel basis) in torch, one tile."""
     import torch
 
@@ -176,7 +175,6 @@ def _library_versions() -> dict:
 
 def _export(tile: int, folder: Path) -> str:
     import torch
-
     from df5t_deploy.export.checkpoint import load_checkpoint
     from df5t_deploy.export.onnx_export import export_checkpoint
     from df5t_deploy.export.presets import PRESETS

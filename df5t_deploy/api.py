@@ -25,8 +25,8 @@ from .planes import (
     restore_group,
     tiles_per_plane,
 )
-from .sampler import SamplerSettings
 from .regions import DEFAULT_MAX_REGION, layout
+from .sampler import SamplerSettings
 from .streaming import ArraySource, prefetch
 from .tasks import TaskOptions, missing_pixels, parse_blur_sigma
 from .tiling import BlendedDenoiser

@@ -88,7 +88,7 @@ def _crop_to_blocks(image: np.ndarray, options: TaskOptions) -> np.ndarray:
         r = options.factor
         h, w = image.shape[-2] - image.shape[-2] % r, image.shape[-1] - image.shape[-1] % r
         if (h, w) != image.shape[-2:]:
-            warnings.warn(f"cropped {image.shape[-2]}x{image.shape[-1]} to {h}x{w}, a multiple of --scale {r}")
+            warnings.warn(f"cropped {image.shape[-2]}x{image.shape[-1]} to {h}x{w}, a multiple of --scale {r}", stacklevel=3)
         return image[..., :h, :w]
     if options.task == "isotropic":
         if image.ndim != 3:
@@ -100,6 +100,6 @@ def _crop_to_blocks(image: np.ndarray, options: TaskOptions) -> np.ndarray:
         if z == 0:
             raise TaskError(f"the volume has {image.shape[0]} planes, fewer than --z-factor {k}")
         if z != image.shape[0]:
-            warnings.warn(f"cropped {image.shape[0]} planes to {z}, a multiple of --z-factor {k}")
+            warnings.warn(f"cropped {image.shape[0]} planes to {z}, a multiple of --z-factor {k}", stacklevel=3)
         return image[:z]
     return image

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .api import Restorer, mean_and_std, intensity_map_for_source
+from .api import Restorer, intensity_map_for_source, mean_and_std
 from .formats import check_writable, create_sink, open_source
 from .planes import ProgressCallback
 

@@ -14,9 +14,9 @@ import json
 import shutil
 from pathlib import Path
 
+from .. import models
 from ..artifact import Schedule
 from ..files import atomic_path, sha256_of
-from .. import models
 from ..models import DEFAULT_MODEL
 from .checkpoint import load_checkpoint
 from .onnx_export import export_checkpoint

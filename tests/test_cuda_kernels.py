@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 import pytest
+from kernel_emulation import EmulatedKernels, build_library
 
 from df5t_deploy import cuda
 from df5t_deploy.artifact import Schedule
@@ -17,7 +18,6 @@ from df5t_deploy.noise import gaussian_field
 from df5t_deploy.operators import BlockMean, GaussianBlur, Identity, Inpainting
 from df5t_deploy.sampler import DDRM, SamplerSettings, state_to_image
 from df5t_deploy.tiling import TileGrid, blend_tiles, finalize_blend, gather_tiles
-from kernel_emulation import EmulatedKernels, build_library
 
 
 def _require_nvrtc():
@@ -257,10 +257,11 @@ def test_intensity_maps_match_numpy(run, dtype, low, high):
 
 def test_doctor_reports_kernels_per_architecture():
     _require_nvrtc()
+    import json
+
     from click.testing import CliRunner
 
     from df5t_deploy.cli import main
-    import json
 
     result = CliRunner().invoke(main, ["doctor", "--json"])
     assert result.exit_code == 0, result.output

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from kernel_emulation import EmulatedDevice, build_library
 
 from df5t_deploy.artifact import Schedule
 from df5t_deploy.device_loop import DeviceSampler
-from df5t_deploy.planes import NoiseKey, ProgressTracker, restore_group
 from df5t_deploy.operators import BlockMean, Identity, Inpainting
+from df5t_deploy.planes import NoiseKey, ProgressTracker, restore_group
 from df5t_deploy.sampler import SamplerSettings
 from df5t_deploy.tiling import BlendedDenoiser
-from kernel_emulation import EmulatedDevice, build_library
 
 TILE = 32
 
@@ -97,9 +97,9 @@ class EmulatedDeviceBackend:
 ])
 def test_restorer_runs_the_device_loop_like_the_host_loop(tmp_path, em_dir, task, options, fused):
     import tifffile
+    from onnx_models import tile_mean_model
 
     from df5t_deploy.api import Restorer
-    from onnx_models import tile_mean_model
 
     device = EmulatedDevice(build_library(tmp_path))
     model = tile_mean_model(tmp_path / "mean.onnx", TILE)

@@ -9,12 +9,12 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
-from df5t_deploy.backends import BackendUnavailable, candidates, open_backend
-from df5t_deploy.cli import main
 from df5t_deploy.engines.build import choose_profile
 from df5t_deploy.engines.cache import BatchProfile, EngineCache, EngineCacheError, EngineKey, validate_sidecar
 from onnx_models import tile_mean_model
+
+from df5t_deploy.backends import BackendUnavailable, candidates, open_backend
+from df5t_deploy.cli import main
 
 KEY = EngineKey("a" * 64, "10.7.0", "NVIDIA H100 80GB HBM3", "9.0", "fp16", 512, BatchProfile(1, 8, 16))
 
@@ -135,8 +135,9 @@ def _tensorrt_and_gpu():
 @pytest.mark.gpu
 def test_tensorrt_engine_matches_onnxruntime(tmp_path):
     _tensorrt_and_gpu()
-    from df5t_deploy.backends.onnxruntime_backend import OnnxRuntimeBackend
     from df5t_deploy.engines.runtime import TensorRTBackend
+
+    from df5t_deploy.backends.onnxruntime_backend import OnnxRuntimeBackend
 
     model = tile_mean_model(tmp_path / "m.onnx", 64)
     trt_backend = TensorRTBackend(model, cache=EngineCache(tmp_path / "cache"), max_batch=4)

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import tifffile
 from click.testing import CliRunner
+from onnx_models import exact_denoiser, gaussian_prior_denoiser, tile_mean_model
 
 import df5t_deploy.planes
 from df5t_deploy.api import Restorer
 from df5t_deploy.cli import main
 from df5t_deploy.files import atomic_path
 from df5t_deploy.formats import read_image
-from onnx_models import exact_denoiser, gaussian_prior_denoiser, tile_mean_model
 
 TILE = 32
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tifffile
+from onnx_models import local_conv_model, tile_mean_model
 
 from df5t_deploy.api import Restorer
 from df5t_deploy.artifact import Schedule
@@ -13,7 +14,6 @@ from df5t_deploy.noise import gaussian_field
 from df5t_deploy.operators import Identity
 from df5t_deploy.sampler import DDRM, SamplerSettings, run_ddrm, state_to_image
 from df5t_deploy.tiling import TileGrid, tile_starts
-from onnx_models import local_conv_model, tile_mean_model
 
 
 @pytest.mark.parametrize("length, tile, overlap", [(64, 64, 8), (200, 64, 8), (129, 32, 4), (1000, 256, 32)])

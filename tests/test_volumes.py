@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import tifffile
 from click.testing import CliRunner
+from onnx_models import gaussian_prior_denoiser, tile_mean_model
 
 from df5t_deploy.api import Restorer
 from df5t_deploy.cli import main
 from df5t_deploy.formats import ImageMeta, read_image, write_image
 from df5t_deploy.planes import RestorationCancelled
-from onnx_models import gaussian_prior_denoiser, tile_mean_model
 
 
 def cli(*args):

@@ -68,8 +68,8 @@ class Source(ABC):
             return self.plane(0)
         return np.stack([self.plane(z) for z in range(self.planes)])
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None:  # noqa: B027  (most sources hold nothing to release)
+        """Release the file; a no-op for sources that hold nothing open."""
 
     def __enter__(self):
         return self
