@@ -61,7 +61,7 @@ def _network(seed: int = 0):
 # --------------------------------------------------------------------- reference style
 
 
-def run_reference(image: np.ndarray, tile: int, steps: int, threads: int) -> dict:
+def run_reference(image: np.ndarray, tile: int, steps: int, threads: int, device: str = "cpu") -> dict:
     """The published way: per-tile DDRM in torch, batch 1, host copies, average at the end."""
     import torch
 
@@ -70,9 +70,9 @@ def run_reference(image: np.ndarray, tile: int, steps: int, threads: int) -> dic
     from df5t_deploy.tiling import tile_starts
 
     torch.set_num_threads(threads)
-    net = _network()
+    net = _network().to(device)
     timesteps = Timesteps(Schedule(1000), steps)
-    y = torch.from_numpy(image.astype(np.float32) / 255.0 * 2 - 1)
+    y = torch.from_numpy(image.astype(np.float32) / 255.0 * 2 - 1).to(device)
     ys, xs = (tile_starts(n, tile, OVERLAP) for n in image.shape)
     out = torch.zeros_like(y)
     count = torch.zeros_like(y)
@@ -97,22 +97,22 @@ def _reference_ddrm(net, y, timesteps):
 
     from df5t_deploy.sampler import CHANNEL_BASIS, GREY_GAIN
 
-    q = torch.from_numpy(CHANNEL_BASIS.astype(np.float32))
+    q = torch.from_numpy(CHANNEL_BASIS.astype(np.float32)).to(y.device)
     s = float(GREY_GAIN)
     sig = timesteps.init_sigma
     ybar = y  # U^T y for H = channel mean (spatial identity)
-    z = torch.randn(3, *y.shape)
+    z = torch.randn(3, *y.shape, device=y.device)
     a = z * sig
     a[0] = ybar / s + (sig**2 - SIGMA0**2 / s**2) ** 0.5 * z[0]
     x = torch.einsum("kc,khw->chw", q, a) / sig
     host_xs, host_x0s = [], []
     for plan in timesteps:
-        eps = net(x[None], torch.tensor([float(plan.t)]))[0, :3]
+        eps = net(x[None], torch.tensor([float(plan.t)], device=y.device))[0, :3]
         x0 = (x - (1 - plan.alpha_bar) ** 0.5 * eps) / plan.alpha_bar**0.5
         sn = ((1 - plan.alpha_bar_next) / plan.alpha_bar_next) ** 0.5
         v0 = torch.einsum("ck,khw->chw", q, x0)
         ve = torch.einsum("ck,khw->chw", q, eps)
-        vz = torch.randn(3, *y.shape)
+        vz = torch.randn(3, *y.shape, device=y.device)
         c = (sn**2 - (0.85 * sn) ** 2) ** 0.5
         v = v0 + c * ve + 0.85 * sn * vz
         if s * sn > SIGMA0:
