@@ -103,13 +103,13 @@ def main(argv: list[str] | None = None) -> dict:
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU: this benchmark needs one")
     sys.path.insert(0, str(Path(__file__).parent))
+    from df5t_deploy.export.network import DF5TNetwork
+    from df5t_deploy.export.onnx_export import eps_only
+    from df5t_deploy.export.presets import PRESETS
     from throughput import run_reference  # the same reference-style loop as the CPU benchmark
 
     from df5t_deploy.api import Restorer
     from df5t_deploy.backends.torch_backend import TorchBackend
-    from df5t_deploy.export.network import DF5TNetwork
-    from df5t_deploy.export.onnx_export import eps_only
-    from df5t_deploy.export.presets import PRESETS
     from df5t_deploy.sampler import Timesteps
 
     image = montage(args.data, args.size)

@@ -1,11 +1,14 @@
 """The DDRM loop on a device: buffers allocated once, kernels for every non-network step,
-no host round trip inside the loop.
+no host round trip inside the loop, and one step captured as a CUDA graph and replayed.
 
 The loop is written against a small ``Device`` interface (allocate, upload, download, zero,
-launch a kernel by name), so the very same code runs on a GPU (``TorchCudaDevice``: PyTorch
-tensors and the NVRTC-built kernels on PyTorch's current stream) and, in the tests, on the
-CPU (numpy arrays and the kernels compiled by g++ through the grid-emulation header). Only
-the initial value (one V transform) is computed on the host, before the loop.
+copy, launch a kernel by name, capture), so the very same code runs on a GPU
+(``TorchCudaDevice``: PyTorch tensors and the NVRTC-built kernels on PyTorch's current
+stream) and, in the tests, on the CPU (numpy arrays and the kernels compiled by g++ through
+the grid-emulation header). Only the initial value (one V transform) is computed on the host,
+before the loop. A step reads its scalars, its network timestep and its noise counter from
+device tables at a device cursor that the step itself advances, so the same captured step
+is valid for every step of the walk.
 
 Supported operators: those with a fused step kernel, i.e. identity/permutation (denoise,
 inpaint) and block means (sr, along-z). Other operators use the host loop (``planes``).
@@ -14,13 +17,13 @@ inpaint) and block means (sr, along-z). Other operators use the host loop (``pla
 from __future__ import annotations
 
 import ctypes
+import functools
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
 
 from .artifact import Schedule
-from .cuda.launch import DF5TStep
 from .operators import BlockMean, Identity, Inpainting, SpatialOperator
 from .planes import NoiseKey, group_noise
 from .sampler import DDRM, SamplerSettings, StepPlan
@@ -34,21 +37,31 @@ class Device(Protocol):
     def upload(self, array: np.ndarray) -> Any: ...
     def download(self, buffer: Any) -> np.ndarray: ...
     def zero(self, buffer: Any) -> None: ...
+    def copy(self, destination: Any, source: Any) -> None: ...
     def pointer(self, buffer: Any) -> ctypes.c_void_p: ...
     def launch(self, name: str, *args) -> None: ...
+    def capture(self, step: Callable[[], None]) -> Callable[[], None]:
+        """A replayable recording of ``step`` (a CUDA graph), or ``step`` itself."""
 
 
-DeviceNetwork = Callable[[Any, Any, float], None]  # (tiles in, eps tiles out, t): fills eps in place
+#: (tiles in, eps tiles out, timesteps [tiles] float32): fills eps in place, on the device.
+DeviceNetwork = Callable[[Any, Any, Any], None]
 
 
 def supports(op: SpatialOperator) -> bool:
     return isinstance(op, (Identity, Inpainting)) or (isinstance(op, BlockMean) and max(op.block) <= 8)
 
 
-def step_scalars(plan: StepPlan, settings: SamplerSettings) -> DF5TStep:
-    sn = float(np.sqrt(1.0 - plan.alpha_bar_next) / np.sqrt(plan.alpha_bar_next))
-    return DF5TStep(float(np.sqrt(plan.alpha_bar)), float(np.sqrt(1.0 - plan.alpha_bar)), sn, settings.sigma0,
-                    settings.eta, settings.eta_b, float(np.sqrt(plan.alpha_bar_next)))
+def step_table(ddrm: DDRM) -> np.ndarray:
+    """The kernels' DF5TStep table [steps, 7] float32, one row per walk step: sqrt(abar),
+    sqrt(1 - abar), sn, sigma0, eta, eta_b, sqrt(abar_next)."""
+    cfg = ddrm.settings
+    rows = []
+    for plan in ddrm.timesteps:
+        sn = np.sqrt(1.0 - plan.alpha_bar_next) / np.sqrt(plan.alpha_bar_next)
+        rows.append([np.sqrt(plan.alpha_bar), np.sqrt(1.0 - plan.alpha_bar), sn, cfg.sigma0, cfg.eta, cfg.eta_b,
+                     np.sqrt(plan.alpha_bar_next)])
+    return np.ascontiguousarray(rows, dtype=np.float32)
 
 
 class DeviceSampler:
@@ -79,45 +92,65 @@ class DeviceSampler:
         self.weight = device.upload(weight)
         self.tp, self.ty, self.tx = (device.upload(np.array([j[i] for j in self.jobs], dtype=np.int32)) for i in range(3))
         self.s = device.upload(np.ascontiguousarray(self.ddrm.s, dtype=np.float32))
-
+        self.steps = device.upload(step_table(self.ddrm))
+        self.t_table = device.upload(np.array([plan.t for plan in self.ddrm.timesteps], dtype=np.float32))
+        self.t = device.empty((len(self.jobs),), np.float32)
+        self.cursor = device.upload(np.zeros(1, np.int32))  # read as u32 by the kernels
     def run(self, y: np.ndarray, network: DeviceNetwork, key: NoiseKey, samples: int,
             on_step: Callable[[StepPlan], None] | None = None):
-        """The final states, on the device [states, 3, H, W], for measurements y [G, ...] (host)."""
+        """The final states, on the device [states, 3, H, W], for measurements y [G, ...] (host).
+
+        The first step runs directly (it also warms up the network); the rest replay it as
+        captured by the device.
+        """
         d = self.device
-        h, w = self.op.shape
         ybar = self.ddrm.spectral_measurement(y)
         # the block kernel reads ybar on the measurement grid (U = I), the pointwise one per pixel
         kernel_ybar = y if isinstance(self.op, BlockMean) else ybar
-        ybar_dev = d.upload(np.ascontiguousarray(kernel_ybar, dtype=np.float32))
+        self._ybar = d.upload(np.ascontiguousarray(kernel_ybar, dtype=np.float32))
         z = group_noise(key, samples, self.op.shape, len(self.ddrm.timesteps))
-        self.x = d.upload(np.ascontiguousarray(self.ddrm.initial_state(np.repeat(ybar, samples, axis=0), z)))
-        word = key.orientation << 24
+        d.copy(self.x, d.upload(np.ascontiguousarray(self.ddrm.initial_state(np.repeat(ybar, samples, axis=0), z))))
+        d.zero(self.cursor)
+        step = functools.partial(self._step, network, key, samples)
+        replay = None
         for plan in self.ddrm.timesteps:
-            self._predict_eps(network, plan.t)
-            p = step_scalars(plan, self.settings)
-            common = (U32(self.states), U32(samples), U32(h), U32(w))
-            where = (U32(key.plane_ids[0]), U32(key.y0), U32(key.x0), U64(key.seed), U32(word | plan.index), p)
-            if isinstance(self.op, BlockMean):
-                by, bx = self.op.block
-                d.launch("df5t_ddrm_step_block", d.pointer(self.x), d.pointer(self.eps), d.pointer(ybar_dev),
-                         d.pointer(self.x_next), *common, U32(by), U32(bx), *where)
+            if replay is None:
+                step()
+                replay = d.capture(step)
             else:
-                d.launch("df5t_ddrm_step_pointwise", d.pointer(self.x), d.pointer(self.eps), d.pointer(ybar_dev),
-                         d.pointer(self.s), U64(0), d.pointer(self.x_next), *common, *where)  # s shared
-            self.x, self.x_next = self.x_next, self.x
+                replay()
             if on_step is not None:
                 on_step(plan)
         return self.x
 
-    def _predict_eps(self, network: DeviceNetwork, t: int) -> None:
+    def _step(self, network: DeviceNetwork, key: NoiseKey, samples: int) -> None:
+        """One whole step on the device, at the step the cursor points to; then the cursor moves."""
+        d = self.device
+        h, w = self.op.shape
+        self._predict_eps(network)
+        common = (U32(self.states), U32(samples), U32(h), U32(w))
+        where = (U32(key.plane_ids[0]), U32(key.y0), U32(key.x0), U64(key.seed), U32(key.orientation << 24),
+                 d.pointer(self.steps), d.pointer(self.cursor))
+        if isinstance(self.op, BlockMean):
+            by, bx = self.op.block
+            d.launch("df5t_ddrm_step_block", d.pointer(self.x), d.pointer(self.eps), d.pointer(self._ybar),
+                     d.pointer(self.x_next), *common, U32(by), U32(bx), *where)
+        else:
+            d.launch("df5t_ddrm_step_pointwise", d.pointer(self.x), d.pointer(self.eps), d.pointer(self._ybar),
+                     d.pointer(self.s), U64(0), d.pointer(self.x_next), *common, *where)  # s shared
+        d.copy(self.x, self.x_next)  # fixed buffers, so a captured step stays valid
+        d.launch("df5t_advance", d.pointer(self.cursor))
+
+    def _predict_eps(self, network: DeviceNetwork) -> None:
         d, grid = self.device, self.grid
         (pt, _), (pl, _) = grid.padding
         h, w = self.op.shape
         kind = "f16" if self.tile_dtype == np.float16 else "f32"
         n = len(self.jobs)
+        d.launch("df5t_fill_timesteps", d.pointer(self.t), d.pointer(self.t_table), d.pointer(self.cursor), U32(n))
         d.launch(f"df5t_gather_tiles_{kind}", d.pointer(self.x), d.pointer(self.tiles), d.pointer(self.tp),
                  d.pointer(self.ty), d.pointer(self.tx), U32(n), U32(h), U32(w), INT(pt), INT(pl), U32(grid.tile))
-        network(self.tiles, self.eps_tiles, float(t))
+        network(self.tiles, self.eps_tiles, self.t)
         d.zero(self.acc)
         d.launch(f"df5t_blend_tiles_{kind}", d.pointer(self.eps_tiles), d.pointer(self.wy), d.pointer(self.wx),
                  d.pointer(self.acc), d.pointer(self.tp), d.pointer(self.ty), d.pointer(self.tx), U32(n),

@@ -57,6 +57,12 @@ class EmulatedDevice:
     def zero(self, buffer):
         buffer[...] = 0
 
+    def copy(self, destination, source):
+        destination[...] = source
+
+    def capture(self, step):
+        return step  # no graphs on the CPU: replaying is calling
+
     def pointer(self, buffer):
         return ctypes.c_void_p(buffer.ctypes.data)
 

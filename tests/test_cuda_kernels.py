@@ -12,7 +12,7 @@ from kernel_emulation import EmulatedKernels, build_library
 
 from df5t_deploy import cuda
 from df5t_deploy.artifact import Schedule
-from df5t_deploy.cuda.launch import DF5TStep
+from df5t_deploy.device_loop import step_table
 from df5t_deploy.intensity import IntensityMap
 from df5t_deploy.noise import gaussian_field
 from df5t_deploy.operators import BlockMean, GaussianBlur, Identity, Inpainting
@@ -108,12 +108,9 @@ def test_normals_match_numpy(run):
 
 
 def _step_args(ddrm: DDRM, plan_index: int):
+    """The plan, and the device step table with a cursor pointing at the plan."""
     plan = list(ddrm.timesteps)[plan_index]
-    cfg = ddrm.settings
-    sn = np.sqrt(1 - plan.alpha_bar_next) / np.sqrt(plan.alpha_bar_next)
-    step = DF5TStep(np.sqrt(plan.alpha_bar), np.sqrt(1 - plan.alpha_bar), sn, cfg.sigma0, cfg.eta, cfg.eta_b,
-                np.sqrt(plan.alpha_bar_next))
-    return plan, step
+    return plan, (step_table(ddrm), np.array([plan.index], np.uint32))
 
 
 def _states(batch, shape, rng):
@@ -148,7 +145,7 @@ def test_pointwise_step_matches_numpy(run, task, plan_index):
     out = poisoned(x.shape)
     run("df5t_ddrm_step_pointwise", x, eps, ybar, s, U64(0), out, U32(groups * samples),
                                  U32(samples), U32(shape[0]), U32(shape[1]), U32(5), U32(0), U32(0), U64(seed),
-                                 U32(plan.index), step)
+                                 U32(0), *step)
     expected = _reference_step(ddrm, plan, x, eps, y, seed, samples, plane_base=5)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=2e-5 * np.abs(expected).max())
 
@@ -165,7 +162,7 @@ def test_block_step_matches_numpy(run, block):
     out = poisoned(x.shape)
     run("df5t_ddrm_step_block", x, eps, np.ascontiguousarray(y), out, U32(groups * samples),
                              U32(samples), U32(shape[0]), U32(shape[1]), U32(block[0]), U32(block[1]), U32(0),
-                             U32(0), U32(0), U64(seed), U32(plan.index), step)
+                             U32(0), U32(0), U64(seed), U32(0), *step)
     expected = _reference_step(ddrm, plan, x, eps, y, seed, samples, plane_base=0)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=2e-5 * np.abs(expected).max())
 
@@ -182,15 +179,15 @@ def test_split_update_merge_match_numpy_for_the_blur(run):
     n = shape[0] * shape[1]
     g0, ge, gz = (poisoned((1, *shape)) for _ in range(3))
     diffs = poisoned((1, 2, *shape))
-    args = (U32(1), U32(samples), U32(shape[0]), U32(shape[1]), U32(0), U32(0), U32(0), U64(seed), U32(plan.index), step)
+    args = (U32(1), U32(samples), U32(shape[0]), U32(shape[1]), U32(0), U32(0), U32(0), U64(seed), U32(0), *step)
     run("df5t_ddrm_split", x, eps, g0, ge, gz, diffs, *args)
     v0, ve, vz = (np.ascontiguousarray(op.vt(a), dtype=np.float32) for a in (g0, ge, gz))
     ybar = np.ascontiguousarray(ddrm.spectral_measurement(y), dtype=np.float32)
     run("df5t_ddrm_update", v0, ve, vz, ybar, np.ascontiguousarray(ddrm.s), U32(1), U32(samples),
-                         U64(n), step)
+                         U64(n), *step)
     grey = np.ascontiguousarray(op.v(v0), dtype=np.float32)
     out = poisoned(x.shape)
-    run("df5t_ddrm_merge", grey, diffs, out, U32(1), U64(n), step)
+    run("df5t_ddrm_merge", grey, diffs, out, U32(1), U64(n), *step)
     expected = _reference_step(ddrm, plan, x, eps, y, seed, samples, plane_base=0)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=2e-5 * np.abs(expected).max())
 
@@ -266,3 +263,12 @@ def test_doctor_reports_kernels_per_architecture():
     result = CliRunner().invoke(main, ["doctor", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["kernels"] == {arch: "ok" for arch in cuda.ARCHITECTURES}
+
+
+def test_cursor_and_timestep_table(run):
+    cursor = np.array([3], np.uint32)
+    t = poisoned((5,))
+    run("df5t_fill_timesteps", t, np.arange(10, dtype=np.float32) * 100, cursor, U32(5))
+    np.testing.assert_array_equal(t, 300.0)
+    run("df5t_advance", cursor)
+    assert cursor[0] == 4

@@ -36,13 +36,14 @@ def tile_network(x: np.ndarray, t: np.ndarray) -> np.ndarray:
     return gain * (x - x.mean(axis=(2, 3), keepdims=True)) * 0.5
 
 
-def device_network(tiles, eps_tiles, t: float) -> None:
+def device_network(tiles, eps_tiles, t) -> None:
     """tile_network on device buffers (numpy arrays or CUDA tensors), written into eps_tiles."""
     if isinstance(tiles, np.ndarray):
-        eps_tiles[...] = tile_network(tiles.astype(np.float32), np.full(len(tiles), t, np.float32))
+        eps_tiles[...] = tile_network(tiles.astype(np.float32), t)
         return
     x = tiles.float()
-    eps_tiles.copy_((0.5 * (1.0 + t / 1000.0) * (x - x.mean(dim=(2, 3), keepdim=True))).to(eps_tiles.dtype))
+    gain = 0.5 * (1.0 + t / 1000.0)[:, None, None, None]
+    eps_tiles.copy_((gain * (x - x.mean(dim=(2, 3), keepdim=True))).to(eps_tiles.dtype))
 
 
 @pytest.mark.parametrize("task", ["denoise", "inpaint", "sr"])
@@ -87,7 +88,7 @@ class EmulatedDeviceBackend:
         return self.inner(x, t)
 
     def device_network(self, tiles, eps_tiles, t):
-        eps_tiles[...] = self.inner(tiles, np.full(len(tiles), t, np.float32))
+        eps_tiles[...] = self.inner(tiles, t)
 
 
 @pytest.mark.parametrize("task, options, fused", [

@@ -60,15 +60,15 @@ class TorchBackend:
             self._device_api = TorchCudaDevice(self.device.index or 0)
         return self._device_api
 
-    def device_network(self, tiles, eps_tiles, t: float) -> None:
-        """eps for device tiles, in chunks of the batch, written into eps_tiles (no host copy)."""
+    def device_network(self, tiles, eps_tiles, t) -> None:
+        """eps for device tiles (timesteps ``t``, a device tensor), in chunks of the batch,
+        written into eps_tiles: no host copy, and capturable in a CUDA graph."""
         torch = self._torch
         batch = self.preferred_batch
         with torch.inference_mode():
-            ts = torch.full((batch,), float(t), dtype=torch.float32, device=self.device)
             for start in range(0, len(tiles), batch):
                 chunk = tiles[start : start + batch].contiguous(memory_format=torch.channels_last)
-                eps_tiles[start : start + len(chunk)] = self.network(chunk, ts[: len(chunk)]).to(eps_tiles.dtype)
+                eps_tiles[start : start + len(chunk)] = self.network(chunk, t[start : start + len(chunk)]).to(eps_tiles.dtype)
 
     def __call__(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
         torch = self._torch

@@ -15,6 +15,8 @@ SOURCE_PATH = Path(__file__).with_name("kernels.cu")
 ARCHITECTURES = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120")
 KERNELS = (
     "df5t_normals",
+    "df5t_advance",
+    "df5t_fill_timesteps",
     "df5t_ddrm_step_pointwise",
     "df5t_ddrm_step_block",
     "df5t_ddrm_split",

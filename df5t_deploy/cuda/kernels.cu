@@ -7,6 +7,9 @@
 //
 // Layouts: states are [B, 3, H, W] float32, B = group planes x samples (b = g * samples + s);
 // measurements ybar and singular values are [G, H, W] (s may be shared: stride 0).
+// Per-step scalars come from a device table indexed by a device cursor (steps[*cursor]), and
+// the noise step is the cursor itself, so one captured step (a CUDA graph) replays for every
+// step: df5t_advance moves the cursor at the end of a step.
 
 #ifndef DF5T_EMULATION
 typedef unsigned int u32;
@@ -115,14 +118,26 @@ DF5T_DEVICE void df5t_load(const float* x, const float* eps, u64 b, u64 i, u64 n
     df5t_to_basis(e, ae);
 }
 
+// The walk's step cursor: the step index of the table entry in use.
+DF5T_GLOBAL void df5t_advance(u32* cursor) {
+    DF5T_FOR_EACH(i, 1) cursor[0] += 1;
+}
+
+// t [n] = the network timestep of the current step, for every tile of the batch.
+DF5T_GLOBAL void df5t_fill_timesteps(float* t, const float* t_table, const u32* cursor, u32 n) {
+    DF5T_FOR_EACH(i, n) t[i] = t_table[cursor[0]];
+}
+
 // One DDRM step for operators whose V is the identity or a permutation (denoise, inpaint):
 // the spectral layout is the pixel grid, s and ybar are per pixel. Twin: DDRM.step with
 // operators.Identity / operators.Inpainting.
 DF5T_GLOBAL void df5t_ddrm_step_pointwise(
     const float* x, const float* eps, const float* ybar, const float* s, u64 s_stride, float* x_next,
     u32 batch, u32 samples, u32 height, u32 width, u32 plane_base, u32 y0, u32 x0,
-    u64 seed, u32 step_word, DF5TStep p) {
+    u64 seed, u32 word_base, const DF5TStep* steps, const u32* cursor) {
     const u64 n = (u64)height * width;
+    const DF5TStep p = steps[cursor[0]];
+    const u32 step_word = word_base | cursor[0];
     DF5T_FOR_EACH(k, (u64)batch * n) {
         const u64 b = k / n, i = k % n, g = b / samples, sample = b % samples;
         float a0[3], ae[3], z[3], az[3], v[3], out[3];
@@ -172,8 +187,10 @@ DF5T_DEVICE void df5t_block_dct(const float* in, float* out, int by, int bx, boo
 DF5T_GLOBAL void df5t_ddrm_step_block(
     const float* x, const float* eps, const float* ybar, float* x_next,
     u32 batch, u32 samples, u32 height, u32 width, u32 by, u32 bx, u32 plane_base, u32 y0, u32 x0,
-    u64 seed, u32 step_word, DF5TStep p) {
+    u64 seed, u32 word_base, const DF5TStep* steps, const u32* cursor) {
     const u64 n = (u64)height * width;
+    const DF5TStep p = steps[cursor[0]];
+    const u32 step_word = word_base | cursor[0];
     const u32 bw = width / bx, blocks = (height / by) * bw;
     const float s_first = 0.57735026918962576f / sqrtf((float)(by * bx));
     DF5T_FOR_EACH(k, (u64)batch * blocks) {
@@ -223,8 +240,10 @@ DF5T_GLOBAL void df5t_ddrm_step_block(
 DF5T_GLOBAL void df5t_ddrm_split(
     const float* x, const float* eps, float* g0, float* ge, float* gz, float* diffs,
     u32 batch, u32 samples, u32 height, u32 width, u32 plane_base, u32 y0, u32 x0,
-    u64 seed, u32 step_word, DF5TStep p) {
+    u64 seed, u32 word_base, const DF5TStep* steps, const u32* cursor) {
     const u64 n = (u64)height * width;
+    const DF5TStep p = steps[cursor[0]];
+    const u32 step_word = word_base | cursor[0];
     DF5T_FOR_EACH(k, (u64)batch * n) {
         const u64 b = k / n, i = k % n, g = b / samples, sample = b % samples;
         float a0[3], ae[3], z[3], az[3];
@@ -242,7 +261,9 @@ DF5T_GLOBAL void df5t_ddrm_split(
 
 // The spectral update of the grey coordinates (twin: sampler.ddrm_update), in place in v0.
 DF5T_GLOBAL void df5t_ddrm_update(float* v0, const float* ve, const float* vz, const float* ybar,
-                                  const float* s, u32 batch, u32 samples, u64 n, DF5TStep p) {
+                                  const float* s, u32 batch, u32 samples, u64 n, const DF5TStep* steps,
+                                  const u32* cursor) {
+    const DF5TStep p = steps[cursor[0]];
     DF5T_FOR_EACH(k, (u64)batch * n) {
         const u64 g = (k / n) / samples, i = k % n;
         v0[k] = df5t_update(v0[k], ve[k], ybar[g * n + i], s[i], vz[k], p);
@@ -250,7 +271,9 @@ DF5T_GLOBAL void df5t_ddrm_update(float* v0, const float* ve, const float* vz, c
 }
 
 // x_next from the (inverse-transformed) grey coordinate and the colour differences.
-DF5T_GLOBAL void df5t_ddrm_merge(const float* grey, const float* diffs, float* x_next, u32 batch, u64 n, DF5TStep p) {
+DF5T_GLOBAL void df5t_ddrm_merge(const float* grey, const float* diffs, float* x_next, u32 batch, u64 n,
+                                 const DF5TStep* steps, const u32* cursor) {
+    const DF5TStep p = steps[cursor[0]];
     DF5T_FOR_EACH(k, (u64)batch * n) {
         const u64 b = k / n, i = k % n;
         const float a[3] = {grey[k], diffs[(b * 2) * n + i], diffs[(b * 2 + 1) * n + i]};

@@ -2,7 +2,7 @@
 
 Kernels are grid-stride loops, so any grid covers any size: a launch uses a few blocks per
 multiprocessor. Arguments are ctypes objects (c_void_p for device pointers, c_uint32,
-c_uint64, c_float, c_int, or the DF5TStep structure), passed to cuLaunchKernel as an array
+c_uint64, c_float, c_int, c_double), passed to cuLaunchKernel as an array
 of their addresses.
 """
 
@@ -19,13 +19,6 @@ BLOCKS_PER_SM = 8
 
 class CudaError(RuntimeError):
     pass
-
-
-class DF5TStep(ctypes.Structure):
-    """The kernels' per-step scalars (struct DF5TStep in kernels.cu)."""
-
-    _fields_ = [(name, ctypes.c_float) for name in
-                ("sqrt_ab", "sqrt_1m_ab", "sn", "sigma0", "eta", "eta_b", "sqrt_ab_next")]
 
 
 def _check(result, what: str):

@@ -1,5 +1,6 @@
 """device_loop.Device on a GPU: PyTorch tensors as buffers, the NVRTC kernels launched on
-PyTorch's current stream, so kernels and the network are ordered without host syncs."""
+PyTorch's current stream (also while it captures a CUDA graph), so kernels and the network
+are ordered without host syncs."""
 
 from __future__ import annotations
 
@@ -34,6 +35,17 @@ class TorchCudaDevice:
     def zero(self, buffer) -> None:
         buffer.zero_()
 
+    def copy(self, destination, source) -> None:
+        destination.copy_(source)
+
+    def capture(self, step):
+        """Record ``step`` as a CUDA graph (on a side stream, as PyTorch requires) and return
+        its replay; every buffer it touches was allocated before, so replays reuse them."""
+        torch = self.torch
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        return graph.replay
     def pointer(self, buffer) -> ctypes.c_void_p:
         return ctypes.c_void_p(buffer.data_ptr())
 
