@@ -63,9 +63,6 @@ class TensorRTBackend:
         self._bytes = {"x": profile.max * 3 * tile * tile * itemsize, "t": profile.max * 4,
                        "eps": profile.max * 3 * tile * tile * itemsize}
         self._buffers = {name: _ok(cudart.cudaMalloc(size), f"cudaMalloc({name})") for name, size in self._bytes.items()}
-        for name, pointer in self._buffers.items():
-            if not self.context.set_tensor_address(name, int(pointer)):
-                raise TensorRTError(f"set_tensor_address({name}) failed")
 
     def __call__(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
         cudart = self._cudart
@@ -77,6 +74,9 @@ class TensorRTBackend:
         eps = np.empty_like(x)
         if not self.context.set_input_shape("x", x.shape) or not self.context.set_input_shape("t", t.shape):
             raise TensorRTError(f"TensorRT rejected input shapes {x.shape}, {t.shape}")
+        for name, pointer in self._buffers.items():  # device_network may have bound other tensors
+            if not self.context.set_tensor_address(name, int(pointer)):
+                raise TensorRTError(f"set_tensor_address({name}) failed")
         h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         _ok(cudart.cudaMemcpyAsync(self._buffers["x"], x.ctypes.data, x.nbytes, h2d, self.stream), "copy x")
         _ok(cudart.cudaMemcpyAsync(self._buffers["t"], t.ctypes.data, t.nbytes, h2d, self.stream), "copy t")
@@ -85,6 +85,35 @@ class TensorRTBackend:
         _ok(cudart.cudaMemcpyAsync(eps.ctypes.data, self._buffers["eps"], eps.nbytes, d2h, self.stream), "copy eps")
         _ok(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
         return eps.astype(np.float32, copy=False)
+
+    @property
+    def device_api(self):
+        """The device loop on this GPU, when PyTorch is there to hold its buffers; else None
+        (tiles then go through host copies, ``__call__``)."""
+        try:
+            from ..cuda.torch_device import TorchCudaDevice
+        except ImportError:
+            return None
+        if getattr(self, "_device_api", None) is None:
+            self._device_api = TorchCudaDevice(self.device)
+        return self._device_api
+
+    def device_network(self, tiles, eps_tiles, t) -> None:
+        """Run the engine on device tiles in place: bind the tensors' addresses chunk by chunk
+        and enqueue on PyTorch's current stream (capturable in a CUDA graph)."""
+        import torch
+
+        stream = torch.cuda.current_stream().cuda_stream
+        for start in range(0, len(tiles), self.max_batch):
+            stop = min(len(tiles), start + self.max_batch)
+            if not self.context.set_input_shape("x", tuple(tiles[start:stop].shape)) or \
+                    not self.context.set_input_shape("t", (stop - start,)):
+                raise TensorRTError(f"TensorRT rejected a batch of {stop - start} tiles")
+            for name, tensor in (("x", tiles[start:stop]), ("t", t[start:stop]), ("eps", eps_tiles[start:stop])):
+                if not self.context.set_tensor_address(name, tensor.data_ptr()):
+                    raise TensorRTError(f"set_tensor_address({name}) failed")
+            if not self.context.execute_async_v3(stream):
+                raise TensorRTError("execute_async_v3 failed")
 
     def close(self) -> None:
         for pointer in self._buffers.values():
