@@ -16,6 +16,7 @@ from .device_loop import supports as supports_device_loop
 from .files import sha256_of
 from .formats.base import Source
 from .intensity import IntensityMap, check_dtype, intensity_map_for
+from .operators import Inpainting
 from .models import default_model_path
 from .planes import (
     NoiseKey,
@@ -111,6 +112,7 @@ class Restorer:
         self.max_region = max_region
         layout((max_region, max_region), 1, tile, max_region)  # validates max_region early
         self._lock = threading.Lock()
+        self._device_samplers: dict = {}
 
     @property
     def schedule(self):
@@ -250,12 +252,23 @@ class Restorer:
         if device is None or not supports_device_loop(op):
             return restore_group(y, op, self.schedule, settings, self.denoiser, key, self.samples, tracker)
         states = len(y) * self.samples
-        tile_dtype = np.float16 if self.backend.info.precision == "fp16" else np.float32
-        sampler = DeviceSampler(device, op, self.schedule, settings, self.denoiser.grid(*op.shape), self.batch,
-                                states, tile_dtype)
+        sampler = self._device_sampler(device, op, settings, states)
         on_step = tracker.step_reporter(self.denoiser.tiles_per_call(states, *op.shape), len(sampler.ddrm.timesteps))
         final = sampler.run(y, self.backend.device_network, key, self.samples, on_step)
         return sampler.to_unit(final).reshape(len(y), self.samples, *op.shape)
+
+    def _device_sampler(self, device, op, settings: SamplerSettings, states: int) -> DeviceSampler:
+        """Device buffers are allocated once per operator shape and group size, and reused for
+        every plane; an inpainting mask is part of its operator, so those are not reused."""
+        tile_dtype = np.float16 if self.backend.info.precision == "fp16" else np.float32
+        key = (type(op).__name__, op.shape, getattr(op, "block", None), states, settings)
+        sampler = self._device_samplers.get(key)
+        if sampler is None:
+            sampler = DeviceSampler(device, op, self.schedule, settings, self.denoiser.grid(*op.shape), self.batch,
+                                    states, tile_dtype)
+            if not isinstance(op, Inpainting):
+                self._device_samplers = {key: sampler}  # one shape at a time: earlier buffers are freed
+        return sampler
 
     def provenance(self, intensity: IntensityMap, sigma0: float) -> dict:
         return {

@@ -104,8 +104,8 @@ def test_restorer_runs_the_device_loop_like_the_host_loop(tmp_path, em_dir, task
 
     device = EmulatedDevice(build_library(tmp_path))
     model = tile_mean_model(tmp_path / "mean.onnx", TILE)
-    image = tifffile.imread(em_dir / "micrograph_vemstitch-mussel_tile3_2_2_1768x2048.tif")[:40, :52]
-    image = image.astype(np.float32)
+    micrograph = tifffile.imread(em_dir / "micrograph_vemstitch-mussel_tile3_2_2_1768x2048.tif")
+    image = np.stack([micrograph[:40, :52], micrograph[100:140, :52]]).astype(np.float32)  # buffers reused
     settings = dict(sigma0=0.1, steps=5, seed=3, samples=2, batch=2, **options)
     host = Restorer(model, task, **settings).restore_full(image)
     ours = Restorer(model, task, backend=EmulatedDeviceBackend(model, device), **settings).restore_full(image)
