@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import mrcfile
 import numpy as np
 
 from .base import ImageFormatError, ImageMeta, Source, TempFileSink, check_grey
@@ -22,6 +21,8 @@ _MODES = {np.dtype(np.int8): 0, np.dtype(np.int16): 1, np.dtype(np.float32): 2, 
 
 class MrcSource(Source):
     def __init__(self, path: Path):
+        import mrcfile
+
         self.path = path
         try:
             self._mrc = mrcfile.mmap(path, mode="r", permissive=False)
@@ -55,6 +56,8 @@ class MrcSink(TempFileSink):
     def __init__(self, path, shape, dtype, meta, provenance):
         if np.dtype(dtype) not in _MODES:
             raise ImageFormatError(f"{path}: MRC cannot hold {np.dtype(dtype)} data; use uint8, uint16, int16 or float32")
+        import mrcfile
+
         super().__init__(path, shape, dtype, meta, provenance)
         self._mrc = mrcfile.new_mmap(self.tmp, shape=self.shape, mrc_mode=_MODES[self.dtype], overwrite=True)
         if self.dtype == np.uint8:
