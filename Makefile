@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SHARED ?= ../shared
 
-.PHONY: demo test clean
+.PHONY: demo test clean gpu-check
 DEMO_OUT ?= demo-output/mussel_nuclei_denoised.tif
 
 # The main job on a fresh machine: the runtime alone (no PyTorch), then the bundled real EM
@@ -31,3 +31,12 @@ test: $(VENV)/.test-installed
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Everything that needs a GPU, in one command, on a machine with one (README, "GPUs"):
+# the GPU tests, the kernels' GPU tests again under compute-sanitizer's memcheck, and the
+# GPU benchmark. Uses the machine's own Python (the GPU test machine is offline).
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) -m pytest -m gpu -rs -q
+	compute-sanitizer --tool memcheck --error-exitcode 1 $(GPU_PYTHON) -m pytest -m gpu -q -k gpu tests/test_cuda_kernels.py
+	$(GPU_PYTHON) benchmarks/gpu_throughput.py
