@@ -158,12 +158,14 @@ class Restorer:
 
     def restore_source(
         self, source: Source, emit: Emit, intensity: IntensityMap, progress: ProgressCallback | None = None,
-        start: int = 0, settings: SamplerSettings | None = None,
+        planes: range | None = None, settings: SamplerSettings | None = None,
     ) -> float:
-        """Restore ``source`` plane by plane, emitting output planes from ``start`` on, in order.
+        """Restore ``source`` plane by plane, emitting output planes in order.
 
-        Returns the sigma0 used. Memory is bounded by a group of planes (or, for isotropic
-        restoration, by a slab of the volume), whatever the stack's length.
+        ``planes`` (2D tasks): the consecutive planes to restore, all by default; their noise
+        is that of their place in the whole stack. Returns the sigma0 used. Memory is bounded
+        by a group of planes (or, for isotropic restoration, by a slab of the volume),
+        whatever the stack's length.
         """
         with self._lock:
             settings = settings or self.settings_for(source, intensity)
@@ -172,7 +174,8 @@ class Restorer:
 
                 restore_isotropic(self, source, intensity, settings, emit, progress)
             else:
-                self._restore_stack(source, intensity, settings, emit, progress, start)
+                planes = range(source.planes) if planes is None else planes
+                self._restore_stack(source, intensity, settings, emit, progress, planes)
         return settings.sigma0
 
     def settings_for(self, source: Source, intensity: IntensityMap) -> SamplerSettings:
@@ -198,10 +201,9 @@ class Restorer:
     def _regions(self, measurement_shape: tuple[int, int]):
         return layout(measurement_shape, self.options.factor, self.backend.info.tile, self.max_region)
 
-    def _restore_stack(self, source, intensity, settings, emit, progress, start) -> None:
+    def _restore_stack(self, source, intensity, settings, emit, progress, planes: range) -> None:
         grid = self.options.grid_shape(source.shape[-2:])
         regions = self._regions(source.shape[-2:])
-        planes = range(start, source.planes)
         f = self.options.factor
         cost = sum(tiles_per_plane(self.denoiser, (r.height * f, r.width * f), self.samples, self.steps, self.schedule)
                    for r in regions)

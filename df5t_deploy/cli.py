@@ -96,7 +96,8 @@ _restore_options = _options(
     click.option("--samples", type=int, default=1, show_default=True, help="Posterior samples averaged."),
     click.option("--backend", type=click.Choice(["auto", "tensorrt", "onnxruntime", "torch"]), default="auto",
                  show_default=True, help="auto: TensorRT, onnxruntime-gpu, PyTorch CUDA, then onnxruntime CPU."),
-    click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N]."),
+    click.option("--device", default="cpu", show_default=True,
+                 help="cpu, cuda[:N], or several GPUs (cuda:0,1) that share the planes of a stack."),
     click.option("--threads", type=int, default=None, help="CPU threads. Default: all cores."),
     click.option("--quiet", is_flag=True, help="No progress bar."),
 )
@@ -157,14 +158,18 @@ def restore_command(input_path, output, task, sigma0, noise_std, seed, scale, bl
         _require_distinct(input_path, uncertainty)
     started = time.perf_counter()
     try:
-        restorer = Restorer(
-            model, task, sigma0=sigma0, noise_std=noise_std, steps=steps, eta=eta, eta_b=eta_b, seed=seed,
-            scale=scale, blur_sigma=blur_sigma, mask=_read_mask(mask), min_hole=min_hole, z_factor=z_factor,
-            overlap=overlap, batch=batch, max_region=max_region, samples=samples, backend=backend, device=device,
-            threads=threads, report=None if quiet else lambda message: click.echo(message, err=True),
-        )
+        restorers = [
+            Restorer(
+                model, task, sigma0=sigma0, noise_std=noise_std, steps=steps, eta=eta, eta_b=eta_b, seed=seed,
+                scale=scale, blur_sigma=blur_sigma, mask=_read_mask(mask), min_hole=min_hole, z_factor=z_factor,
+                overlap=overlap, batch=batch, max_region=max_region, samples=samples, backend=backend, device=one,
+                threads=threads, report=None if quiet else lambda message: click.echo(message, err=True),
+            )
+            for one in parse_devices(device)
+        ]
+        restorer = restorers[0]
         with _ProgressBar(quiet) as bar:
-            result = restore_file(restorer, input_path, output, uncertainty_path=uncertainty, resume=resume,
+            result = restore_file(restorers, input_path, output, uncertainty_path=uncertainty, resume=resume,
                                   progress=bar.update)
     except _user_errors() as err:
         raise click.ClickException(str(err)) from None
@@ -178,6 +183,16 @@ def restore_command(input_path, output, task, sigma0, noise_std, seed, scale, bl
         click.echo(f"sigma0 auto: estimated noise std {restorer.estimated_noise_std:.4g} (input units) "
                    f"-> sigma0 {result.sigma0:.4g} on the [-1,1] scale")
     click.echo(f"wrote {output}" + (f" and {uncertainty}" if uncertainty else ""))
+
+
+def parse_devices(text: str) -> list[str]:
+    """"cpu" -> ["cpu"]; "cuda:0,1" -> ["cuda:0", "cuda:1"]; "cuda" -> ["cuda"]."""
+    if text.startswith("cuda:") and "," in text:
+        indices = text[len("cuda:"):].split(",")
+        if not all(i.strip().isdigit() for i in indices) or len(set(indices)) != len(indices):
+            raise click.BadParameter(f"{text!r}: list distinct GPU indices, e.g. cuda:0,1", param_hint="--device")
+        return [f"cuda:{i.strip()}" for i in indices]
+    return [text]
 
 
 class _ProgressBar:

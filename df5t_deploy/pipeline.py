@@ -1,16 +1,28 @@
-"""File to file: read planes, restore, write planes, with bounded memory and atomic outputs."""
+"""File to file: read planes, restore, write planes, with bounded memory and atomic outputs.
+
+With several restorers (one per GPU), the planes of a stack are shared out in runs of
+consecutive planes: each worker reads its runs from its own handle on the input, and the
+results are written in plane order as they arrive. Every plane draws the noise of its place
+in the stack, so the result is the same whatever the number of workers.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import queue
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .api import Restorer, intensity_map_for_source, mean_and_std
+from .api import Emit, Restorer, intensity_map_for_source, mean_and_std
 from .formats import check_writable, create_sink, open_source
-from .planes import ProgressCallback
+from .planes import Progress, ProgressCallback
+
+#: Runs of planes in flight per worker, so memory stays bounded when one worker lags.
+RUNS_IN_FLIGHT_PER_WORKER = 2
 
 
 @dataclass(frozen=True)
@@ -23,7 +35,7 @@ class FileResult:
 
 
 def restore_file(
-    restorer: Restorer,
+    restorer: Restorer | Sequence[Restorer],
     input_path: str | Path,
     output_path: str | Path,
     *,
@@ -36,25 +48,26 @@ def restore_file(
     Outputs appear only when complete; on any error or Ctrl-C they are removed (a zarr
     output is kept hidden for ``resume``).
     """
-    if resume and (restorer.options.task == "isotropic" or uncertainty_path is not None):
+    restorers = [restorer] if isinstance(restorer, Restorer) else list(restorer)
+    first = restorers[0]
+    if resume and (first.options.task == "isotropic" or uncertainty_path is not None):
         raise ValueError("--resume continues 2D restorations into zarr, without --uncertainty")
     with open_source(input_path) as source:
-        out_shape = restorer.output_shape(source)
+        out_shape = first.output_shape(source)
         check_writable(output_path, source.dtype, len(out_shape))
         if uncertainty_path is not None:
-            if restorer.samples < 2:
+            if first.samples < 2:
                 raise ValueError("--uncertainty needs --samples 2 or more (it is the std over samples)")
             check_writable(uncertainty_path, np.float32, len(out_shape))
         intensity = intensity_map_for_source(source)
-        settings = restorer.settings_for(source, intensity)
-        sigma0 = settings.sigma0
-        provenance = restorer.provenance(intensity, sigma0)
-        meta = _output_meta(restorer, source)
+        settings = first.settings_for(source, intensity)
+        provenance = first.provenance(intensity, settings.sigma0) | {"devices": len(restorers)}
+        meta = _output_meta(first, source)
         with contextlib.ExitStack() as stack:
             sink = stack.enter_context(create_sink(output_path, out_shape, source.dtype, meta, provenance, resume=resume))
             std_sink = None
             if uncertainty_path is not None:
-                std_meta = {**provenance, "quantity": f"per-pixel std over {restorer.samples} samples, input units"}
+                std_meta = {**provenance, "quantity": f"per-pixel std over {first.samples} samples, input units"}
                 std_sink = stack.enter_context(create_sink(uncertainty_path, out_shape, np.float32, meta, std_meta))
 
             def emit(z: int, unit: np.ndarray) -> None:
@@ -63,8 +76,104 @@ def restore_file(
                 if std_sink is not None:
                     std_sink.write_plane(std)
 
-            restorer.restore_source(source, emit, intensity, progress, start=sink.written, settings=settings)
-    return FileResult(source.shape, out_shape, source.dtype, sigma0, provenance)
+            planes = range(sink.written, source.planes)
+            if len(restorers) == 1 or first.options.task == "isotropic" or len(planes) < 2:
+                first.restore_source(source, emit, intensity, progress, planes=planes, settings=settings)
+            else:
+                _restore_in_parallel(restorers, Path(input_path), planes, emit, intensity, settings, progress)
+    return FileResult(source.shape, out_shape, source.dtype, settings.sigma0, provenance)
+
+
+def _restore_in_parallel(restorers, input_path: Path, planes: range, emit: Emit, intensity, settings,
+                         progress: ProgressCallback | None) -> None:
+    run = max(1, min(r.group_size(r.options.grid_shape(_plane_shape(input_path))) for r in restorers))
+    runs = [planes[i : i + run] for i in range(0, len(planes), run)]
+    todo: queue.Queue = queue.Queue()
+    for item in runs:
+        todo.put(item)
+    done: dict[int, np.ndarray] = {}
+    ready = threading.Condition()
+    slots = threading.Semaphore(RUNS_IN_FLIGHT_PER_WORKER * len(restorers))
+    failure: list[BaseException] = []
+    combined = _CombinedProgress(progress, len(planes))
+
+    def work(restorer: Restorer, worker: int) -> None:
+        try:
+            with open_source(input_path) as source:
+                while not failure:
+                    try:
+                        item = todo.get_nowait()
+                    except queue.Empty:
+                        return
+                    while not slots.acquire(timeout=0.1):
+                        if failure:
+                            return
+
+                    def collect(z: int, unit: np.ndarray) -> None:
+                        with ready:
+                            done[z] = unit
+                            ready.notify_all()
+
+                    restorer.restore_source(source, collect, intensity, combined.for_worker(worker),
+                                            planes=item, settings=settings)
+        except BaseException as err:  # handed to the writing thread
+            with ready:
+                failure.append(err)
+                ready.notify_all()
+
+    threads = [threading.Thread(target=work, args=(r, i), name=f"df5t-device-{i}", daemon=True)
+               for i, r in enumerate(restorers)]
+    for thread in threads:
+        thread.start()
+    for z in planes:
+        with ready:
+            ready.wait_for(lambda: z in done or failure)
+            if failure:
+                raise failure[0]
+            unit = done.pop(z)
+        emit(z, unit)
+        if z + 1 == planes.stop or (z + 1 - planes.start) % run == 0:
+            slots.release()
+    for thread in threads:
+        thread.join()
+
+
+def _plane_shape(path: Path) -> tuple[int, int]:
+    with open_source(path) as source:
+        return source.shape[-2:]
+
+
+class _CombinedProgress:
+    """One progress stream from several workers: tiles and planes summed over workers."""
+
+    def __init__(self, callback: ProgressCallback | None, planes_total: int):
+        self.callback, self.planes_total = callback, planes_total
+        self.lock = threading.Lock()
+        self.latest: dict[int, Progress] = {}
+        self.finished = [0, 0, 0]  # tiles, planes, pixels of runs already done
+
+    def for_worker(self, worker: int) -> ProgressCallback | None:
+        """The callback for ``worker``'s next run; its previous run counts as finished."""
+        if self.callback is None:
+            return None
+        with self.lock:
+            previous = self.latest.pop(worker, None)
+            if previous is not None:
+                self.finished = [self.finished[0] + previous.tiles_done, self.finished[1] + previous.planes_done,
+                                 self.finished[2] + previous.pixels_done]
+
+        def report(event: Progress):
+            with self.lock:
+                self.latest[worker] = event
+                tiles = self.finished[0] + sum(e.tiles_done for e in self.latest.values())
+                per_plane = event.tiles_total / max(1, event.planes_total)
+                combined = Progress(tiles, int(per_plane * self.planes_total),
+                                    self.finished[1] + sum(e.planes_done for e in self.latest.values()),
+                                    self.planes_total, event.step, event.steps,
+                                    self.finished[2] + sum(e.pixels_done for e in self.latest.values()))
+            return self.callback(combined)
+
+        return report
 
 
 def _output_meta(restorer: Restorer, source):

@@ -161,3 +161,19 @@ def test_interrupted_zarr_output_resumes_to_the_same_result(tmp_path, flyem):
     np.testing.assert_array_equal(resumed, read_image(tmp_path / "whole.tif")[0])
     assert meta.voxel_size_nm == (10.0, 10.0, 10.0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif", "mean.onnx", "out.zarr", "whole.tif"]
+
+
+def test_several_workers_share_a_stack_with_the_same_result(tmp_path, flyem):
+    """One Restorer per device; here two CPU ones stand in for two GPUs."""
+    from df5t_deploy.cli import parse_devices
+    from df5t_deploy.pipeline import restore_file
+
+    model = tile_mean_model(tmp_path / "mean.onnx", 32)
+    write_image(tmp_path / "in.tif", flyem[:7, :32, :40], ImageMeta("ZYX", (10.0, 10.0, 10.0)))
+    events = []
+    workers = [Restorer(model, sigma0=0.1, steps=3, seed=4, threads=1) for _ in range(2)]
+    restore_file(workers, tmp_path / "in.tif", tmp_path / "two.tif", progress=events.append)
+    restore_file(Restorer(model, sigma0=0.1, steps=3, seed=4), tmp_path / "in.tif", tmp_path / "one.tif")
+    np.testing.assert_array_equal(read_image(tmp_path / "two.tif")[0], read_image(tmp_path / "one.tif")[0])
+    assert events[-1].planes_done == events[-1].planes_total == 7
+    assert parse_devices("cuda:0,1") == ["cuda:0", "cuda:1"] and parse_devices("cpu") == ["cpu"]
