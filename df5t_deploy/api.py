@@ -16,8 +16,8 @@ from .device_loop import supports as supports_device_loop
 from .files import sha256_of
 from .formats.base import Source
 from .intensity import IntensityMap, check_dtype, intensity_map_for
-from .operators import Inpainting
 from .models import default_model_path
+from .operators import Inpainting
 from .planes import (
     NoiseKey,
     ProgressCallback,

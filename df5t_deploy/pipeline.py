@@ -127,7 +127,7 @@ def _restore_in_parallel(restorers, input_path: Path, planes: range, emit: Emit,
         thread.start()
     for z in planes:
         with ready:
-            ready.wait_for(lambda: z in done or failure)
+            ready.wait_for(lambda z=z: z in done or failure)
             if failure:
                 raise failure[0]
             unit = done.pop(z)
