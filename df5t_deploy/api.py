@@ -82,6 +82,7 @@ class Restorer:
         device: str = "cpu",
         threads: int | None = None,
         report: Callable[[str], None] | None = None,
+        gpu_memory_gb: float | None = None,
     ):
         self.options = TaskOptions(
             task, scale=scale, blur_sigma=parse_blur_sigma(blur_sigma), mask=mask,
@@ -100,6 +101,8 @@ class Restorer:
         self.sigma0, self.noise_std = sigma0, noise_std
         self.steps, self.eta, self.eta_b, self.seed, self.samples = steps, eta, eta_b, seed, samples
         self.model_path = Path(model) if model is not None else default_model_path()
+        if gpu_memory_gb is not None:
+            cap_gpu_memory(device, gpu_memory_gb)
         if isinstance(backend, str):
             backend = open_backend(backend, self.model_path, device=device, threads=threads, report=report)
         self.backend: Backend = backend
@@ -293,6 +296,23 @@ class Restorer:
             "max_region": self.max_region,
             "intensity_map": intensity.to_dict(),
         }
+
+
+def cap_gpu_memory(device: str, gigabytes: float) -> None:
+    """Cap what this process takes through PyTorch's allocator on ``device`` (the device
+    loop's buffers and a PyTorch network live there); TensorRT's workspace and onnxruntime's
+    CUDA arena have their own limits."""
+    if not device.startswith("cuda"):
+        raise ValueError("--gpu-memory applies to --device cuda[:N]")
+    try:
+        import torch
+    except ImportError:
+        raise ValueError("--gpu-memory caps PyTorch's CUDA allocator; PyTorch is not installed") from None
+    index = int(device.partition(":")[2] or 0)
+    total = torch.cuda.get_device_properties(index).total_memory
+    if not 0 < gigabytes * 2**30 <= total:
+        raise ValueError(f"--gpu-memory must be in (0, {total / 2**30:.1f}] GB for {device}")
+    torch.cuda.set_per_process_memory_fraction(gigabytes * 2**30 / total, index)
 
 
 def _sigma0_rule(sigma0, noise_std) -> str:

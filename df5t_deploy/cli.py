@@ -99,6 +99,8 @@ _restore_options = _options(
     click.option("--device", default="cpu", show_default=True,
                  help="cpu, cuda[:N], or several GPUs (cuda:0,1) that share the planes of a stack."),
     click.option("--threads", type=int, default=None, help="CPU threads. Default: all cores."),
+    click.option("--gpu-memory", type=float, default=None,
+                 help="GB of GPU memory this process may take through PyTorch (per GPU)."),
     click.option("--quiet", is_flag=True, help="No progress bar."),
 )
 
@@ -148,7 +150,7 @@ def _read_mask(mask: str | None):
 @click.option("--resume", is_flag=True, help="Continue an interrupted zarr output.")
 def restore_command(input_path, output, task, sigma0, noise_std, seed, scale, blur_sigma, mask, min_hole,
                     z_factor, model, steps, eta, eta_b, overlap, batch, max_region, samples, backend, device, threads,
-                    quiet, uncertainty, resume):
+                    gpu_memory, quiet, uncertainty, resume):
     """Restore an EM image, stack or volume with DDRM and a DF5T model."""
     from .api import Restorer
     from .pipeline import restore_file
@@ -164,6 +166,7 @@ def restore_command(input_path, output, task, sigma0, noise_std, seed, scale, bl
                 scale=scale, blur_sigma=blur_sigma, mask=_read_mask(mask), min_hole=min_hole, z_factor=z_factor,
                 overlap=overlap, batch=batch, max_region=max_region, samples=samples, backend=backend, device=one,
                 threads=threads, report=None if quiet else lambda message: click.echo(message, err=True),
+                gpu_memory_gb=gpu_memory,
             )
             for one in parse_devices(device)
         ]

@@ -258,3 +258,9 @@ def test_fp16_artifact_restores_like_fp32(tmp_path, fixtures_dir, em_crop):
     assert runs["fp16"].provenance["model_info"]["precision"] == "fp16"
     scale = runs["fp32"].intensity.high - runs["fp32"].intensity.low
     assert np.abs(runs["fp16"].image - runs["fp32"].image).mean() / scale < 0.01
+
+
+def test_gpu_memory_cap_needs_a_gpu_device(workdir, models):
+    code, output = cli("restore", workdir / "in.tif", "-o", workdir / "o.tif", "--model", models["mean"],
+                       "--sigma0", "0.1", "--gpu-memory", "4")
+    assert code != 0 and "--gpu-memory applies to --device cuda" in output
