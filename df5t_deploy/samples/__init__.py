@@ -19,7 +19,3 @@ def sample_path(name: str = DEFAULT_SAMPLE) -> Path:
     if name not in SAMPLES:
         raise ValueError(f"unknown sample {name!r}; available: {', '.join(SAMPLES)}")
     return Path(__file__).with_name(SAMPLES[name])
-
-
-if __name__ == "__main__":
-    print(sample_path())
