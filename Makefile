@@ -15,6 +15,7 @@ $(VENV)/.demo-installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.demo-installed
+	mkdir -p $(dir $(DEMO_OUT))
 	$(VENV)/bin/df5t restore "$$($(PY) -m df5t_deploy.samples)" -o $(DEMO_OUT) --sigma0 auto
 
 # The runtime needs no PyTorch; tests also exercise export, so they install the CPU build
