@@ -210,7 +210,7 @@ class Restorer:
         f = self.options.factor
         cost = sum(tiles_per_plane(self.denoiser, (r.height * f, r.width * f), self.samples, self.steps, self.schedule)
                    for r in regions)
-        tracker = ProgressTracker(progress, cost * len(planes), len(planes))
+        tracker = ProgressTracker(progress, cost * len(planes), len(planes), len(planes) * grid[0] * grid[1])
         tracker.report()
         group = self.group_size((regions[0].height * f, regions[0].width * f))
         for first, block in prefetch(source, planes, group):

@@ -221,10 +221,11 @@ class _ProgressBar:
 
             self.bar = tqdm(total=event.tiles_total, unit="tile", desc="restoring", leave=False, dynamic_ncols=True)
         self.bar.n = event.tiles_done
-        rate = event.pixels_done / 1e6 / max(time.perf_counter() - self.started, 1e-9)
-        self.bar.set_postfix_str(
-            f"planes {event.planes_done}/{event.planes_total} step {event.step}/{event.steps} {rate:.3f} MPix/s"
-        )
+        # output pixels' worth of work done per second, counted in tiles for a live figure
+        done = event.pixels_total * event.tiles_done / max(1, event.tiles_total)
+        rate = done / 1e6 / max(time.perf_counter() - self.started, 1e-9)
+        step = f" step {event.step}/{event.steps}" if event.steps else ""
+        self.bar.set_postfix_str(f"planes {event.planes_done}/{event.planes_total}{step} {rate:.3f} MPix/s")
         self.bar.refresh()
 
 

@@ -166,11 +166,12 @@ class _CombinedProgress:
             with self.lock:
                 self.latest[worker] = event
                 tiles = self.finished[0] + sum(e.tiles_done for e in self.latest.values())
-                per_plane = event.tiles_total / max(1, event.planes_total)
-                combined = Progress(tiles, int(per_plane * self.planes_total),
+                scale = self.planes_total / max(1, event.planes_total)
+                combined = Progress(tiles, round(event.tiles_total * scale),
                                     self.finished[1] + sum(e.planes_done for e in self.latest.values()),
                                     self.planes_total, event.step, event.steps,
-                                    self.finished[2] + sum(e.pixels_done for e in self.latest.values()))
+                                    self.finished[2] + sum(e.pixels_done for e in self.latest.values()),
+                                    round(event.pixels_total * scale))
             return self.callback(combined)
 
         return report

@@ -32,6 +32,7 @@ class Progress:
     step: int  # sampler steps finished in the current group of planes
     steps: int
     pixels_done: int  # output pixels finished so far
+    pixels_total: int
 
 
 ProgressCallback = Callable[[Progress], "bool | None"]  # return False to cancel
@@ -40,14 +41,16 @@ ProgressCallback = Callable[[Progress], "bool | None"]  # return False to cancel
 class ProgressTracker:
     """Counts tiles over a whole job and lets the callback cancel it."""
 
-    def __init__(self, callback: ProgressCallback | None, tiles_total: int, planes_total: int):
+    def __init__(self, callback: ProgressCallback | None, tiles_total: int, planes_total: int, pixels_total: int):
         self.callback, self.tiles_total, self.planes_total = callback, tiles_total, planes_total
+        self.pixels_total = pixels_total
         self.tiles_done = self.planes_done = self.pixels_done = 0
 
     def report(self, step: int = 0, steps: int = 0) -> None:
         if self.callback is None:
             return
-        event = Progress(self.tiles_done, self.tiles_total, self.planes_done, self.planes_total, step, steps, self.pixels_done)
+        event = Progress(self.tiles_done, self.tiles_total, self.planes_done, self.planes_total, step, steps,
+                         self.pixels_done, self.pixels_total)
         if self.callback(event) is False:
             raise RestorationCancelled("restoration cancelled by the progress callback")
 

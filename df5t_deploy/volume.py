@@ -62,7 +62,7 @@ def restore_isotropic(
     samples = restorer.samples
     cost_xz = tiles_per_plane(restorer.denoiser, (z * k, nx), samples, restorer.steps, restorer.schedule)
     cost_yz = tiles_per_plane(restorer.denoiser, (z * k, ny), samples, restorer.steps, restorer.schedule)
-    tracker = ProgressTracker(progress, ny * cost_xz + nx * cost_yz, ny + nx)
+    tracker = ProgressTracker(progress, ny * cost_xz + nx * cost_yz, ny + nx, 2 * z * k * ny * nx)
     tracker.report()
     with tempfile.TemporaryDirectory(prefix="df5t-isotropic-") as scratch:
         fused = np.lib.format.open_memmap(Path(scratch) / "fused.npy", mode="w+", dtype=np.float32,
