@@ -61,7 +61,7 @@ def test_device_loop_equals_host_loop(device, task):
     schedule = Schedule(1000)
     denoiser = BlendedDenoiser(tile_network, TILE, 4, batch=3)
     key = NoiseKey(seed, 0, range(7, 7 + groups))
-    host = restore_group(y, op, schedule, settings, denoiser, key, samples, ProgressTracker(None, 0, 0))
+    host = restore_group(y, op, schedule, settings, denoiser, key, samples, ProgressTracker(None, 0, 0, 0))
 
     if isinstance(device, EmulatedDevice):
         device.launches.clear()
