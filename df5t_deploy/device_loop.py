@@ -10,8 +10,9 @@ before the loop. A step reads its scalars, its network timestep and its noise co
 device tables at a device cursor that the step itself advances, so the same captured step
 is valid for every step of the walk.
 
-Supported operators: those with a fused step kernel, i.e. identity/permutation (denoise,
-inpaint) and block means (sr, along-z). Other operators use the host loop (``planes``).
+Supported operators: identity/permutation (denoise, inpaint) and block means (sr, along-z)
+with a fused step kernel each, and the blur (split, DCTs as matrix products, spectral
+update, inverse DCTs, merge).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .artifact import Schedule
-from .operators import BlockMean, Identity, Inpainting, SpatialOperator
+from .operators import BlockMean, GaussianBlur, Identity, Inpainting, SpatialOperator
 from .planes import NoiseKey, group_noise
 from .sampler import DDRM, SamplerSettings, StepPlan
 from .tiling import TileGrid
@@ -43,13 +44,24 @@ class Device(Protocol):
     def capture(self, step: Callable[[], None]) -> Callable[[], None]:
         """A replayable recording of ``step`` (a CUDA graph), or ``step`` itself."""
 
+    def transform(self, out: Any, a: Any, left: Any, right: Any) -> None:
+        """out[b] = left @ a[b] @ right^T for every b (a separable 2D transform; cuBLAS on a GPU)."""
+
 
 #: (tiles in, eps tiles out, timesteps [tiles] float32): fills eps in place, on the device.
 DeviceNetwork = Callable[[Any, Any, Any], None]
 
 
 def supports(op: SpatialOperator) -> bool:
-    return isinstance(op, (Identity, Inpainting)) or (isinstance(op, BlockMean) and max(op.block) <= 8)
+    return isinstance(op, (Identity, Inpainting, GaussianBlur)) or (isinstance(op, BlockMean) and max(op.block) <= 8)
+
+
+def dct_matrix(n: int) -> np.ndarray:
+    """The orthonormal DCT-II matrix (scipy.fft.dct(norm="ortho") as a matrix)."""
+    k, j = np.arange(n)[:, None], np.arange(n)[None, :]
+    d = np.sqrt(2.0 / n) * np.cos(np.pi * (2 * j + 1) * k / (2 * n))
+    d[0] /= np.sqrt(2.0)
+    return d.astype(np.float32)
 
 
 def step_table(ddrm: DDRM) -> np.ndarray:
@@ -92,6 +104,11 @@ class DeviceSampler:
         self.weight = device.upload(weight)
         self.tp, self.ty, self.tx = (device.upload(np.array([j[i] for j in self.jobs], dtype=np.int32)) for i in range(3))
         self.s = device.upload(np.ascontiguousarray(self.ddrm.s, dtype=np.float32))
+        if isinstance(op, GaussianBlur):  # the blur's V: DCTs by matrix products, between kernels
+            self.dct_y, self.dct_x = (device.upload(dct_matrix(n)) for n in op.shape)
+            self.idct_y, self.idct_x = (device.upload(np.ascontiguousarray(dct_matrix(n).T)) for n in op.shape)
+            self.grey = [device.empty((states, h, w), np.float32) for _ in range(4)]
+            self.diffs = device.empty((states, 2, h, w), np.float32)
         self.steps = device.upload(step_table(self.ddrm))
         self.t_table = device.upload(np.array([plan.t for plan in self.ddrm.timesteps], dtype=np.float32))
         self.t = device.empty((len(self.jobs),), np.float32)
@@ -135,11 +152,30 @@ class DeviceSampler:
             by, bx = self.op.block
             d.launch("df5t_ddrm_step_block", d.pointer(self.x), d.pointer(self.eps), d.pointer(self._ybar),
                      d.pointer(self.x_next), *common, U32(by), U32(bx), *where)
+        elif isinstance(self.op, GaussianBlur):
+            self._blur_step(common, where)
         else:
             d.launch("df5t_ddrm_step_pointwise", d.pointer(self.x), d.pointer(self.eps), d.pointer(self._ybar),
                      d.pointer(self.s), U64(0), d.pointer(self.x_next), *common, *where)  # s shared
         d.copy(self.x, self.x_next)  # fixed buffers, so a captured step stays valid
         d.launch("df5t_advance", d.pointer(self.cursor))
+
+    def _blur_step(self, common: tuple, where: tuple) -> None:
+        """split (x0, eps, noise to grey coordinates; colour differences updated), V^T by DCTs,
+        the spectral update, V by inverse DCTs, merge. Twin: DDRM.step with GaussianBlur."""
+        d = self.device
+        g0, ge, gz, spectral = self.grey
+        h, w = self.op.shape
+        d.launch("df5t_ddrm_split", d.pointer(self.x), d.pointer(self.eps), d.pointer(g0), d.pointer(ge),
+                 d.pointer(gz), d.pointer(self.diffs), *common, *where)
+        d.transform(spectral, g0, self.dct_y, self.dct_x)
+        d.transform(g0, ge, self.dct_y, self.dct_x)
+        d.transform(ge, gz, self.dct_y, self.dct_x)  # v0 in spectral, ve in g0, vz in ge
+        d.launch("df5t_ddrm_update", d.pointer(spectral), d.pointer(g0), d.pointer(ge), d.pointer(self._ybar),
+                 d.pointer(self.s), common[0], common[1], U64(h * w), *where[-2:])
+        d.transform(gz, spectral, self.idct_y, self.idct_x)
+        d.launch("df5t_ddrm_merge", d.pointer(gz), d.pointer(self.diffs), d.pointer(self.x_next), common[0],
+                 U64(h * w), *where[-2:])
 
     def _predict_eps(self, network: DeviceNetwork) -> None:
         d, grid = self.device, self.grid

@@ -63,6 +63,9 @@ class EmulatedDevice:
     def capture(self, step):
         return step  # no graphs on the CPU: replaying is calling
 
+    def transform(self, out, a, left, right):
+        out[...] = left @ a @ right.T
+
     def pointer(self, buffer):
         return ctypes.c_void_p(buffer.ctypes.data)
 

@@ -38,6 +38,9 @@ class TorchCudaDevice:
     def copy(self, destination, source) -> None:
         destination.copy_(source)
 
+    def transform(self, out, a, left, right) -> None:
+        out.copy_(self.torch.matmul(self.torch.matmul(left, a), right.T))
+
     def capture(self, step):
         """Record ``step`` as a CUDA graph (on a side stream, as PyTorch requires) and return
         its replay; every buffer it touches was allocated before, so replays reuse them."""
