@@ -15,7 +15,7 @@ import numpy as np
 from .artifact import Schedule
 from .noise import gaussian_field
 from .operators import SpatialOperator
-from .sampler import DDRM, SamplerSettings, StepPlan, run_ddrm, state_to_image
+from .sampler import DDRM, SamplerSettings, StepPlan, Timesteps, run_ddrm, state_to_image
 from .tiling import BlendedDenoiser
 
 
@@ -109,8 +109,8 @@ def group_noise(key: NoiseKey, samples: int, shape: tuple[int, int], step: int) 
     ])
 
 
-def tiles_per_plane(denoiser: BlendedDenoiser, shape: tuple[int, int], samples: int, steps: int, schedule: Schedule) -> int:
+def tiles_per_plane(
+    denoiser: BlendedDenoiser, shape: tuple[int, int], samples: int, steps: int, schedule: Schedule
+) -> int:
     """Network tiles one plane costs (for progress totals)."""
-    from .sampler import Timesteps
-
     return denoiser.tiles_per_call(samples, *shape) * len(Timesteps(schedule, steps))
