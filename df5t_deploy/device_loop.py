@@ -5,8 +5,8 @@ The loop is written against a small ``Device`` interface (allocate, upload, down
 copy, launch a kernel by name, capture), so the very same code runs on a GPU
 (``TorchCudaDevice``: PyTorch tensors and the NVRTC-built kernels on PyTorch's current
 stream) and, in the tests, on the CPU (numpy arrays and the kernels compiled by g++ through
-the grid-emulation header). Only the initial value (one V transform) is computed on the host,
-before the loop. A step reads its scalars, its network timestep and its noise counter from
+the grid-emulation header). Even the initial value is computed on the device (as a step,
+see ``step_table``), so no noise is drawn on the host. A step reads its scalars, its network timestep and its noise counter from
 device tables at a device cursor that the step itself advances, so the same captured step
 is valid for every step of the walk.
 
@@ -26,7 +26,7 @@ import numpy as np
 
 from .artifact import Schedule
 from .operators import BlockMean, GaussianBlur, Identity, Inpainting, SpatialOperator
-from .planes import NoiseKey, group_noise
+from .planes import NoiseKey
 from .sampler import DDRM, SamplerSettings, StepPlan
 from .tiling import TileGrid
 
@@ -65,14 +65,21 @@ def dct_matrix(n: int) -> np.ndarray:
 
 
 def step_table(ddrm: DDRM) -> np.ndarray:
-    """The kernels' DF5TStep table [steps, 7] float32, one row per walk step: sqrt(abar),
-    sqrt(1 - abar), sn, sigma0, eta, eta_b, sqrt(abar_next)."""
+    """The kernels' DF5TStep table [steps + 1, 7] float32: sqrt(abar), sqrt(1 - abar), sn,
+    sigma0, eta, eta_b, sqrt(abar_next) for each walk step, then the initial value's row.
+
+    The initial value is a step from x = eps = 0 with eta = eta_b = 1 and sn = sig_T, scaled
+    by 1/sig_T: its three cases are then exactly DDRM's initialisation (REFERENCE.md section
+    4), and it draws the noise of step id len(timesteps), as the host loop does.
+    """
     cfg = ddrm.settings
     rows = []
     for plan in ddrm.timesteps:
         sn = np.sqrt(1.0 - plan.alpha_bar_next) / np.sqrt(plan.alpha_bar_next)
         rows.append([np.sqrt(plan.alpha_bar), np.sqrt(1.0 - plan.alpha_bar), sn, cfg.sigma0, cfg.eta, cfg.eta_b,
                      np.sqrt(plan.alpha_bar_next)])
+    sig = ddrm.timesteps.init_sigma
+    rows.append([1.0, 0.0, sig, cfg.sigma0, 1.0, 1.0, 1.0 / sig])
     return np.ascontiguousarray(rows, dtype=np.float32)
 
 
@@ -121,13 +128,10 @@ class DeviceSampler:
         captured by the device.
         """
         d = self.device
-        ybar = self.ddrm.spectral_measurement(y)
-        # the block kernel reads ybar on the measurement grid (U = I), the pointwise one per pixel
-        kernel_ybar = y if isinstance(self.op, BlockMean) else ybar
+        # the block kernel reads ybar on the measurement grid (U = I), the others spectrally
+        kernel_ybar = y if isinstance(self.op, BlockMean) else self.ddrm.spectral_measurement(y)
         self._ybar = d.upload(np.ascontiguousarray(kernel_ybar, dtype=np.float32))
-        z = group_noise(key, samples, self.op.shape, len(self.ddrm.timesteps))
-        d.copy(self.x, d.upload(np.ascontiguousarray(self.ddrm.initial_state(np.repeat(ybar, samples, axis=0), z))))
-        d.zero(self.cursor)
+        self._initial_state(key, samples)
         step = functools.partial(self._step, network, key, samples)
         replay = None
         for plan in self.ddrm.timesteps:
@@ -140,11 +144,28 @@ class DeviceSampler:
                 on_step(plan)
         return self.x
 
+    def _initial_state(self, key: NoiseKey, samples: int) -> None:
+        """x at the first timestep, on the device: the table's last row (see step_table)."""
+        d = self.device
+        d.zero(self.x)
+        d.zero(self.eps)
+        d.copy(self.cursor, d.upload(np.array([len(self.ddrm.timesteps)], np.int32)))
+        self._update(key, samples)
+        d.copy(self.x, self.x_next)
+        d.zero(self.cursor)
+
     def _step(self, network: DeviceNetwork, key: NoiseKey, samples: int) -> None:
         """One whole step on the device, at the step the cursor points to; then the cursor moves."""
         d = self.device
-        h, w = self.op.shape
         self._predict_eps(network)
+        self._update(key, samples)
+        d.copy(self.x, self.x_next)  # fixed buffers, so a captured step stays valid
+        d.launch("df5t_advance", d.pointer(self.cursor))
+
+    def _update(self, key: NoiseKey, samples: int) -> None:
+        """x_next from x and eps: the operator's DDRM update at the cursor's step."""
+        d = self.device
+        h, w = self.op.shape
         common = (U32(self.states), U32(samples), U32(h), U32(w))
         where = (U32(key.plane_ids[0]), U32(key.y0), U32(key.x0), U64(key.seed), U32(key.orientation << 24),
                  d.pointer(self.steps), d.pointer(self.cursor))
@@ -157,8 +178,6 @@ class DeviceSampler:
         else:
             d.launch("df5t_ddrm_step_pointwise", d.pointer(self.x), d.pointer(self.eps), d.pointer(self._ybar),
                      d.pointer(self.s), U64(0), d.pointer(self.x_next), *common, *where)  # s shared
-        d.copy(self.x, self.x_next)  # fixed buffers, so a captured step stays valid
-        d.launch("df5t_advance", d.pointer(self.cursor))
 
     def _blur_step(self, common: tuple, where: tuple) -> None:
         """split (x0, eps, noise to grey coordinates; colour differences updated), V^T by DCTs,
