@@ -118,6 +118,17 @@ DF5T_DEVICE void df5t_load(const float* x, const float* eps, u64 b, u64 i, u64 n
     df5t_to_basis(e, ae);
 }
 
+// x0, eps and the pixel's noise, all in the channel basis, for pixel i of state b.
+DF5T_DEVICE void df5t_pixel(const float* x, const float* eps, u64 b, u64 i, u64 n, u32 samples, u32 width,
+                            u32 plane_base, u32 y0, u32 x0, u64 seed, u32 step_word, const DF5TStep& p,
+                            float a0[3], float ae[3], float az[3]) {
+    float z[3];
+    df5t_load(x, eps, b, i, n, p, a0, ae);
+    df5t_normals3(seed, step_word | (u32)(b % samples) << 16, plane_base + (u32)(b / samples),
+                  y0 + (u32)(i / width), x0 + (u32)(i % width), z);
+    df5t_to_basis(z, az);
+}
+
 // The walk's step cursor: the step index of the table entry in use.
 DF5T_GLOBAL void df5t_advance(u32* cursor) {
     DF5T_FOR_EACH(i, 1) cursor[0] += 1;
@@ -139,12 +150,9 @@ DF5T_GLOBAL void df5t_ddrm_step_pointwise(
     const DF5TStep p = steps[cursor[0]];
     const u32 step_word = word_base | cursor[0];
     DF5T_FOR_EACH(k, (u64)batch * n) {
-        const u64 b = k / n, i = k % n, g = b / samples, sample = b % samples;
-        float a0[3], ae[3], z[3], az[3], v[3], out[3];
-        df5t_load(x, eps, b, i, n, p, a0, ae);
-        df5t_normals3(seed, step_word | (u32)sample << 16, plane_base + (u32)g, y0 + (u32)(i / width),
-                      x0 + (u32)(i % width), z);
-        df5t_to_basis(z, az);
+        const u64 b = k / n, i = k % n, g = b / samples;
+        float a0[3], ae[3], az[3], v[3], out[3];
+        df5t_pixel(x, eps, b, i, n, samples, width, plane_base, y0, x0, seed, step_word, p, a0, ae, az);
         v[0] = df5t_update(a0[0], ae[0], ybar[g * n + i], s[g * s_stride + i], az[0], p);
         v[1] = df5t_update(a0[1], ae[1], 0.0f, 0.0f, az[1], p);
         v[2] = df5t_update(a0[2], ae[2], 0.0f, 0.0f, az[2], p);
@@ -194,7 +202,7 @@ DF5T_GLOBAL void df5t_ddrm_step_block(
     const u32 bw = width / bx, blocks = (height / by) * bw;
     const float s_first = 0.57735026918962576f / sqrtf((float)(by * bx));
     DF5T_FOR_EACH(k, (u64)batch * blocks) {
-        const u64 b = k / blocks, blk = k % blocks, g = b / samples, sample = b % samples;
+        const u64 b = k / blocks, blk = k % blocks, g = b / samples;
         const u32 top = (u32)(blk / bw) * by, left = (u32)(blk % bw) * bx;
         float g0[DF5T_MAX_BLOCK * DF5T_MAX_BLOCK], ge[DF5T_MAX_BLOCK * DF5T_MAX_BLOCK];
         float gz[DF5T_MAX_BLOCK * DF5T_MAX_BLOCK], d1[DF5T_MAX_BLOCK * DF5T_MAX_BLOCK];
@@ -203,10 +211,8 @@ DF5T_GLOBAL void df5t_ddrm_step_block(
             for (u32 c = 0; c < bx; ++c) {
                 const u64 i = (u64)(top + r) * width + left + c;
                 const int j = r * bx + c;
-                float a0[3], ae[3], z[3], az[3];
-                df5t_load(x, eps, b, i, n, p, a0, ae);
-                df5t_normals3(seed, step_word | (u32)sample << 16, plane_base + (u32)g, y0 + top + r, x0 + left + c, z);
-                df5t_to_basis(z, az);
+                float a0[3], ae[3], az[3];
+                df5t_pixel(x, eps, b, i, n, samples, width, plane_base, y0, x0, seed, step_word, p, a0, ae, az);
                 g0[j] = a0[0];
                 ge[j] = ae[0];
                 gz[j] = az[0];
@@ -245,12 +251,9 @@ DF5T_GLOBAL void df5t_ddrm_split(
     const DF5TStep p = steps[cursor[0]];
     const u32 step_word = word_base | cursor[0];
     DF5T_FOR_EACH(k, (u64)batch * n) {
-        const u64 b = k / n, i = k % n, g = b / samples, sample = b % samples;
-        float a0[3], ae[3], z[3], az[3];
-        df5t_load(x, eps, b, i, n, p, a0, ae);
-        df5t_normals3(seed, step_word | (u32)sample << 16, plane_base + (u32)g, y0 + (u32)(i / width),
-                      x0 + (u32)(i % width), z);
-        df5t_to_basis(z, az);
+        const u64 b = k / n, i = k % n;
+        float a0[3], ae[3], az[3];
+        df5t_pixel(x, eps, b, i, n, samples, width, plane_base, y0, x0, seed, step_word, p, a0, ae, az);
         g0[k] = a0[0];
         ge[k] = ae[0];
         gz[k] = az[0];
