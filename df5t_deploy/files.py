@@ -58,3 +58,11 @@ def sha256_of(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def cache_root() -> Path:
+    """df5t-deploy's cache folder: $DF5T_CACHE, else $XDG_CACHE_HOME/df5t-deploy, else ~/.cache/df5t-deploy."""
+    explicit = os.environ.get("DF5T_CACHE")
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "df5t-deploy"

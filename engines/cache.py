@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..files import atomic_path
+from ..files import atomic_path, cache_root
 
 SIDECAR_FORMAT = 1
 
@@ -61,8 +60,7 @@ class EngineKey:
 
 
 def default_root() -> Path:
-    base = os.environ.get("DF5T_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "df5t-deploy")
-    return Path(base) / "engines"
+    return cache_root() / "engines"
 
 
 class EngineCache:

@@ -11,6 +11,8 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
+from ..files import cache_root
+
 SOURCE_PATH = Path(__file__).with_name("kernels.cu")
 ARCHITECTURES = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120")
 KERNELS = (
@@ -47,8 +49,7 @@ def kernel_source() -> str:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("DF5T_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "df5t-deploy")
-    return Path(root) / "kernels"
+    return cache_root() / "kernels"
 
 
 def _nvrtc():
