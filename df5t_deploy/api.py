@@ -23,6 +23,8 @@ from .planes import (
     ProgressCallback,
     ProgressTracker,
     RestorationCancelled,
+    labelled,
+    overlapped,
     restore_group,
     tiles_per_plane,
 )
@@ -213,54 +215,67 @@ class Restorer:
         tracker = ProgressTracker(progress, cost * len(planes), len(planes), len(planes) * grid[0] * grid[1])
         tracker.report()
         group = self.group_size((regions[0].height * f, regions[0].width * f))
-        for first, block in prefetch(source, planes, group):
-            missing = None
-            if self.options.task == "inpaint":
-                missing = missing_pixels(self.options, block[0])
-                check_finite(block[0], missing)
-                block = np.where(missing, 0, block)
-            else:
-                check_finite(block, None)
-            y = intensity.to_model(block)
-            unit = self._restore_regions(y, missing, regions, range(first, first + len(block)), settings, tracker)
+
+        def started():
+            for first, block in prefetch(source, planes, group):
+                missing = None
+                if self.options.task == "inpaint":
+                    missing = missing_pixels(self.options, block[0])
+                    check_finite(block[0], missing)
+                    block = np.where(missing, 0, block)
+                else:
+                    check_finite(block, None)
+                y = intensity.to_model(block)
+                collect = self._start_regions(y, missing, regions, range(first, first + len(block)), settings, tracker)
+                yield labelled(first, collect)
+
+        for first, unit in overlapped(started()):
             for offset, samples in enumerate(unit):
                 emit(first + offset, samples)
-            tracker.planes_finished(len(block), len(block) * grid[0] * grid[1])
+            tracker.planes_finished(len(unit), len(unit) * grid[0] * grid[1])
 
-    def _restore_regions(self, y, missing, regions, plane_ids, settings, tracker) -> np.ndarray:
-        """Samples [G, S, H, W] of planes y [G, h, w], one super-tile at a time if needed."""
+    def _start_regions(self, y, missing, regions, plane_ids, settings, tracker) -> Callable[[], np.ndarray]:
+        """Begin restoring planes y [G, h, w]; the collector returns samples [G, S, H, W].
+        A plane over max_region is restored one super-tile after another when collected."""
         f = self.options.factor
 
-        def restore(region):
+        def start(region):
             shape = (region.height * f, region.width * f)
             op = self.options.operator(shape, None if missing is None else region.measurement(missing))
             key = NoiseKey(self.seed, 0, plane_ids, region.y * f, region.x * f)
-            return self.restore_group(region.measurement(y), op, settings, key, tracker)
+            return self.start_group(region.measurement(y), op, settings, key, tracker)
 
         if len(regions) == 1:
-            return restore(regions[0])
-        acc = np.zeros((len(y), self.samples, y.shape[-2] * f, y.shape[-1] * f), np.float32)
-        weight = np.zeros(acc.shape[-2:], np.float32)
-        for region in regions:
-            window = np.outer(region.wy, region.wx).astype(np.float32)
-            rows = slice(region.y * f, (region.y + region.height) * f)
-            cols = slice(region.x * f, (region.x + region.width) * f)
-            acc[..., rows, cols] += restore(region) * window
-            weight[rows, cols] += window
-        return acc / weight
+            return start(regions[0])
 
-    def restore_group(self, y: np.ndarray, op, settings: SamplerSettings, key: NoiseKey,
-                      tracker: ProgressTracker) -> np.ndarray:
-        """Samples [G, S, H, W] on [0, 1]: on the backend's device when it has a device loop
-        for this operator (no host round trip per step), else with the host loop."""
+        def blended() -> np.ndarray:
+            acc = np.zeros((len(y), self.samples, y.shape[-2] * f, y.shape[-1] * f), np.float32)
+            weight = np.zeros(acc.shape[-2:], np.float32)
+            for region, unit in zip(regions, overlapped(start(region) for region in regions)):
+                window = np.outer(region.wy, region.wx).astype(np.float32)
+                rows = slice(region.y * f, (region.y + region.height) * f)
+                cols = slice(region.x * f, (region.x + region.width) * f)
+                acc[..., rows, cols] += unit * window
+                weight[rows, cols] += window
+            return acc / weight
+
+        return blended
+
+    def start_group(self, y: np.ndarray, op, settings: SamplerSettings, key: NoiseKey,
+                    tracker: ProgressTracker) -> Callable[[], np.ndarray]:
+        """Begin restoring measurements y [G, ...]; the collector returns samples [G, S, H, W]
+        on [0, 1]. On the backend's device when it has a device loop for this operator (the
+        walk is queued and the collector waits for it, reporting steps as the device finishes
+        them), else with the host loop (run now)."""
         device = getattr(self.backend, "device_api", None)
         if device is None or not supports_device_loop(op):
-            return restore_group(y, op, self.schedule, settings, self.denoiser, key, self.samples, tracker)
+            result = restore_group(y, op, self.schedule, settings, self.denoiser, key, self.samples, tracker)
+            return lambda: result
         states = len(y) * self.samples
         sampler = self._device_sampler(device, op, settings, states)
+        run = sampler.start(y, self.backend.device_network, key, self.samples)
         on_step = tracker.step_reporter(self.denoiser.tiles_per_call(states, *op.shape), len(sampler.ddrm.timesteps))
-        final = sampler.run(y, self.backend.device_network, key, self.samples, on_step)
-        return sampler.to_unit(final).reshape(len(y), self.samples, *op.shape)
+        return lambda: run.result(on_step).reshape(len(y), self.samples, *op.shape)
 
     def _device_sampler(self, device, op, settings: SamplerSettings, states: int) -> DeviceSampler:
         """Device buffers are allocated once per operator shape and group size, and reused for

@@ -2,13 +2,18 @@
 no host round trip inside the loop, and one step captured as a CUDA graph and replayed.
 
 The loop is written against a small ``Device`` interface (allocate, upload, download, zero,
-copy, launch a kernel by name, capture), so the very same code runs on a GPU
+copy, launch a kernel by name, capture, markers), so the very same code runs on a GPU
 (``TorchCudaDevice``: PyTorch tensors and the NVRTC-built kernels on PyTorch's current
 stream) and, in the tests, on the CPU (numpy arrays and the kernels compiled by g++ through
 the grid-emulation header). Even the initial value is computed on the device (as a step,
 see ``step_table``), so no noise is drawn on the host. A step reads its scalars, its network timestep and its noise counter from
 device tables at a device cursor that the step itself advances, so the same captured step
 is valid for every step of the walk.
+
+``DeviceSampler.start`` only queues a walk: it returns a ``DeviceRun`` whose result the host
+collects later, so the host reads, prepares and queues the next group of planes while the
+device still samples this one. Progress comes from markers the device passes after each step,
+never from the host's queueing.
 
 Supported operators: identity/permutation (denoise, inpaint) and block means (sr, along-z)
 with a fused step kernel each, and the blur (split, DCTs as matrix products, spectral
@@ -19,7 +24,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -33,6 +39,16 @@ from .tiling import TileGrid
 U32, U64, INT = ctypes.c_uint32, ctypes.c_uint64, ctypes.c_int
 
 
+class Marker(Protocol):
+    def synchronize(self) -> None:
+        """Block the host until the device has run everything queued before this marker."""
+
+
+class PendingDownload(Protocol):
+    def result(self) -> np.ndarray:
+        """The downloaded array, once its copy has finished."""
+
+
 class Device(Protocol):
     def empty(self, shape: tuple[int, ...], dtype: Any) -> Any: ...
     def upload(self, array: np.ndarray) -> Any: ...
@@ -43,6 +59,13 @@ class Device(Protocol):
     def launch(self, name: str, *args) -> None: ...
     def capture(self, step: Callable[[], None]) -> Callable[[], None]:
         """A replayable recording of ``step`` (a CUDA graph), or ``step`` itself."""
+
+    def marker(self) -> Marker:
+        """A marker behind the work queued so far."""
+
+    def download_async(self, buffer: Any) -> PendingDownload:
+        """Start copying ``buffer`` to the host behind the work queued so far (on a GPU: into
+        pinned memory, on a copy stream), without waiting for it."""
 
     def transform(self, out: Any, a: Any, left: Any, right: Any) -> None:
         """out[b] = left @ a[b] @ right^T for every b (a separable 2D transform; cuBLAS on a GPU)."""
@@ -120,12 +143,13 @@ class DeviceSampler:
         self.t_table = device.upload(np.array([plan.t for plan in self.ddrm.timesteps], dtype=np.float32))
         self.t = device.empty((len(self.jobs),), np.float32)
         self.cursor = device.upload(np.zeros(1, np.int32))  # read as u32 by the kernels
-    def run(self, y: np.ndarray, network: DeviceNetwork, key: NoiseKey, samples: int,
-            on_step: Callable[[StepPlan], None] | None = None):
-        """The final states, on the device [states, 3, H, W], for measurements y [G, ...] (host).
 
-        The first step runs directly (it also warms up the network); the rest replay it as
-        captured by the device.
+    def start(self, y: np.ndarray, network: DeviceNetwork, key: NoiseKey, samples: int) -> DeviceRun:
+        """Queue the whole walk for measurements y [G, ...] (host) and return at once.
+
+        The first step runs directly (it also warms the network up outside a capture); the
+        rest replay it as captured by the device. The final states are mapped to grey images
+        on [0, 1] (sampler.state_to_image) and their download is queued too.
         """
         d = self.device
         # the block kernel reads ybar on the measurement grid (U = I), the others spectrally
@@ -133,16 +157,14 @@ class DeviceSampler:
         self._ybar = d.upload(np.ascontiguousarray(kernel_ybar, dtype=np.float32))
         self._initial_state(key, samples)
         step = functools.partial(self._step, network, key, samples)
-        replay = None
-        for plan in self.ddrm.timesteps:
-            if replay is None:
-                step()
-                replay = d.capture(step)
-            else:
-                replay()
-            if on_step is not None:
-                on_step(plan)
-        return self.x
+        step()
+        markers = [d.marker()]
+        replay = d.capture(step)
+        for _ in range(len(self.ddrm.timesteps) - 1):
+            replay()
+            markers.append(d.marker())
+        download = d.download_async(self._grey_images())
+        return DeviceRun(list(self.ddrm.timesteps), markers, download, keep_alive=replay)
 
     def _initial_state(self, key: NoiseKey, samples: int) -> None:
         """x at the first timestep, on the device: the table's last row (see step_table)."""
@@ -213,13 +235,31 @@ class DeviceSampler:
         d.launch("df5t_blend_finalize", d.pointer(self.acc), d.pointer(self.weight), d.pointer(self.eps),
                  U32(self.states), U32(h), U32(w), U32(grid.padded[0]), U32(grid.padded[1]), INT(pt), INT(pl))
 
-    def to_unit(self, final) -> np.ndarray:
-        """Final states -> grey images [states, H, W] on [0, 1] (sampler.state_to_image), which
-        the host averages over samples exactly as in the host loop."""
+    def _grey_images(self):
+        """The final states as grey images [states, H, W] on [0, 1], in a fresh buffer (the
+        next walk may overwrite x while this one is still being downloaded)."""
         d = self.device
         h, w = self.op.shape
         out = d.empty((self.states, h, w), np.float32)
-        d.launch("df5t_map_out_f32", d.pointer(final), d.pointer(out), U32(self.states), U64(h * w),
+        d.launch("df5t_map_out_f32", d.pointer(self.x), d.pointer(out), U32(self.states), U64(h * w),
                  ctypes.c_double(0.0), ctypes.c_double(1.0))
-        return d.download(out)
+        return out
 
+
+@dataclass
+class DeviceRun:
+    """A walk queued on the device: a marker after each step, and the result's download."""
+
+    plans: Sequence[StepPlan]
+    markers: Sequence[Marker]
+    download: PendingDownload
+    keep_alive: Any  # the captured step: it must outlive its replays
+
+    def result(self, on_step: Callable[[StepPlan], None] | None = None) -> np.ndarray:
+        """Grey images [states, H, W] on [0, 1], which the host averages over samples exactly
+        as in the host loop; ``on_step`` is called as the device finishes each step."""
+        for plan, marker in zip(self.plans, self.markers):
+            marker.synchronize()
+            if on_step is not None:
+                on_step(plan)
+        return self.download.result()

@@ -7,8 +7,9 @@ its own counter-based noise, so grouping never changes a result.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
@@ -17,6 +18,8 @@ from .noise import gaussian_field
 from .operators import SpatialOperator
 from .sampler import DDRM, SamplerSettings, StepPlan, Timesteps, run_ddrm, state_to_image
 from .tiling import BlendedDenoiser
+
+T = TypeVar("T")
 
 
 class RestorationCancelled(RuntimeError):
@@ -114,3 +117,24 @@ def tiles_per_plane(
 ) -> int:
     """Network tiles one plane costs (for progress totals)."""
     return denoiser.tiles_per_call(samples, *shape) * len(Timesteps(schedule, steps))
+
+
+def overlapped(started: Iterable[Callable[[], T]]) -> Iterator[T]:
+    """The results of jobs in order, each collected only once the next job was started.
+
+    ``started`` yields a job's collector as soon as the job is queued (a device walk runs
+    on its own), so the host reads and queues job k+1 before it waits for job k and the
+    device never idles between them; at most two jobs are in flight.
+    """
+    pending = None
+    for collect in started:
+        if pending is not None:
+            yield pending()
+        pending = collect
+    if pending is not None:
+        yield pending()
+
+
+def labelled(label, collect: Callable[[], T]) -> Callable[[], tuple]:
+    """A collector that returns (label, result) for ``overlapped``."""
+    return lambda: (label, collect())

@@ -18,7 +18,7 @@ import numpy as np
 from .formats.base import Source
 from .intensity import IntensityMap
 from .operators import BlockMean
-from .planes import NoiseKey, ProgressTracker, tiles_per_plane
+from .planes import NoiseKey, ProgressTracker, labelled, overlapped, tiles_per_plane
 from .sampler import SamplerSettings
 from .tasks import TaskError
 
@@ -102,9 +102,14 @@ class _OrientationPass:
         op = BlockMean(grid, (self.k, 1))
         group = self.restorer.group_size(grid)
         r = self.restorer
-        for start in range(0, len(planes), group):
-            block = planes[start : start + group]
-            key = NoiseKey(r.seed, orientation, range(offset + start, offset + start + len(block)))
-            unit = r.restore_group(self.intensity.to_model(block), op, self.settings, key, self.tracker)
-            self.tracker.planes_finished(len(block), len(block) * grid[0] * grid[1])
-            yield offset + start, unit
+
+        def started():
+            for start in range(0, len(planes), group):
+                block = planes[start : start + group]
+                key = NoiseKey(r.seed, orientation, range(offset + start, offset + start + len(block)))
+                collect = r.start_group(self.intensity.to_model(block), op, self.settings, key, self.tracker)
+                yield labelled(offset + start, collect)
+
+        for first, unit in overlapped(started()):
+            self.tracker.planes_finished(len(unit), len(unit) * grid[0] * grid[1])
+            yield first, unit

@@ -68,11 +68,12 @@ def test_device_loop_equals_host_loop(device, task):
     if isinstance(device, EmulatedDevice):
         device.launches.clear()
     sampler = DeviceSampler(device, op, schedule, settings, denoiser.grid(*op.shape), batch=3, states=groups * samples)
-    final = sampler.run(y, device_network, key, samples)
-    ours = sampler.to_unit(final).reshape(groups, samples, *op.shape)
+    steps_seen = []
+    ours = sampler.start(y, device_network, key, samples).result(steps_seen.append).reshape(groups, samples, *op.shape)
     np.testing.assert_allclose(ours, host, atol=2e-5)
     if isinstance(device, EmulatedDevice):
         assert device.launches.count("df5t_gather_tiles_f32") == len(sampler.ddrm.timesteps)  # one per step
+    assert [plan.index for plan in steps_seen] == list(range(len(sampler.ddrm.timesteps)))
 
 
 class EmulatedDeviceBackend:
@@ -115,3 +116,39 @@ def test_restorer_runs_the_device_loop_like_the_host_loop(tmp_path, em_dir, task
     assert np.abs(ours.image - host.image).max() / scale < 1e-5
     assert np.abs(ours.std - host.std).max() / scale < 1e-5
     assert fused in device.launches
+
+
+class LoggingDevice(EmulatedDevice):
+    """Logs when walks are queued (their result's download starts) and collected."""
+
+    def __init__(self, library):
+        super().__init__(library)
+        self.log: list[str] = []
+
+    def download_async(self, buffer):
+        walk = sum(entry.startswith("queued") for entry in self.log)
+        self.log.append(f"queued {walk}")
+        finished = super().download_async(buffer)
+        log = self.log
+
+        class Logged:
+            def result(self):
+                log.append(f"collected {walk}")
+                return finished.result()
+
+        return Logged()
+
+
+def test_the_next_group_is_queued_before_the_host_waits_for_this_one(tmp_path):
+    from onnx_models import tile_mean_model
+
+    from df5t_deploy.api import Restorer
+
+    device = LoggingDevice(build_library(tmp_path))
+    model = tile_mean_model(tmp_path / "mean.onnx", TILE)
+    stack = np.random.default_rng(1).integers(0, 255, (3, 40, 40), dtype=np.uint8)
+    settings = dict(sigma0=0.1, steps=3, batch=2)  # four tiles a plane: one plane a group
+    ours = Restorer(model, backend=EmulatedDeviceBackend(model, device), **settings).restore(stack)
+    assert device.log == ["queued 0", "queued 1", "collected 0", "queued 2", "collected 1", "collected 2"]
+    host = Restorer(model, **settings).restore(stack)
+    assert np.abs(ours.astype(int) - host).max() <= 1
