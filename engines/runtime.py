@@ -6,7 +6,9 @@ their return value (deserialisation, shape setting, binding, execution) are chec
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -14,6 +16,10 @@ from ..artifact import ArtifactInfo
 from ..backends.base import BackendUnavailable
 from .build import artifact_facts, build_engine, choose_profile
 from .cache import EngineCache
+
+
+#: Chunk bindings kept for reuse: two walks may be in flight, each with its own buffers.
+KEPT_BINDINGS = 4
 
 
 class TensorRTError(RuntimeError):
@@ -63,6 +69,8 @@ class TensorRTBackend:
         self._bytes = {"x": profile.max * 3 * tile * tile * itemsize, "t": profile.max * 4,
                        "eps": profile.max * 3 * tile * tile * itemsize}
         self._buffers = {name: _ok(cudart.cudaMalloc(size), f"cudaMalloc({name})") for name, size in self._bytes.items()}
+        self._chunk_contexts: dict[tuple, ChunkContexts] = {}
+        self._scratch_tensor = None
 
     def __call__(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
         cudart = self._cudart
@@ -99,21 +107,37 @@ class TensorRTBackend:
         return self._device_api
 
     def device_network(self, tiles, eps_tiles, t) -> None:
-        """Run the engine on device tiles in place: bind the tensors' addresses chunk by chunk
-        and enqueue on PyTorch's current stream (capturable in a CUDA graph)."""
+        """Run the engine on device tiles in place, enqueued on PyTorch's current stream
+        (capturable in a CUDA graph): one execution context per chunk of the batch, bound
+        the first time these buffers are seen (``ChunkContexts``)."""
         import torch
 
-        stream = torch.cuda.current_stream().cuda_stream
-        for start in range(0, len(tiles), self.max_batch):
-            stop = min(len(tiles), start + self.max_batch)
-            if not self.context.set_input_shape("x", tuple(tiles[start:stop].shape)) or \
-                    not self.context.set_input_shape("t", (stop - start,)):
-                raise TensorRTError(f"TensorRT rejected a batch of {stop - start} tiles")
-            for name, tensor in (("x", tiles[start:stop]), ("t", t[start:stop]), ("eps", eps_tiles[start:stop])):
-                if not self.context.set_tensor_address(name, tensor.data_ptr()):
-                    raise TensorRTError(f"set_tensor_address({name}) failed")
-            if not self.context.execute_async_v3(stream):
-                raise TensorRTError("execute_async_v3 failed")
+        key = (tiles.data_ptr(), eps_tiles.data_ptr(), t.data_ptr(), len(tiles))
+        chunks = self._chunk_contexts.pop(key, None)
+        if chunks is None:
+            chunks = ChunkContexts(self._create_user_managed_context, self._scratch(), tiles, eps_tiles, t,
+                                   self.max_batch)
+        self._chunk_contexts[key] = chunks  # most recent last
+        while len(self._chunk_contexts) > KEPT_BINDINGS:  # walks in flight keep theirs
+            self._chunk_contexts.pop(next(iter(self._chunk_contexts)))
+        chunks.enqueue(torch.cuda.current_stream().cuda_stream)
+
+    def _create_user_managed_context(self):
+        import tensorrt as trt
+
+        context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        if context is None:
+            raise TensorRTError("TensorRT could not create an execution context")
+        return context
+
+    def _scratch(self):
+        """One activation scratch for every chunk context (they run one after another)."""
+        import torch
+
+        if self._scratch_tensor is None:
+            size = max(1, self.engine.device_memory_size_v2)
+            self._scratch_tensor = torch.empty(size, dtype=torch.uint8, device=f"cuda:{self.device}")
+        return self._scratch_tensor
 
     def close(self) -> None:
         for pointer in self._buffers.values():
@@ -121,3 +145,33 @@ class TensorRTBackend:
         self._buffers = {}
         _ok(self._cudart.cudaStreamDestroy(self.stream), "cudaStreamDestroy")
 
+
+
+class ChunkContexts:
+    """Execution contexts for device tiles in chunks of at most ``max_batch`` tiles.
+
+    Each chunk has its own context whose input shapes and tensor addresses are set once,
+    here; enqueueing then changes nothing, so a CUDA graph can capture it (TensorRT needs an
+    enqueue after any shape change before a capture, which the device loop's first, direct
+    step provides). The contexts share one scratch allocation: they run one after another on
+    one stream.
+    """
+
+    def __init__(self, create_context: Callable[[], Any], scratch, tiles, eps_tiles, t, max_batch: int):
+        self.contexts = []
+        for start in range(0, len(tiles), max_batch):
+            stop = min(len(tiles), start + max_batch)
+            context = create_context()
+            context.set_device_memory(scratch.data_ptr(), scratch.numel() * scratch.element_size())
+            if not context.set_input_shape("x", tuple(tiles[start:stop].shape)) or \
+                    not context.set_input_shape("t", (stop - start,)):
+                raise TensorRTError(f"TensorRT rejected a batch of {stop - start} tiles")
+            for name, tensor in (("x", tiles[start:stop]), ("t", t[start:stop]), ("eps", eps_tiles[start:stop])):
+                if not context.set_tensor_address(name, tensor.data_ptr()):
+                    raise TensorRTError(f"set_tensor_address({name}) failed")
+            self.contexts.append(context)
+
+    def enqueue(self, stream: int) -> None:
+        for context in self.contexts:
+            if not context.execute_async_v3(stream):
+                raise TensorRTError("execute_async_v3 failed")

@@ -162,3 +162,77 @@ def test_a_fake_plan_is_rebuilt_not_trusted(tmp_path):
     cache.store(key, b"not a plan", {}, {})
     with pytest.raises(TensorRTError, match="could not deserialise"):
         TensorRTBackend(model, cache=cache, max_batch=4)
+
+
+class FakeContext:
+    """Records what the runtime asks of a TensorRT execution context."""
+
+    def __init__(self):
+        self.shapes, self.addresses, self.memory, self.enqueued = {}, {}, None, []
+
+    def set_device_memory(self, pointer, size):
+        self.memory = (pointer, size)
+
+    def set_input_shape(self, name, shape):
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def set_tensor_address(self, name, pointer):
+        self.addresses[name] = pointer
+        return True
+
+    def execute_async_v3(self, stream):
+        self.enqueued.append(stream)
+        return True
+
+
+def test_chunk_contexts_bind_once_and_share_the_scratch():
+    torch = pytest.importorskip("torch", reason="the [export] extra (PyTorch) is not installed")
+    from df5t_deploy.engines.runtime import ChunkContexts
+
+    tiles, eps = torch.zeros(11, 3, 8, 8, dtype=torch.float16), torch.zeros(11, 3, 8, 8, dtype=torch.float16)
+    t, scratch = torch.zeros(11), torch.zeros(1000, dtype=torch.uint8)
+    chunks = ChunkContexts(FakeContext, scratch, tiles, eps, t, max_batch=4)
+    assert [c.shapes["x"] for c in chunks.contexts] == [(4, 3, 8, 8), (4, 3, 8, 8), (3, 3, 8, 8)]
+    assert [c.shapes["t"] for c in chunks.contexts] == [(4,), (4,), (3,)]
+    assert [c.addresses["x"] for c in chunks.contexts] == [tiles[i].data_ptr() for i in (0, 4, 8)]
+    assert [c.addresses["eps"] for c in chunks.contexts] == [eps[i].data_ptr() for i in (0, 4, 8)]
+    assert [c.addresses["t"] for c in chunks.contexts] == [t[i].data_ptr() for i in (0, 4, 8)]
+    assert {c.memory for c in chunks.contexts} == {(scratch.data_ptr(), 1000)}
+    before = [(dict(c.shapes), dict(c.addresses)) for c in chunks.contexts]
+    chunks.enqueue(7)
+    chunks.enqueue(7)
+    assert [c.enqueued for c in chunks.contexts] == [[7, 7]] * 3
+    assert [(c.shapes, c.addresses) for c in chunks.contexts] == before  # nothing changes between enqueues
+
+
+def test_a_rejected_chunk_shape_is_a_clear_error():
+    torch = pytest.importorskip("torch", reason="the [export] extra (PyTorch) is not installed")
+    from df5t_deploy.engines.runtime import ChunkContexts, TensorRTError
+
+    class Refusing(FakeContext):
+        def set_input_shape(self, name, shape):
+            return False
+
+    tiles = torch.zeros(5, 3, 8, 8)
+    with pytest.raises(TensorRTError, match="rejected a batch of 4 tiles"):
+        ChunkContexts(Refusing, torch.zeros(8, dtype=torch.uint8), tiles, tiles, torch.zeros(5), max_batch=4)
+
+
+@pytest.mark.gpu
+def test_tensorrt_device_loop_matches_the_host_loop(tmp_path):
+    """The whole on-device loop with the engine inside its CUDA graph (more tiles than the
+    profile's maximum batch, so several chunk contexts) against onnxruntime on the CPU."""
+    _tensorrt_and_gpu()
+    pytest.importorskip("torch", reason="the device loop's buffers are PyTorch tensors")
+    from df5t_deploy.engines.runtime import TensorRTBackend
+
+    from df5t_deploy.api import Restorer
+
+    model = tile_mean_model(tmp_path / "m.onnx", 64)
+    image = np.random.default_rng(2).integers(0, 255, (2, 150, 130), dtype=np.uint8)
+    settings = {"sigma0": 0.1, "steps": 5, "seed": 4, "batch": 3}
+    backend = TensorRTBackend(model, cache=EngineCache(tmp_path / "cache"), max_batch=4)
+    ours = Restorer(model, backend=backend, **settings).restore_full(image)
+    host = Restorer(model, **settings).restore_full(image)
+    assert np.abs(ours.image.astype(int) - host.image).max() <= 3  # the engine runs in fp16
