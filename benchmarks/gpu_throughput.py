@@ -1,6 +1,6 @@
 """GPU throughput: df5t-512 on a 4096 x 4096 EM montage, ours against two baselines, one run.
 
-    python benchmarks/gpu_throughput.py [--tiles 256 512] [--steps 20] [--size 4096]
+    python benchmarks/gpu_throughput.py [--tiles 256 512] [--steps 20] [--size 4096] [--compile]
 
 Rows (README, "Benchmarks"):
 - reference-style: how the published code runs. PyTorch fp32 with PyTorch's default TF32
@@ -8,10 +8,16 @@ Rows (README, "Benchmarks"):
   state copied to the host at every step, tiles averaged at the end (16 px overlap).
 - PyTorch fp16 batched eager: the fp16 network on batches of tiles, host loop (numpy DDRM,
   tiles copied to and from the GPU at every step).
-- ours: the on-device loop (kernels for gather, blend and the fused DDRM step; fp16 network).
-Each row reports tile-steps/s, MPix/s, peak GPU memory, the network's share of the time and
-its achieved TFLOP/s against the GPU's measured fp16 matrix peak. Writes JSON with the GPU,
-driver, clocks, CUDA and package versions. Needs a CUDA GPU and PyTorch.
+- ours: the on-device loop (kernels for gather, blend and the fused DDRM step; fp16 network
+  in PyTorch; one step captured as a CUDA graph).
+- ours + torch.compile (with --compile): the same with the network compiled by Inductor.
+- ours, TensorRT (when TensorRT is installed): the same loop with an fp16 engine built from
+  the fp16 ONNX export (cached under the usual engine cache).
+Each row reports tile-steps/s, MPix/s, peak GPU memory (PyTorch's allocator; TensorRT's own
+allocations are not in it), the network's share of the time and its achieved TFLOP/s against
+the GPU's measured fp16 matrix peak; then ours against the baselines with the issue's
+targets. Writes JSON with the GPU, driver, clocks, CUDA and package versions. Needs a CUDA
+GPU and PyTorch.
 """
 
 from __future__ import annotations
@@ -54,30 +60,33 @@ def matrix_peak_tflops(torch) -> float:
     return 20 * 2 * 8192**3 / (time.perf_counter() - started) / 1e12
 
 
-def network_seconds(torch, network, tile: int, batch: int, dtype, calls: int) -> float:
-    """The network alone on random tiles, per call (CUDA events, after warm-up)."""
-    x = torch.randn(batch, 3, tile, tile, device="cuda", dtype=dtype)
-    t = torch.full((batch,), 500.0, device="cuda")
+def network_seconds(torch, run, calls: int = 5) -> float:
+    """``run()`` (one network call on device tensors) alone, per call: CUDA events, after warm-up."""
     with torch.inference_mode():
         for _ in range(3):
-            network(x, t)
+            run()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(calls):
-            network(x, t)
+            run()
         end.record()
         torch.cuda.synchronize()
     return start.elapsed_time(end) / 1000 / calls
 
 
+def tile_inputs(torch, tile: int, batch: int, dtype):
+    return torch.randn(batch, 3, tile, tile, device="cuda", dtype=dtype), torch.full((batch,), 500.0, device="cuda")
+
+
 def run_row(torch, name: str, fn, image: np.ndarray, tile: int, tiles_per_step: int, steps: int,
             network_time: float, peak: float) -> dict:
+    """Time ``fn(image)``; a dict it returns with "seconds" (setup excluded) overrides the wall time."""
     torch.cuda.reset_peak_memory_stats()
     torch.cuda.synchronize()
     started = time.perf_counter()
-    fn(image)
+    result = fn(image)
     torch.cuda.synchronize()
-    seconds = time.perf_counter() - started
+    seconds = result["seconds"] if isinstance(result, dict) else time.perf_counter() - started
     tile_steps = tiles_per_step * steps
     tflop = GFLOP_PER_256_TILE * (tile / 256) ** 2 * tile_steps / 1000
     return {
@@ -95,6 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--tiles", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--compile", action="store_true", help="add the torch.compile row (minutes of compilation)")
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "throughput_gpu.json")
     args = parser.parse_args(argv)
 
@@ -102,15 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU: this benchmark needs one")
-    sys.path.insert(0, str(Path(__file__).parent))
     from df5t_deploy.export.network import DF5TNetwork
-    from df5t_deploy.export.onnx_export import eps_only
     from df5t_deploy.export.presets import PRESETS
-    from throughput import run_reference  # the same reference-style loop as the CPU benchmark
-
-    from df5t_deploy.api import Restorer
-    from df5t_deploy.backends.torch_backend import TorchBackend
-    from df5t_deploy.sampler import Timesteps
 
     image = montage(args.data, args.size)
     peak = matrix_peak_tflops(torch)
@@ -120,32 +123,128 @@ def main(argv: list[str] | None = None) -> dict:
         checkpoint = Path(scratch) / "df5t-512-random.pt"
         torch.save(DF5TNetwork(PRESETS["df5t-512"].network).state_dict(), checkpoint)
         for tile in args.tiles:
-            settings = dict(sigma0=SIGMA0, steps=args.steps, seed=0, overlap=tile // 8)
-            fp16 = TorchBackend(checkpoint, "cuda", tile=tile, precision="fp16")
-            ours = Restorer(checkpoint, backend=fp16, **settings)
-            per_step = ours.denoiser.tiles_per_call(1, *image.shape)
-            calls = len(Timesteps(PRESETS["df5t-512"].schedule, args.steps))
-            net16 = network_seconds(torch, fp16.network, tile, fp16.preferred_batch, torch.float16, 5)
-            fp32 = eps_only(DF5TNetwork(PRESETS["df5t-512"].network)).cuda().eval()
-            net32 = network_seconds(torch, fp32, tile, 1, torch.float32, 5)
-            ref_tiles = len(range(0, args.size - 16, tile - 16)) ** 2
-            rows.append(run_row(torch, "reference-style", lambda im, tile=tile: run_reference(im, tile, args.steps, 16, "cuda"),
-                                image, tile, ref_tiles, args.steps, net32 * ref_tiles * calls, peak))
-            host16 = Restorer(checkpoint, backend=_HostOnly(fp16), **settings)
-            rows.append(run_row(torch, "PyTorch fp16 batched eager", host16.restore, image, tile, per_step, args.steps,
-                                net16 * per_step / fp16.preferred_batch * calls, peak))
-            rows.append(run_row(torch, "ours", ours.restore, image, tile, per_step, args.steps,
-                                net16 * per_step / fp16.preferred_batch * calls, peak))
-            del fp32
+            bench = _TileBench(torch, image, tile, args.steps, checkpoint, peak)
+            rows += bench.baselines()
+            rows.append(bench.ours("ours", compile_network=False))
+            if args.compile:
+                rows.append(bench.ours("ours + torch.compile", compile_network=True))
+            if _tensorrt_version() is not None:
+                rows.append(bench.ours_tensorrt(Path(scratch)))
     report = {"benchmark": "throughput_gpu", "size": args.size, "steps": args.steps, "rows": rows,
               "matrix_peak_tflops_fp16": round(peak, 1), "machine": _machine(torch)}
-    for row in rows:
-        print(f"{row['row']:<28} tile {row['tile']:>4}  {row['seconds']:>8.1f} s  {row['tile_steps_per_s']:>8.1f} tile-steps/s"
-              f"  {row['mpix_per_s']:>7.3f} MPix/s  {row['gpu_memory_gb']:>5.1f} GB  net {row['network_share']:.0%}"
-              f"  {row['tflops']:>6.1f} TFLOP/s ({row['tflops_vs_peak']:.0%} of peak)")
+    print(_table(report))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+class _TileBench:
+    """The rows of one tile size, sharing the image, schedule and random df5t-512 weights."""
+
+    def __init__(self, torch, image: np.ndarray, tile: int, steps: int, checkpoint: Path, peak: float):
+        from df5t_deploy.api import Restorer
+        from df5t_deploy.backends.torch_backend import TorchBackend
+        from df5t_deploy.export.presets import PRESETS
+        from df5t_deploy.sampler import Timesteps
+
+        self.torch, self.image, self.tile, self.steps, self.checkpoint, self.peak = torch, image, tile, steps, checkpoint, peak
+        self.settings = {"sigma0": SIGMA0, "steps": steps, "seed": 0, "overlap": tile // 8}
+        self.calls = len(Timesteps(PRESETS["df5t-512"].schedule, steps))
+        self.fp16 = TorchBackend(checkpoint, "cuda", tile=tile, precision="fp16")
+        self.per_step = Restorer(checkpoint, backend=self.fp16, **self.settings).denoiser.tiles_per_call(1, *image.shape)
+
+    def _row(self, name, fn, tiles_per_step, network_time, warm_up: bool = True):
+        """A timed row; first ``fn`` restores a small crop (kernel compilation, library and
+        allocator start-up are not part of the figure)."""
+        if warm_up:
+            fn(self.image[: 2 * self.tile, : 2 * self.tile])
+        return run_row(self.torch, name, fn, self.image, self.tile, tiles_per_step, self.steps, network_time, self.peak)
+
+    def _batched_network_time(self, call_seconds: float, batch: int) -> float:
+        return call_seconds * -(-self.per_step // batch) * self.calls
+
+    def baselines(self) -> list[dict]:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from throughput import run_reference  # the same reference-style loop as the CPU benchmark
+
+        from df5t_deploy.api import Restorer
+        from df5t_deploy.export.network import DF5TNetwork
+        from df5t_deploy.export.onnx_export import eps_only
+        from df5t_deploy.export.presets import PRESETS
+
+        torch, tile = self.torch, self.tile
+        fp32 = eps_only(DF5TNetwork(PRESETS["df5t-512"].network)).cuda().eval()
+        x32, t1 = tile_inputs(torch, tile, 1, torch.float32)
+        net32 = network_seconds(torch, lambda: fp32(x32, t1))
+        ref_tiles = len(range(0, self.image.shape[0] - 16, tile - 16)) * len(range(0, self.image.shape[1] - 16, tile - 16))
+        reference = self._row("reference-style", lambda im: run_reference(im, tile, self.steps, 16, "cuda"),
+                              ref_tiles, net32 * ref_tiles * self.calls, warm_up=False)  # its setup is not timed
+        host16 = Restorer(self.checkpoint, backend=_HostOnly(self.fp16), **self.settings)
+        eager = self._row("PyTorch fp16 batched eager", host16.restore, self.per_step,
+                          self._batched_network_time(self._torch_call_seconds(self.fp16), self.fp16.preferred_batch))
+        return [reference, eager]
+
+    def _torch_call_seconds(self, backend) -> float:
+        x, t = tile_inputs(self.torch, self.tile, backend.preferred_batch, self.torch.float16)
+        return network_seconds(self.torch, lambda: backend.network(x.contiguous(memory_format=self.torch.channels_last), t))
+
+    def ours(self, name: str, compile_network: bool) -> dict:
+        from df5t_deploy.api import Restorer
+        from df5t_deploy.backends.torch_backend import TorchBackend
+
+        backend = (TorchBackend(self.checkpoint, "cuda", tile=self.tile, precision="fp16", compile_network=True)
+                   if compile_network else self.fp16)
+        restorer = Restorer(self.checkpoint, backend=backend, **self.settings)
+        network_time = self._batched_network_time(self._torch_call_seconds(backend), backend.preferred_batch)
+        if compile_network:  # a second batch size makes the compiled batch dimension dynamic, before timing
+            x, t = tile_inputs(self.torch, self.tile, 1, self.torch.float16)
+            with self.torch.inference_mode():
+                backend.network(x.contiguous(memory_format=self.torch.channels_last), t)
+        return self._row(name, restorer.restore, self.per_step, network_time)
+
+    def ours_tensorrt(self, scratch: Path) -> dict:
+        from df5t_deploy.api import Restorer
+        from df5t_deploy.engines.runtime import TensorRTBackend
+        from df5t_deploy.export.checkpoint import load_checkpoint
+        from df5t_deploy.export.onnx_export import export_checkpoint
+        from df5t_deploy.export.presets import PRESETS
+
+        torch = self.torch
+        artifact = scratch / f"df5t-512-tile{self.tile}-fp16.onnx"
+        export_checkpoint(load_checkpoint(self.checkpoint), artifact, tile=self.tile, schedule=PRESETS["df5t-512"].schedule,
+                          fp16=True, log=lambda message: None)
+        backend = TensorRTBackend(artifact, "cuda")  # built (or taken from the cache) before timing
+        restorer = Restorer(artifact, backend=backend, **self.settings)
+        x, t = tile_inputs(torch, self.tile, backend.max_batch, torch.float16)
+        eps = torch.empty_like(x)
+        call = network_seconds(torch, lambda: backend.device_network(x, eps, t))
+        return self._row(f"ours, TensorRT {_tensorrt_version()}", restorer.restore, self.per_step,
+                         self._batched_network_time(call, backend.max_batch))
+
+
+def _table(report: dict) -> str:
+    lines = [f"df5t-512 (random weights), {report['size']} x {report['size']} EM montage, {report['steps']} steps, "
+             f"{report['machine']['gpu']}, measured fp16 matrix peak {report['matrix_peak_tflops_fp16']} TFLOP/s"]
+    for row in report["rows"]:
+        lines.append(f"{row['row']:<30} tile {row['tile']:>4}  {row['seconds']:>8.1f} s  "
+                     f"{row['tile_steps_per_s']:>8.1f} tile-steps/s  {row['mpix_per_s']:>7.3f} MPix/s  "
+                     f"{row['gpu_memory_gb']:>5.1f} GB  net {row['network_share']:>4.0%}  "
+                     f"{row['tflops']:>6.1f} TFLOP/s ({row['tflops_vs_peak']:.0%} of peak)")
+    for tile in sorted({row["tile"] for row in report["rows"]}):
+        by_name = {row["row"]: row["seconds"] for row in report["rows"] if row["tile"] == tile}
+        ours = by_name["ours"]
+        lines.append(f"tile {tile}: ours is {by_name['reference-style'] / ours:.2f}x reference-style (target >= 3), "
+                     f"{by_name['PyTorch fp16 batched eager'] / ours:.2f}x PyTorch fp16 batched eager (target >= 1.3); "
+                     f"{ours:.1f} s for the image (target < 30 s on one H100 at 4096 x 4096, 20 steps)")
+    return "\n".join(lines)
+
+
+def _tensorrt_version() -> str | None:
+    try:
+        import tensorrt
+    except ImportError:
+        return None
+    return tensorrt.__version__
 
 
 class _HostOnly:

@@ -66,3 +66,17 @@ def test_preset_state_dict_matches_published_manifest(fixtures_dir, name):
     assert preset.schedule.to_dict() == manifest["diffusion"]
     assert preset.training_size == manifest["model"]["image_size"]
     assert preset.network.num_channels == manifest["model"]["num_channels"]
+
+
+def test_eps_network_traces_as_one_graph_for_torch_compile(fixtures_dir, reference):
+    """TorchBackend(compile_network=True) compiles with fullgraph=True: the eps network must
+    trace without graph breaks (checked with the eager backend, which skips code generation)."""
+    from df5t_deploy.export.onnx_export import eps_only
+
+    io, config = reference
+    net = eps_only(_tiny_network(fixtures_dir, config))
+    x, t = torch.from_numpy(io["x"]), torch.from_numpy(io["t"])
+    with torch.inference_mode():
+        expected = net(x, t)
+        compiled = torch.compile(net, fullgraph=True, backend="eager")(x, t)
+    torch.testing.assert_close(compiled, expected)

@@ -3,6 +3,12 @@
 For machines with PyTorch and a GPU but neither TensorRT nor onnxruntime-gpu (such as the
 project's GPU test machine). The network is the export's (eps head only), stored in fp16
 with the precision-critical parts in fp32 exactly as the fp16 artifact.
+
+``compile_network=True`` compiles it with ``torch.compile`` (Inductor's default mode, which
+adds no CUDA graphs of its own: the device loop captures whole steps itself). Compilation
+takes minutes on first use and happens in the loop's first, direct step, outside any
+capture; whether it pays off depends on the GPU, which is why the GPU benchmark has a row
+for it.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ class TorchBackend:
     name = "torch-cuda"
 
     def __init__(self, checkpoint: str | Path, device: str = "cuda", tile: int | None = None,
-                 diffusion_steps: int | None = None, precision: str = "fp16"):
+                 diffusion_steps: int | None = None, precision: str = "fp16", compile_network: bool = False):
         try:
             import torch
         except ImportError:
@@ -45,6 +51,8 @@ class TorchBackend:
         network = eps_only(loaded.network)
         network = to_mixed_precision(network) if precision == "fp16" else network
         self.network = network.to(self.device).to(memory_format=torch.channels_last).eval()
+        if compile_network:
+            self.network = torch.compile(self.network, fullgraph=True)
         self._x_dtype = np.float16 if precision == "fp16" else np.float32
         arch = {**loaded.config.to_dict(), "preset": loaded.preset.name if loaded.preset else None}
         self.info = ArtifactInfo(tile, precision, schedule, arch, loaded.sha256)
