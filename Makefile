@@ -33,11 +33,16 @@ test: $(VENV)/.test-installed
 clean:
 	rm -rf $(VENV) build *.egg-info
 
-# Everything that needs a GPU, in one command, on a machine with one (README, "GPUs"):
-# the GPU tests, the kernels' GPU tests again under compute-sanitizer's memcheck, and the
-# GPU benchmark. Uses the machine's own Python (the GPU test machine is offline).
+# What needs a GPU, on a machine with one (README, "GPUs"), using the machine's own Python
+# (the GPU test machine is offline). gpu-check: the GPU tests, then the kernels' GPU tests
+# again under compute-sanitizer's memcheck. gpu-bench: the GPU benchmark (several minutes;
+# GPU_BENCH_ARGS="--tiles 256" runs one tile size).
 GPU_PYTHON ?= python3
+GPU_BENCH_ARGS ?=
+.PHONY: gpu-bench
 gpu-check:
 	$(GPU_PYTHON) -m pytest -m gpu -rs -q
 	compute-sanitizer --tool memcheck --error-exitcode 1 $(GPU_PYTHON) -m pytest -m gpu -q -k gpu tests/test_cuda_kernels.py
-	$(GPU_PYTHON) benchmarks/gpu_throughput.py
+
+gpu-bench:
+	$(GPU_PYTHON) benchmarks/gpu_throughput.py $(GPU_BENCH_ARGS)
