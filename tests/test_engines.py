@@ -236,3 +236,24 @@ def test_tensorrt_device_loop_matches_the_host_loop(tmp_path):
     ours = Restorer(model, backend=backend, **settings).restore_full(image)
     host = Restorer(model, **settings).restore_full(image)
     assert np.abs(ours.image.astype(int) - host.image).max() <= 3  # the engine runs in fp16
+
+
+def test_an_artifact_runs_on_pytorch_through_the_checkpoint_it_came_from(tmp_path):
+    """The torch backend takes an ONNX artifact only with the very .pt it was exported from
+    beside it (the bundled model has one), judged by the sha256 the export recorded."""
+    import shutil
+
+    from df5t_deploy.backends.torch_backend import source_checkpoint
+    from df5t_deploy.models import default_model_path
+
+    bundled = default_model_path()
+    checkpoint, info = source_checkpoint(bundled)
+    assert checkpoint == bundled.with_suffix(".pt") and info.tile == 64
+
+    alone = tmp_path / "model.onnx"
+    shutil.copy(bundled, alone)
+    with pytest.raises(BackendUnavailable, match="no model.pt beside it"):
+        source_checkpoint(alone)
+    (tmp_path / "model.pt").write_bytes(b"some other checkpoint")
+    with pytest.raises(BackendUnavailable, match="not the checkpoint model.onnx was exported from"):
+        source_checkpoint(alone)

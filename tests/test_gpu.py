@@ -71,3 +71,19 @@ def test_gpu_stack_and_super_tiles_with_walks_in_flight_match_the_cpu_path(gpu, 
     psnr = _psnr(on_gpu.image, cpu.image, cpu.intensity.high - cpu.intensity.low)
     print(f"stack with super-tiles: GPU fp32 vs CPU PSNR {psnr:.1f} dB")
     assert psnr > 50
+
+
+def test_bundled_model_on_pytorch_cuda_matches_the_cpu_path(gpu, em_dir):
+    """The bundled ONNX model on the GPU through the checkpoint it was exported from."""
+    from df5t_deploy.backends.torch_backend import TorchBackend
+    from df5t_deploy.models import default_model_path
+
+    image = tifffile.imread(em_dir / "micrograph_vemstitch-mussel_tile3_2_2_1768x2048.tif")[:128, :192]
+    settings = {"sigma0": 0.1, "steps": 20, "seed": 2}
+    cpu = Restorer(**settings).restore_full(image)
+    backend = TorchBackend(default_model_path(), device="cuda", precision="fp32")
+    on_gpu = Restorer(backend=backend, **settings).restore_full(image)
+    assert on_gpu.provenance["backend"] == "torch-cuda"
+    psnr = _psnr(on_gpu.image, cpu.image, 255.0)
+    print(f"bundled model: GPU fp32 vs CPU PSNR {psnr:.1f} dB")
+    assert psnr > 50

@@ -34,16 +34,20 @@ class TorchBackend:
             raise BackendUnavailable("the torch backend needs PyTorch: pip install 'df5t-deploy[export]'") from None
         if not torch.cuda.is_available():
             raise BackendUnavailable("PyTorch sees no CUDA GPU")
-        if Path(checkpoint).suffix.lower() == ".onnx":
-            raise BackendUnavailable("the torch backend runs PyTorch checkpoints (.pt), not ONNX artifacts")
+        artifact = None
+        if Path(checkpoint).suffix.lower() == ".onnx":  # run the checkpoint it came from, its way
+            checkpoint, artifact = source_checkpoint(checkpoint)
         from ..export.checkpoint import load_checkpoint
         from ..export.network import to_mixed_precision
         from ..export.onnx_export import eps_only
         from ..export.presets import DEFAULT_TILE, resolve_schedule
 
         loaded = load_checkpoint(checkpoint)
-        schedule = resolve_schedule(loaded.preset, diffusion_steps, lambda message: None)
-        tile = tile or (loaded.preset.training_size if loaded.preset else DEFAULT_TILE)
+        if artifact is not None:
+            schedule, tile = artifact.schedule, tile or artifact.tile
+        else:
+            schedule = resolve_schedule(loaded.preset, diffusion_steps, lambda message: None)
+            tile = tile or (loaded.preset.training_size if loaded.preset else DEFAULT_TILE)
         self._torch = torch
         self.device = torch.device(device)
         if precision not in ("fp16", "fp32"):
@@ -85,3 +89,23 @@ class TorchBackend:
             ts = torch.from_numpy(np.ascontiguousarray(t, dtype=np.float32)).to(self.device, non_blocking=True)
             eps = self.network(xs.contiguous(memory_format=torch.channels_last), ts)
             return eps.float().cpu().numpy()
+
+
+def source_checkpoint(artifact: str | Path) -> tuple[Path, ArtifactInfo]:
+    """The checkpoint an ONNX artifact was exported from, and the artifact's description: the
+    ``.pt`` of the same name beside it, accepted only if its sha256 is the one the export
+    recorded (so the bundled model, for one, runs on PyTorch too)."""
+    from ..files import sha256_of
+    from .onnxruntime_backend import OnnxRuntimeBackend
+
+    artifact = Path(artifact)
+    info = OnnxRuntimeBackend(artifact, device="cpu", threads=1).info
+    checkpoint = artifact.with_suffix(".pt")
+    if not checkpoint.is_file():
+        raise BackendUnavailable(
+            f"the torch backend runs PyTorch checkpoints; {artifact.name} has no {checkpoint.name} beside it "
+            "(pass the .pt it was exported from as --model)"
+        )
+    if not info.source_sha256 or sha256_of(checkpoint) != info.source_sha256:
+        raise BackendUnavailable(f"{checkpoint} is not the checkpoint {artifact.name} was exported from (sha256 differs)")
+    return checkpoint, info
