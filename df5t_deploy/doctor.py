@@ -46,15 +46,43 @@ def _gpus() -> list[str]:
 
 
 def _backends(providers: list[str], gpus: list[str]) -> dict[str, str]:
-    ort_ok = "CPUExecutionProvider" in providers
-    status = {"onnxruntime-cpu": "ok" if ort_ok else "onnxruntime is not installed: pip install onnxruntime"}
-    if "CUDAExecutionProvider" not in providers:
-        status["onnxruntime-cuda"] = "no CUDA provider: install onnxruntime-gpu in place of onnxruntime"
-    elif not gpus:
-        status["onnxruntime-cuda"] = "CUDA provider present but no NVIDIA GPU seen (nvidia-smi)"
+    """Each backend of ``--backend auto``'s order: "ok", or what it is missing."""
+    no_gpu = "no NVIDIA GPU seen (nvidia-smi)"
+    missing = [name for name in ("tensorrt", "cuda.bindings") if _version(name) is None]
+    if missing:
+        tensorrt = f"{' and '.join(missing)} not installed: pip install 'df5t-deploy[gpu]' (needs an NVIDIA driver)"
     else:
-        status["onnxruntime-cuda"] = "ok"
-    return status
+        tensorrt = "ok" if gpus else no_gpu
+    if "CUDAExecutionProvider" not in providers:
+        ort_cuda = "no CUDA provider: install onnxruntime-gpu in place of onnxruntime"
+    else:
+        ort_cuda = "ok" if gpus else f"CUDA provider present but {no_gpu}"
+    return {
+        "tensorrt": tensorrt,
+        "onnxruntime-cuda": ort_cuda,
+        "torch-cuda": _torch_cuda(),
+        "onnxruntime-cpu": "ok" if "CPUExecutionProvider" in providers else "onnxruntime is not installed: pip install onnxruntime",
+    }
+
+
+def _torch_cuda() -> str:
+    try:
+        import torch
+    except ImportError:
+        return "PyTorch is not installed: pip install 'df5t-deploy[export]' (a CUDA build)"
+    if not torch.cuda.is_available():
+        return f"PyTorch {torch.__version__} sees no CUDA GPU (a CPU-only build, or no GPU/driver)"
+    return "ok (runs .pt checkpoints, or an artifact with its .pt beside it)"
+
+
+def _device_loop(backends: dict[str, str], kernels: dict[str, str]) -> str:
+    """Whether GPU backends can run the on-device loop, or why they fall back to host copies."""
+    if _version("cuda.bindings") is None:
+        return "cuda-python is not installed: pip install 'df5t-deploy[gpu]'"
+    if not backends["torch-cuda"].startswith("ok"):
+        return f"needs PyTorch with CUDA for its buffers: {backends['torch-cuda']}"
+    failing = [arch for arch, state in kernels.items() if state != "ok"]
+    return f"the kernels do not build for {', '.join(failing)}" if failing else "ok"
 
 
 def collect() -> dict:
@@ -66,6 +94,7 @@ def collect() -> dict:
     except ImportError:
         providers, ort_version = [], None
     gpus = _gpus()
+    backends, kernels = _backends(providers, gpus), _kernels()
     return {
         "df5t_deploy": __version__,
         "python": sys.version.split()[0],
@@ -76,8 +105,9 @@ def collect() -> dict:
         "onnxruntime_providers": providers,
         "torch": _version("torch"),
         "gpus": gpus,
-        "backends": _backends(providers, gpus),
-        "kernels": _kernels(),
+        "backends": backends,
+        "device_loop": _device_loop(backends, kernels),
+        "kernels": kernels,
     }
 
 
@@ -98,5 +128,6 @@ def render(facts: dict) -> str:
         "backends:",
     ]
     lines += [f"  {name:<18} {state}" for name, state in facts["backends"].items()]
+    lines.append(f"on-device loop: {facts['device_loop']}")
     lines.append("CUDA kernels (NVRTC): " + ", ".join(f"{arch} {state}" for arch, state in facts["kernels"].items()))
     return "\n".join(lines)

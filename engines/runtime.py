@@ -6,6 +6,7 @@ their return value (deserialisation, shape setting, binding, execution) are chec
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..artifact import ArtifactInfo
-from ..backends.base import BackendUnavailable
+from ..backends.base import BackendUnavailable, open_device_loop
 from .build import artifact_facts, build_engine, choose_profile
 from .cache import EngineCache
 
@@ -94,17 +95,10 @@ class TensorRTBackend:
         _ok(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
         return eps.astype(np.float32, copy=False)
 
-    @property
+    @functools.cached_property
     def device_api(self):
-        """The device loop on this GPU, when PyTorch is there to hold its buffers; else None
-        (tiles then go through host copies, ``__call__``)."""
-        try:
-            from ..cuda.torch_device import TorchCudaDevice
-        except ImportError:
-            return None
-        if getattr(self, "_device_api", None) is None:
-            self._device_api = TorchCudaDevice(self.device)
-        return self._device_api
+        """The device loop on this GPU (None: tiles go through host copies, ``__call__``)."""
+        return open_device_loop(self.device)
 
     def device_network(self, tiles, eps_tiles, t) -> None:
         """Run the engine on device tiles in place, enqueued on PyTorch's current stream

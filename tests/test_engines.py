@@ -257,3 +257,35 @@ def test_an_artifact_runs_on_pytorch_through_the_checkpoint_it_came_from(tmp_pat
     (tmp_path / "model.pt").write_bytes(b"some other checkpoint")
     with pytest.raises(BackendUnavailable, match="not the checkpoint model.onnx was exported from"):
         source_checkpoint(alone)
+
+
+def test_doctor_explains_every_backend_of_the_auto_order():
+    result = CliRunner().invoke(main, ["doctor", "--json"])
+    assert result.exit_code == 0, result.output
+    facts = json.loads(result.output)
+    assert tuple(facts["backends"]) == candidates("auto", "cuda")
+    assert facts["backends"]["onnxruntime-cpu"] == "ok"
+    for name, state in facts["backends"].items():
+        assert state.startswith("ok") or "install" in state or "no CUDA GPU" in state or "no NVIDIA GPU" in state, name
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if not has_cuda:
+        assert not facts["backends"]["torch-cuda"].startswith("ok")
+        assert facts["device_loop"] != "ok"
+
+
+def test_a_gpu_backend_without_the_loops_software_falls_back_to_the_host_loop(monkeypatch):
+    import df5t_deploy.cuda.torch_device as torch_device
+
+    from df5t_deploy.backends.base import open_device_loop
+
+    def missing(index):
+        raise ImportError("No module named 'cuda'", name="cuda")
+
+    monkeypatch.setattr(torch_device, "TorchCudaDevice", missing)
+    with pytest.warns(UserWarning, match="on-device loop cannot start.*host copies"):
+        assert open_device_loop(0) is None

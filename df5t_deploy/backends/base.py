@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+import warnings
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -21,3 +22,20 @@ class Backend(Protocol):
     def __call__(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
         """eps [B,3,T,T] float32 for x [B,3,T,T] float32 and raw timesteps t [B] float32."""
         ...
+
+
+def open_device_loop(index: int) -> Any | None:
+    """The on-device loop's ``Device`` on GPU ``index`` (PyTorch buffers, NVRTC kernels), or
+    None with a warning where its software is missing; the backend then runs the host loop
+    (tiles copied to and from the GPU every step), slower but the same result."""
+    from ..cuda import KernelBuildError
+
+    try:
+        from ..cuda.torch_device import TorchCudaDevice
+
+        return TorchCudaDevice(index)
+    except (ImportError, KernelBuildError) as err:
+        warnings.warn(f"the on-device loop cannot start ({err}); every step goes through host copies. "
+                      "It needs PyTorch with CUDA, cuda-python and NVRTC: pip install 'df5t-deploy[gpu]'",
+                      stacklevel=2)
+        return None

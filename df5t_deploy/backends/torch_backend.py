@@ -13,12 +13,13 @@ for it.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
 
 from ..artifact import ArtifactInfo
-from .base import BackendUnavailable
+from .base import BackendUnavailable, open_device_loop
 
 CUDA_BATCH = 8
 
@@ -61,16 +62,11 @@ class TorchBackend:
         arch = {**loaded.config.to_dict(), "preset": loaded.preset.name if loaded.preset else None}
         self.info = ArtifactInfo(tile, precision, schedule, arch, loaded.sha256)
         self.preferred_batch = CUDA_BATCH
-        self._device_api = None
 
-    @property
+    @functools.cached_property
     def device_api(self):
-        """The device loop's buffers and kernels on this backend's GPU."""
-        if self._device_api is None:
-            from ..cuda.torch_device import TorchCudaDevice
-
-            self._device_api = TorchCudaDevice(self.device.index or 0)
-        return self._device_api
+        """The device loop's buffers and kernels on this backend's GPU (None: host loop)."""
+        return open_device_loop(self.device.index or 0)
 
     def device_network(self, tiles, eps_tiles, t) -> None:
         """eps for device tiles (timesteps ``t``, a device tensor), in chunks of the batch,

@@ -78,7 +78,10 @@ def _log(nvrtc, program) -> str:
 
 def nvrtc_version() -> str:
     nvrtc = _nvrtc()
-    result = nvrtc.nvrtcVersion()
+    try:
+        result = nvrtc.nvrtcVersion()
+    except RuntimeError as err:  # cuda-bindings loads libnvrtc on first use
+        raise KernelBuildError(f"NVRTC cannot be loaded ({err}): pip install nvidia-cuda-nvrtc") from err
     _check(nvrtc, result, "version")
     return f"{result[1]}.{result[2]}"
 
