@@ -34,7 +34,7 @@ from .artifact import Schedule
 from .operators import BlockMean, GaussianBlur, Identity, Inpainting, SpatialOperator
 from .planes import NoiseKey
 from .sampler import DDRM, SamplerSettings, StepPlan
-from .tiling import TileGrid
+from .tiling import TileGrid, axis_window
 
 U32, U64, INT = ctypes.c_uint32, ctypes.c_uint64, ctypes.c_int
 
@@ -87,6 +87,14 @@ def dct_matrix(n: int) -> np.ndarray:
     return d.astype(np.float32)
 
 
+def covering_tiles(starts: list[int], length: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The blend kernel's table along one axis: for each position, the first tile (of
+    ``size`` at the sorted ``starts``) that covers it, and how many consecutive ones do."""
+    position = np.arange(length)[:, None]
+    covers = (np.asarray(starts)[None, :] <= position) & (position < np.asarray(starts)[None, :] + size)
+    return covers.argmax(axis=1).astype(np.int32), covers.sum(axis=1).astype(np.int32)
+
+
 def step_table(ddrm: DDRM) -> np.ndarray:
     """The kernels' DF5TStep table [steps + 1, 7] float32: sqrt(abar), sqrt(1 - abar), sn,
     sigma0, eta, eta_b, sqrt(abar_next) for each walk step, then the initial value's row.
@@ -122,16 +130,15 @@ class DeviceSampler:
         self.x = device.empty((states, 3, h, w), np.float32)
         self.x_next = device.empty((states, 3, h, w), np.float32)
         self.eps = device.empty((states, 3, h, w), np.float32)
-        self.acc = device.empty((states, 3, *grid.padded), np.float32)
         self.tiles = device.empty((len(self.jobs), 3, tile, tile), self.tile_dtype)
         self.eps_tiles = device.empty((len(self.jobs), 3, tile, tile), self.tile_dtype)
-        windows = [grid.axis_windows(y, x) for _, y, x in self.jobs]
-        self.wy = device.upload(np.ascontiguousarray([w[0] for w in windows], dtype=np.float32))
-        self.wx = device.upload(np.ascontiguousarray([w[1] for w in windows], dtype=np.float32))
-        weight = np.zeros(grid.padded, np.float32)
-        for y, x in grid.positions:
-            weight[y : y + tile, x : x + tile] += grid.window(y, x)
-        self.weight = device.upload(weight)
+        self.ys, self.xs = (device.upload(np.array(starts, dtype=np.int32)) for starts in (grid.ys, grid.xs))
+        self.row_windows, self.col_windows = (
+            device.upload(np.array([axis_window(start, starts, tile) for start in starts], np.float32))
+            for starts in (grid.ys, grid.xs))
+        self.row_cover, self.col_cover = (
+            tuple(device.upload(table) for table in covering_tiles(starts, length, tile))
+            for starts, length in ((grid.ys, grid.padded[0]), (grid.xs, grid.padded[1])))
         self.tp, self.ty, self.tx = (device.upload(np.array([j[i] for j in self.jobs], dtype=np.int32)) for i in range(3))
         self.s = device.upload(np.ascontiguousarray(self.ddrm.s, dtype=np.float32))
         if isinstance(op, GaussianBlur):  # the blur's V: DCTs by matrix products, between kernels
@@ -228,12 +235,12 @@ class DeviceSampler:
         d.launch(f"df5t_gather_tiles_{kind}", d.pointer(self.x), d.pointer(self.tiles), d.pointer(self.tp),
                  d.pointer(self.ty), d.pointer(self.tx), U32(n), U32(h), U32(w), INT(pt), INT(pl), U32(grid.tile))
         network(self.tiles, self.eps_tiles, self.t)
-        d.zero(self.acc)
-        d.launch(f"df5t_blend_tiles_{kind}", d.pointer(self.eps_tiles), d.pointer(self.wy), d.pointer(self.wx),
-                 d.pointer(self.acc), d.pointer(self.tp), d.pointer(self.ty), d.pointer(self.tx), U32(n),
-                 U32(grid.padded[0]), U32(grid.padded[1]), U32(grid.tile))
-        d.launch("df5t_blend_finalize", d.pointer(self.acc), d.pointer(self.weight), d.pointer(self.eps),
-                 U32(self.states), U32(h), U32(w), U32(grid.padded[0]), U32(grid.padded[1]), INT(pt), INT(pl))
+        first_row, rows = self.row_cover
+        first_col, cols = self.col_cover
+        d.launch(f"df5t_blend_tiles_{kind}", d.pointer(self.eps_tiles), d.pointer(self.ys), d.pointer(self.xs),
+                 d.pointer(self.row_windows), d.pointer(self.col_windows), d.pointer(first_row), d.pointer(rows),
+                 d.pointer(first_col), d.pointer(cols), U32(len(grid.ys)), U32(len(grid.xs)), d.pointer(self.eps),
+                 U32(self.states), U32(h), U32(w), INT(pt), INT(pl), U32(grid.tile))
 
     def _grey_images(self):
         """The final states as grey images [states, H, W] on [0, 1], in a fresh buffer (the

@@ -1,6 +1,6 @@
 // Grid emulation: compile df5t_deploy/cuda/kernels.cu with g++ and call its kernels as plain
 // C functions. Every kernel is a grid-stride loop, so one "thread" with index 0 and stride 1
-// walks the whole range; atomics become plain adds (a single thread cannot race).
+// walks the whole range.
 #pragma once
 #include <cmath>
 #include <cstring>
@@ -13,7 +13,6 @@ typedef unsigned short f16bits;
 #define DF5T_DEVICE static inline
 #define DF5T_FIRST_INDEX ((u64)0)
 #define DF5T_STRIDE ((u64)1)
-#define DF5T_ATOMIC_ADD(address, value) (*(address) += (value))
 
 static inline float df5t_half_to_float(f16bits h) {
     _Float16 v;

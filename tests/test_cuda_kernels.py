@@ -12,12 +12,12 @@ from kernel_emulation import EmulatedKernels, build_library
 
 from df5t_deploy import cuda
 from df5t_deploy.artifact import Schedule
-from df5t_deploy.device_loop import step_table
+from df5t_deploy.device_loop import covering_tiles, step_table
 from df5t_deploy.intensity import IntensityMap
 from df5t_deploy.noise import gaussian_field
 from df5t_deploy.operators import BlockMean, GaussianBlur, Identity, Inpainting
 from df5t_deploy.sampler import DDRM, SamplerSettings, state_to_image
-from df5t_deploy.tiling import TileGrid, blend_tiles, finalize_blend, gather_tiles
+from df5t_deploy.tiling import TileGrid, axis_window, blend_tiles, finalize_blend, gather_tiles
 
 
 def _require_nvrtc():
@@ -193,7 +193,7 @@ def test_split_update_merge_match_numpy_for_the_blur(run):
 
 
 @pytest.mark.parametrize("fp16", [False, True])
-def test_gather_blend_finalize_match_numpy(run, fp16):
+def test_gather_and_blend_match_numpy(run, fp16):
     rng = np.random.default_rng(4)
     planes, height, width, tile = 2, 40, 23, 32  # width < tile: reflect padding
     grid = TileGrid(height, width, tile, 8)
@@ -213,20 +213,26 @@ def test_gather_blend_finalize_match_numpy(run, fp16):
     windows = [grid.axis_windows(y, x) for _, y, x in jobs]
     wy = np.ascontiguousarray([w[0] for w in windows], dtype=np.float32)
     wx = np.ascontiguousarray([w[1] for w in windows], dtype=np.float32)
-    acc = np.zeros((planes, 3, *grid.padded), np.float32)
-    run(f"df5t_blend_tiles_{kind}", tiles, wy, wx, acc, tp, ty, tx,
-                                             U32(len(jobs)), U32(grid.padded[0]), U32(grid.padded[1]), U32(tile))
-    expected_acc = np.zeros_like(acc)
+    expected_acc = np.zeros((planes, 3, *grid.padded), np.float32)
     blend_tiles(expected_acc, got, wy, wx, jobs, tile)
-    np.testing.assert_allclose(acc, expected_acc, rtol=1e-5, atol=1e-5)
-
     weight = np.zeros(grid.padded, np.float32)
     for (y, x), (a, b) in zip(grid.positions, windows):
         weight[y : y + tile, x : x + tile] += np.outer(a, b)
     eps = poisoned((planes, 3, height, width))
-    run("df5t_blend_finalize", acc, weight, eps, U32(planes), U32(height), U32(width),
-                            U32(grid.padded[0]), U32(grid.padded[1]), INT(pt), INT(pl))
+    covering = [covering_tiles(starts, n, tile) for starts, n in ((grid.ys, grid.padded[0]), (grid.xs, grid.padded[1]))]
+    run(f"df5t_blend_tiles_{kind}", tiles, np.array(grid.ys, np.int32), np.array(grid.xs, np.int32),
+        *(np.array([axis_window(s, starts, tile) for s in starts], np.float32) for starts in (grid.ys, grid.xs)),
+        *covering[0], *covering[1], U32(len(grid.ys)), U32(len(grid.xs)), eps,
+        U32(planes), U32(height), U32(width), INT(pt), INT(pl), U32(tile))
     np.testing.assert_allclose(eps, finalize_blend(expected_acc, weight, grid), rtol=1e-5, atol=1e-6)
+
+
+def test_covering_tiles_lists_every_tile_over_each_position():
+    starts, size = [0, 20, 40, 58], 32
+    first, count = covering_tiles(starts, 90, size)
+    for position in range(90):
+        expected = [i for i, s in enumerate(starts) if s <= position < s + size]
+        assert list(range(first[position], first[position] + count[position])) == expected
 
 
 @pytest.mark.parametrize("dtype, low, high", [(np.uint8, 0, 255), (np.uint16, 100, 40000), (np.float32, -3.5, 7.25)])

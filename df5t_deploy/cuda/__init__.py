@@ -28,7 +28,6 @@ KERNELS = (
     "df5t_gather_tiles_f16",
     "df5t_blend_tiles_f32",
     "df5t_blend_tiles_f16",
-    "df5t_blend_finalize",
     "df5t_map_in_u8",
     "df5t_map_in_u16",
     "df5t_map_in_f32",

@@ -1,9 +1,10 @@
 // df5t-deploy CUDA kernels: the on-device DDRM loop's operators, noise, tiling and I/O maps.
 //
 // Every kernel has a numpy twin with the same semantics (named in its comment); tests
-// compare them. All kernels are 1-D grid-stride loops without shared memory or barriers,
-// so the same source also compiles with g++ through emulation.h (one "thread" walks the
-// whole range) and its logic is tested on machines without a GPU.
+// compare them. All kernels are 1-D grid-stride loops without shared memory, barriers or
+// atomics (each output element has one writer, so results are deterministic), so the same
+// source also compiles with g++ through tests/cuda_emulation.h (one "thread" walks the whole
+// range) and its logic is tested on machines without a GPU.
 //
 // Layouts: states are [B, 3, H, W] float32, B = group planes x samples (b = g * samples + s);
 // measurements ybar and singular values are [G, H, W] (s may be shared: stride 0).
@@ -21,7 +22,6 @@ typedef unsigned short f16bits;
 #define DF5T_STRIDE ((u64)blockDim.x * gridDim.x)
 DF5T_DEVICE float df5t_half_to_float(f16bits h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
 DF5T_DEVICE f16bits df5t_float_to_half(float f) { f16bits h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
-#define DF5T_ATOMIC_ADD(address, value) atomicAdd((address), (value))
 #endif
 
 #define DF5T_FOR_EACH(i, n) for (u64 i = DF5T_FIRST_INDEX; i < (u64)(n); i += DF5T_STRIDE)
@@ -314,31 +314,35 @@ DF5T_DEVICE long long df5t_reflect(long long i, long long n) {
 DF5T_GATHER(df5t_gather_tiles_f32, float, DF5T_IDENTITY)
 DF5T_GATHER(df5t_gather_tiles_f16, f16bits, df5t_float_to_half)
 
-// acc [P, 3, Hp, Wp] += eps tile j * window (wy[j] outer wx[j]). Twin: tiling.blend_tiles.
-#define DF5T_BLEND(NAME, IN_T, CONVERT)                                                                 \
-    DF5T_GLOBAL void NAME(const IN_T* eps, const float* wy, const float* wx, float* acc, const int* tp,   \
-                          const int* ty, const int* tx, u32 n_tiles, u32 padded_h, u32 padded_w, u32 tile) { \
-        const u64 per = (u64)3 * tile * tile;                                                           \
-        DF5T_FOR_EACH(k, (u64)n_tiles * per) {                                                          \
-            const u64 j = k / per, r = k % per, c = r / ((u64)tile * tile), q = r % ((u64)tile * tile);   \
-            const u64 y = (u64)ty[j] + q / tile, x = (u64)tx[j] + q % tile;                             \
-            const float w = wy[j * tile + q / tile] * wx[j * tile + q % tile];                          \
-            DF5T_ATOMIC_ADD(&acc[(((u64)tp[j] * 3 + c) * padded_h + y) * padded_w + x], CONVERT(eps[k]) * w); \
-        }                                                                                               \
+// eps [P, 3, H, W]: at every pixel, the window-weighted mean of the tiles covering it (padded
+// coordinates), cropped from the padded region. One thread per output element sums its tiles
+// in job order (rows of tiles, then columns), so there are no atomics and reruns are bit for
+// bit identical. Tile rows row_first[y] .. + row_count[y] cover padded row y (likewise
+// columns); tile (p, iy, ix) is job (p * rows + iy) * cols + ix, at (ys[iy], xs[ix]), with
+// windows row_windows[iy] and col_windows[ix]. Twin: tiling.finalize_blend(tiling.blend_tiles).
+#define DF5T_BLEND(NAME, IN_T, CONVERT)                                                                    \
+    DF5T_GLOBAL void NAME(const IN_T* tiles, const int* ys, const int* xs, const float* row_windows,        \
+                          const float* col_windows, const int* row_first, const int* row_count,            \
+                          const int* col_first, const int* col_count, u32 rows, u32 cols, float* eps,      \
+                          u32 planes, u32 height, u32 width, int pad_top, int pad_left, u32 tile) {        \
+        const u64 n = (u64)height * width;                                                                 \
+        DF5T_FOR_EACH(k, (u64)planes * 3 * n) {                                                            \
+            const u64 pc = k / n, i = k % n, p = pc / 3, c = pc % 3;                                       \
+            const u64 y = i / width + pad_top, x = i % width + pad_left;                                   \
+            float sum = 0.0f, weight = 0.0f;                                                               \
+            for (int iy = row_first[y]; iy < row_first[y] + row_count[y]; ++iy) {                          \
+                for (int ix = col_first[x]; ix < col_first[x] + col_count[x]; ++ix) {                      \
+                    const u64 j = (p * rows + iy) * cols + ix, ty = y - ys[iy], tx = x - xs[ix];            \
+                    const float w = row_windows[(u64)iy * tile + ty] * col_windows[(u64)ix * tile + tx];    \
+                    sum += CONVERT(tiles[((j * 3 + c) * tile + ty) * tile + tx]) * w;                       \
+                    weight += w;                                                                           \
+                }                                                                                          \
+            }                                                                                              \
+            eps[k] = sum / weight;                                                                         \
+        }                                                                                                  \
     }
 DF5T_BLEND(df5t_blend_tiles_f32, float, DF5T_IDENTITY)
 DF5T_BLEND(df5t_blend_tiles_f16, f16bits, df5t_half_to_float)
-
-// eps [P, 3, H, W] = acc / weight, cropped from the padded region. Twin: tiling.finalize_blend.
-DF5T_GLOBAL void df5t_blend_finalize(const float* acc, const float* weight, float* eps, u32 planes, u32 height,
-                                     u32 width, u32 padded_h, u32 padded_w, int pad_top, int pad_left) {
-    const u64 n = (u64)height * width;
-    DF5T_FOR_EACH(k, (u64)planes * 3 * n) {
-        const u64 pc = k / n, i = k % n;
-        const u64 y = i / width + pad_top, x = i % width + pad_left;
-        eps[k] = acc[(pc * padded_h + y) * padded_w + x] / weight[y * padded_w + x];
-    }
-}
 
 // ------------------------------------------------------------------ intensity maps (twin: intensity.py)
 
