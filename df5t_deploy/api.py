@@ -273,7 +273,7 @@ class Restorer:
             return lambda: result
         states = len(y) * self.samples
         sampler = self._device_sampler(device, op, settings, states)
-        run = sampler.start(y, self.backend.device_network, key, self.samples)
+        run = sampler.start(y, self.backend.device_network, key)
         on_step = tracker.step_reporter(self.denoiser.tiles_per_call(states, *op.shape), len(sampler.ddrm.timesteps))
         return lambda: run.result(on_step).reshape(len(y), self.samples, *op.shape)
 
@@ -285,7 +285,7 @@ class Restorer:
         sampler = self._device_samplers.get(key)
         if sampler is None:
             sampler = DeviceSampler(device, op, self.schedule, settings, self.denoiser.grid(*op.shape), self.batch,
-                                    states, tile_dtype)
+                                    states, self.samples, tile_dtype)
             if not isinstance(op, Inpainting):
                 self._device_samplers = {key: sampler}  # one shape at a time: earlier buffers are freed
         return sampler

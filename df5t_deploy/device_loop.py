@@ -6,9 +6,11 @@ copy, launch a kernel by name, capture, markers), so the very same code runs on 
 (``TorchCudaDevice``: PyTorch tensors and the NVRTC-built kernels on PyTorch's current
 stream) and, in the tests, on the CPU (numpy arrays and the kernels compiled by g++ through
 the grid-emulation header). Even the initial value is computed on the device (as a step,
-see ``step_table``), so no noise is drawn on the host. A step reads its scalars, its network timestep and its noise counter from
-device tables at a device cursor that the step itself advances, so the same captured step
-is valid for every step of the walk.
+see ``step_table``), so no noise is drawn on the host. A step reads its scalars, its
+network timestep and its noise counter from device tables at a device cursor that the step
+itself advances, and the walk's measurements and noise key (``walk_table``) from fixed
+buffers, so one step captured for a sampler's first walk is valid for every step of every
+later walk of the same shape.
 
 ``DeviceSampler.start`` only queues a walk: it returns a ``DeviceRun`` whose result the host
 collects later, so the host reads, prepares and queues the next group of planes while the
@@ -95,6 +97,16 @@ def covering_tiles(starts: list[int], length: int, size: int) -> tuple[np.ndarra
     return covers.argmax(axis=1).astype(np.int32), covers.sum(axis=1).astype(np.int32)
 
 
+WALK_WORDS = 6
+
+
+def walk_table(key: NoiseKey) -> np.ndarray:
+    """The kernels' DF5TWalk words for a group's noise key (as int32 bits): first plane, region
+    row and column, orientation << 24, and the seed's low and high 32 bits."""
+    words = [key.plane_ids[0], key.y0, key.x0, key.orientation << 24, key.seed & 0xFFFFFFFF, key.seed >> 32]
+    return np.array(words, dtype=np.uint64).astype(np.uint32).view(np.int32)
+
+
 def step_table(ddrm: DDRM) -> np.ndarray:
     """The kernels' DF5TStep table [steps + 1, 7] float32: sqrt(abar), sqrt(1 - abar), sn,
     sigma0, eta, eta_b, sqrt(abar_next) for each walk step, then the initial value's row.
@@ -118,12 +130,12 @@ class DeviceSampler:
     """DDRM for one region shape and group size, with every buffer allocated once."""
 
     def __init__(self, device: Device, op: SpatialOperator, schedule: Schedule, settings: SamplerSettings,
-                 grid: TileGrid, batch: int, states: int, tile_dtype=np.float32):
+                 grid: TileGrid, batch: int, states: int, samples: int, tile_dtype=np.float32):
         if not supports(op):
             raise ValueError(f"{type(op).__name__} has no fused device step; use the host loop")
         self.device, self.op, self.settings, self.grid, self.batch = device, op, settings, grid, batch
         self.ddrm = DDRM(op, schedule, settings)
-        self.states, self.tile_dtype = states, np.dtype(tile_dtype)
+        self.states, self.samples, self.tile_dtype = states, samples, np.dtype(tile_dtype)
         h, w = op.shape
         tile = grid.tile
         self.jobs = [(b, y, x) for b in range(states) for (y, x) in grid.positions]
@@ -150,54 +162,67 @@ class DeviceSampler:
         self.t_table = device.upload(np.array([plan.t for plan in self.ddrm.timesteps], dtype=np.float32))
         self.t = device.empty((len(self.jobs),), np.float32)
         self.cursor = device.upload(np.zeros(1, np.int32))  # read as u32 by the kernels
+        self.walk = device.upload(np.zeros(WALK_WORDS, np.int32))  # read as u32: walk_table
+        self._ybar = None  # allocated for the first walk's measurement shape
+        self._captured: tuple[DeviceNetwork, Callable[[], None]] | None = None  # (network, its replay)
 
-    def start(self, y: np.ndarray, network: DeviceNetwork, key: NoiseKey, samples: int) -> DeviceRun:
+    def start(self, y: np.ndarray, network: DeviceNetwork, key: NoiseKey) -> DeviceRun:
         """Queue the whole walk for measurements y [G, ...] (host) and return at once.
 
-        The first step runs directly (it also warms the network up outside a capture); the
-        rest replay it as captured by the device. The final states are mapped to grey images
-        on [0, 1] (sampler.state_to_image) and their download is queued too.
+        The walk's measurements and noise key go into fixed device buffers, so the step
+        captured for the sampler's first walk replays for every later one; that first walk
+        runs its first step directly (it also warms the network up outside a capture). The
+        final states are mapped to grey images on [0, 1] (sampler.state_to_image) and their
+        download is queued too.
         """
         d = self.device
         # the block kernel reads ybar on the measurement grid (U = I), the others spectrally
         kernel_ybar = y if isinstance(self.op, BlockMean) else self.ddrm.spectral_measurement(y)
-        self._ybar = d.upload(np.ascontiguousarray(kernel_ybar, dtype=np.float32))
-        self._initial_state(key, samples)
-        step = functools.partial(self._step, network, key, samples)
-        step()
-        markers = [d.marker()]
-        replay = d.capture(step)
-        for _ in range(len(self.ddrm.timesteps) - 1):
+        kernel_ybar = np.ascontiguousarray(kernel_ybar, dtype=np.float32)
+        if self._ybar is None:
+            self._ybar = d.empty(kernel_ybar.shape, np.float32)
+        elif tuple(self._ybar.shape) != kernel_ybar.shape:
+            raise ValueError(f"measurements {kernel_ybar.shape} for a sampler made for {tuple(self._ybar.shape)}")
+        d.copy(self._ybar, d.upload(kernel_ybar))
+        d.copy(self.walk, d.upload(walk_table(key)))
+        self._initial_state()
+        markers = []
+        if self._captured is None or self._captured[0] != network:  # bound methods compare by owner
+            step = functools.partial(self._step, network)
+            step()
+            markers.append(d.marker())
+            self._captured = (network, d.capture(step))
+        replay = self._captured[1]
+        while len(markers) < len(self.ddrm.timesteps):
             replay()
             markers.append(d.marker())
         download = d.download_async(self._grey_images())
         return DeviceRun(list(self.ddrm.timesteps), markers, download, keep_alive=replay)
 
-    def _initial_state(self, key: NoiseKey, samples: int) -> None:
+    def _initial_state(self) -> None:
         """x at the first timestep, on the device: the table's last row (see step_table)."""
         d = self.device
         d.zero(self.x)
         d.zero(self.eps)
         d.copy(self.cursor, d.upload(np.array([len(self.ddrm.timesteps)], np.int32)))
-        self._update(key, samples)
+        self._update()
         d.copy(self.x, self.x_next)
         d.zero(self.cursor)
 
-    def _step(self, network: DeviceNetwork, key: NoiseKey, samples: int) -> None:
+    def _step(self, network: DeviceNetwork) -> None:
         """One whole step on the device, at the step the cursor points to; then the cursor moves."""
         d = self.device
         self._predict_eps(network)
-        self._update(key, samples)
+        self._update()
         d.copy(self.x, self.x_next)  # fixed buffers, so a captured step stays valid
         d.launch("df5t_advance", d.pointer(self.cursor))
 
-    def _update(self, key: NoiseKey, samples: int) -> None:
+    def _update(self) -> None:
         """x_next from x and eps: the operator's DDRM update at the cursor's step."""
         d = self.device
         h, w = self.op.shape
-        common = (U32(self.states), U32(samples), U32(h), U32(w))
-        where = (U32(key.plane_ids[0]), U32(key.y0), U32(key.x0), U64(key.seed), U32(key.orientation << 24),
-                 d.pointer(self.steps), d.pointer(self.cursor))
+        common = (U32(self.states), U32(self.samples), U32(h), U32(w))
+        where = (d.pointer(self.walk), d.pointer(self.steps), d.pointer(self.cursor))
         if isinstance(self.op, BlockMean):
             by, bx = self.op.block
             d.launch("df5t_ddrm_step_block", d.pointer(self.x), d.pointer(self.eps), d.pointer(self._ybar),

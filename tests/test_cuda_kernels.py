@@ -12,10 +12,11 @@ from kernel_emulation import EmulatedKernels, build_library
 
 from df5t_deploy import cuda
 from df5t_deploy.artifact import Schedule
-from df5t_deploy.device_loop import covering_tiles, step_table
+from df5t_deploy.device_loop import covering_tiles, step_table, walk_table
 from df5t_deploy.intensity import IntensityMap
 from df5t_deploy.noise import gaussian_field
 from df5t_deploy.operators import BlockMean, GaussianBlur, Identity, Inpainting
+from df5t_deploy.planes import NoiseKey
 from df5t_deploy.sampler import DDRM, SamplerSettings, state_to_image
 from df5t_deploy.tiling import TileGrid, axis_window, blend_tiles, finalize_blend, gather_tiles
 
@@ -119,12 +120,12 @@ def _states(batch, shape, rng):
     return x, eps
 
 
-def _reference_step(ddrm, plan, x, eps, y, seed, samples, plane_base, orientation=0):
+def _reference_step(ddrm, plan, x, eps, y, key: NoiseKey, samples):
     """DDRM.step with the counter-based noise the kernels draw."""
     groups = len(x) // samples
     word_noise = np.stack([
-        gaussian_field(seed, step=plan.index, draw=s, orientation=orientation, plane=plane_base + g,
-                       y0=0, x0=0, height=x.shape[-2], width=x.shape[-1])
+        gaussian_field(key.seed, step=plan.index, draw=s, orientation=key.orientation, plane=key.plane_ids[0] + g,
+                       y0=key.y0, x0=key.x0, height=x.shape[-2], width=x.shape[-1])
         for g in range(groups) for s in range(samples)])
     ybar = np.repeat(ddrm.spectral_measurement(y), samples, axis=0)
     return ddrm.step(plan, x, eps, ybar, word_noise)
@@ -134,7 +135,7 @@ def _reference_step(ddrm, plan, x, eps, y, seed, samples, plane_base, orientatio
 @pytest.mark.parametrize("plan_index", [3, 9])  # a step in the middle, and the last one
 def test_pointwise_step_matches_numpy(run, task, plan_index):
     rng = np.random.default_rng(1)
-    shape, groups, samples, seed = (20, 28), 2, 2, 77
+    shape, groups, samples, seed = (20, 28), 2, 2, 2**40 + 77
     op = Identity(shape) if task == "denoise" else Inpainting(rng.random(shape) < 0.3)
     ddrm = DDRM(op, Schedule(1000), SamplerSettings(sigma0=0.1, steps=10))
     plan, step = _step_args(ddrm, plan_index)
@@ -143,10 +144,10 @@ def test_pointwise_step_matches_numpy(run, task, plan_index):
     ybar = np.ascontiguousarray(ddrm.spectral_measurement(y), dtype=np.float32)
     s = np.ascontiguousarray(ddrm.s, dtype=np.float32)
     out = poisoned(x.shape)
-    run("df5t_ddrm_step_pointwise", x, eps, ybar, s, U64(0), out, U32(groups * samples),
-                                 U32(samples), U32(shape[0]), U32(shape[1]), U32(5), U32(0), U32(0), U64(seed),
-                                 U32(0), *step)
-    expected = _reference_step(ddrm, plan, x, eps, y, seed, samples, plane_base=5)
+    key = NoiseKey(seed, 1, range(5, 5 + groups), y0=12, x0=300)
+    run("df5t_ddrm_step_pointwise", x, eps, ybar, s, U64(0), out, U32(groups * samples), U32(samples),
+        U32(shape[0]), U32(shape[1]), walk_table(key), *step)
+    expected = _reference_step(ddrm, plan, x, eps, y, key, samples)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=2e-5 * np.abs(expected).max())
 
 
@@ -160,10 +161,10 @@ def test_block_step_matches_numpy(run, block):
     x, eps = _states(groups * samples, shape, rng)
     y = rng.uniform(-1, 1, (groups, *op.measurement_shape)).astype(np.float32)
     out = poisoned(x.shape)
-    run("df5t_ddrm_step_block", x, eps, np.ascontiguousarray(y), out, U32(groups * samples),
-                             U32(samples), U32(shape[0]), U32(shape[1]), U32(block[0]), U32(block[1]), U32(0),
-                             U32(0), U32(0), U64(seed), U32(0), *step)
-    expected = _reference_step(ddrm, plan, x, eps, y, seed, samples, plane_base=0)
+    key = NoiseKey(seed, 2, range(groups), y0=48, x0=8)
+    run("df5t_ddrm_step_block", x, eps, np.ascontiguousarray(y), out, U32(groups * samples), U32(samples),
+        U32(shape[0]), U32(shape[1]), U32(block[0]), U32(block[1]), walk_table(key), *step)
+    expected = _reference_step(ddrm, plan, x, eps, y, key, samples)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=2e-5 * np.abs(expected).max())
 
 
@@ -179,8 +180,9 @@ def test_split_update_merge_match_numpy_for_the_blur(run):
     n = shape[0] * shape[1]
     g0, ge, gz = (poisoned((1, *shape)) for _ in range(3))
     diffs = poisoned((1, 2, *shape))
-    args = (U32(1), U32(samples), U32(shape[0]), U32(shape[1]), U32(0), U32(0), U32(0), U64(seed), U32(0), *step)
-    run("df5t_ddrm_split", x, eps, g0, ge, gz, diffs, *args)
+    key = NoiseKey(seed, 0, [3], y0=7, x0=0)
+    run("df5t_ddrm_split", x, eps, g0, ge, gz, diffs, U32(1), U32(samples), U32(shape[0]), U32(shape[1]),
+        walk_table(key), *step)
     v0, ve, vz = (np.ascontiguousarray(op.vt(a), dtype=np.float32) for a in (g0, ge, gz))
     ybar = np.ascontiguousarray(ddrm.spectral_measurement(y), dtype=np.float32)
     run("df5t_ddrm_update", v0, ve, vz, ybar, np.ascontiguousarray(ddrm.s), U32(1), U32(samples),
@@ -188,7 +190,7 @@ def test_split_update_merge_match_numpy_for_the_blur(run):
     grey = np.ascontiguousarray(op.v(v0), dtype=np.float32)
     out = poisoned(x.shape)
     run("df5t_ddrm_merge", grey, diffs, out, U32(1), U64(n), *step)
-    expected = _reference_step(ddrm, plan, x, eps, y, seed, samples, plane_base=0)
+    expected = _reference_step(ddrm, plan, x, eps, y, key, samples)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=2e-5 * np.abs(expected).max())
 
 

@@ -48,8 +48,11 @@ def device_network(tiles, eps_tiles, t) -> None:
 
 @pytest.mark.parametrize("task", ["denoise", "inpaint", "sr", "deblur"])
 def test_device_loop_equals_host_loop(device, task):
+    """Two walks on one sampler (the second replays the first one's captured step) with
+    different measurements and noise keys: a 64-bit seed, other planes, a region offset and
+    another orientation."""
     rng = np.random.default_rng(0)
-    groups, samples, seed = 2, 2, 21
+    groups, samples = 2, 2
     if task == "sr":
         op, measured = BlockMean((48, 40), (2, 2)), (24, 20)
     elif task == "inpaint":
@@ -58,22 +61,42 @@ def test_device_loop_equals_host_loop(device, task):
         op, measured = GaussianBlur((48, 40), (1.3, 0.9)), (48, 40)
     else:
         op, measured = Identity((48, 40)), (48, 40)
-    y = rng.uniform(-0.8, 0.8, (groups, *measured)).astype(np.float32)
     settings = SamplerSettings(sigma0=0.1, steps=6)
     schedule = Schedule(1000)
     denoiser = BlendedDenoiser(tile_network, TILE, 4, batch=3)
-    key = NoiseKey(seed, 0, range(7, 7 + groups))
-    host = restore_group(y, op, schedule, settings, denoiser, key, samples, ProgressTracker(None, 0, 0, 0))
+    sampler = DeviceSampler(device, op, schedule, settings, denoiser.grid(*op.shape), batch=3, states=groups * samples,
+                            samples=samples)
+    keys = [NoiseKey(21, 0, range(7, 7 + groups)), NoiseKey(2**33 + 5, 2, range(40, 40 + groups), y0=16, x0=24)]
+    for key in keys:
+        y = rng.uniform(-0.8, 0.8, (groups, *measured)).astype(np.float32)
+        host = restore_group(y, op, schedule, settings, denoiser, key, samples, ProgressTracker(None, 0, 0, 0))
+        if isinstance(device, EmulatedDevice):
+            device.launches.clear()
+        steps_seen = []
+        ours = sampler.start(y, device_network, key).result(steps_seen.append).reshape(groups, samples, *op.shape)
+        np.testing.assert_allclose(ours, host, atol=2e-5)
+        if isinstance(device, EmulatedDevice):
+            assert device.launches.count("df5t_gather_tiles_f32") == len(sampler.ddrm.timesteps)  # one per step
+        assert [plan.index for plan in steps_seen] == list(range(len(sampler.ddrm.timesteps)))
 
-    if isinstance(device, EmulatedDevice):
-        device.launches.clear()
-    sampler = DeviceSampler(device, op, schedule, settings, denoiser.grid(*op.shape), batch=3, states=groups * samples)
-    steps_seen = []
-    ours = sampler.start(y, device_network, key, samples).result(steps_seen.append).reshape(groups, samples, *op.shape)
-    np.testing.assert_allclose(ours, host, atol=2e-5)
-    if isinstance(device, EmulatedDevice):
-        assert device.launches.count("df5t_gather_tiles_f32") == len(sampler.ddrm.timesteps)  # one per step
-    assert [plan.index for plan in steps_seen] == list(range(len(sampler.ddrm.timesteps)))
+
+def test_a_step_is_captured_once_per_sampler(tmp_path):
+    captures = []
+
+    class CountingDevice(EmulatedDevice):
+        def capture(self, step):
+            captures.append(step)
+            return step
+
+    device = CountingDevice(build_library(tmp_path))
+    denoiser = BlendedDenoiser(tile_network, TILE, 4, batch=3)
+    op = Identity((40, 40))
+    sampler = DeviceSampler(device, op, Schedule(1000), SamplerSettings(sigma0=0.1, steps=4), denoiser.grid(40, 40),
+                            batch=3, states=1, samples=1)
+    y = np.zeros((1, 40, 40), np.float32)
+    for plane in range(3):
+        sampler.start(y, device_network, NoiseKey(0, 0, [plane])).result()
+    assert len(captures) == 1
 
 
 class EmulatedDeviceBackend:

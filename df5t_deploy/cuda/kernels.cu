@@ -118,14 +118,26 @@ DF5T_DEVICE void df5t_load(const float* x, const float* eps, u64 b, u64 i, u64 n
     df5t_to_basis(e, ae);
 }
 
-// x0, eps and the pixel's noise, all in the channel basis, for pixel i of state b.
+// Where a walk's noise comes from, read from a device table u32[6] (plane of the group's first
+// state, region row and column, orientation << 24, seed low and high words) so that a step
+// captured once replays for every walk of the same shape. Twin: device_loop.walk_table.
+struct DF5TWalk {
+    u32 plane_base, y0, x0, word_base;
+    u64 seed;
+};
+DF5T_DEVICE DF5TWalk df5t_walk(const u32* w) {
+    DF5TWalk walk = {w[0], w[1], w[2], w[3], (u64)w[4] | (u64)w[5] << 32};
+    return walk;
+}
+
+// x0, eps and the pixel's noise, all in the channel basis, for pixel i of state b at the
+// noise step `step`.
 DF5T_DEVICE void df5t_pixel(const float* x, const float* eps, u64 b, u64 i, u64 n, u32 samples, u32 width,
-                            u32 plane_base, u32 y0, u32 x0, u64 seed, u32 step_word, const DF5TStep& p,
-                            float a0[3], float ae[3], float az[3]) {
+                            const DF5TWalk& w, u32 step, const DF5TStep& p, float a0[3], float ae[3], float az[3]) {
     float z[3];
     df5t_load(x, eps, b, i, n, p, a0, ae);
-    df5t_normals3(seed, step_word | (u32)(b % samples) << 16, plane_base + (u32)(b / samples),
-                  y0 + (u32)(i / width), x0 + (u32)(i % width), z);
+    df5t_normals3(w.seed, w.word_base | step | (u32)(b % samples) << 16, w.plane_base + (u32)(b / samples),
+                  w.y0 + (u32)(i / width), w.x0 + (u32)(i % width), z);
     df5t_to_basis(z, az);
 }
 
@@ -144,15 +156,14 @@ DF5T_GLOBAL void df5t_fill_timesteps(float* t, const float* t_table, const u32* 
 // operators.Identity / operators.Inpainting.
 DF5T_GLOBAL void df5t_ddrm_step_pointwise(
     const float* x, const float* eps, const float* ybar, const float* s, u64 s_stride, float* x_next,
-    u32 batch, u32 samples, u32 height, u32 width, u32 plane_base, u32 y0, u32 x0,
-    u64 seed, u32 word_base, const DF5TStep* steps, const u32* cursor) {
+    u32 batch, u32 samples, u32 height, u32 width, const u32* walk, const DF5TStep* steps, const u32* cursor) {
     const u64 n = (u64)height * width;
     const DF5TStep p = steps[cursor[0]];
-    const u32 step_word = word_base | cursor[0];
+    const DF5TWalk w = df5t_walk(walk);
     DF5T_FOR_EACH(k, (u64)batch * n) {
         const u64 b = k / n, i = k % n, g = b / samples;
         float a0[3], ae[3], az[3], v[3], out[3];
-        df5t_pixel(x, eps, b, i, n, samples, width, plane_base, y0, x0, seed, step_word, p, a0, ae, az);
+        df5t_pixel(x, eps, b, i, n, samples, width, w, cursor[0], p, a0, ae, az);
         v[0] = df5t_update(a0[0], ae[0], ybar[g * n + i], s[g * s_stride + i], az[0], p);
         v[1] = df5t_update(a0[1], ae[1], 0.0f, 0.0f, az[1], p);
         v[2] = df5t_update(a0[2], ae[2], 0.0f, 0.0f, az[2], p);
@@ -194,11 +205,11 @@ DF5T_DEVICE void df5t_block_dct(const float* in, float* out, int by, int bx, boo
 // Twin: DDRM.step with operators.BlockMean.
 DF5T_GLOBAL void df5t_ddrm_step_block(
     const float* x, const float* eps, const float* ybar, float* x_next,
-    u32 batch, u32 samples, u32 height, u32 width, u32 by, u32 bx, u32 plane_base, u32 y0, u32 x0,
-    u64 seed, u32 word_base, const DF5TStep* steps, const u32* cursor) {
+    u32 batch, u32 samples, u32 height, u32 width, u32 by, u32 bx, const u32* walk, const DF5TStep* steps,
+    const u32* cursor) {
     const u64 n = (u64)height * width;
     const DF5TStep p = steps[cursor[0]];
-    const u32 step_word = word_base | cursor[0];
+    const DF5TWalk w = df5t_walk(walk);
     const u32 bw = width / bx, blocks = (height / by) * bw;
     const float s_first = 0.57735026918962576f / sqrtf((float)(by * bx));
     DF5T_FOR_EACH(k, (u64)batch * blocks) {
@@ -212,7 +223,7 @@ DF5T_GLOBAL void df5t_ddrm_step_block(
                 const u64 i = (u64)(top + r) * width + left + c;
                 const int j = r * bx + c;
                 float a0[3], ae[3], az[3];
-                df5t_pixel(x, eps, b, i, n, samples, width, plane_base, y0, x0, seed, step_word, p, a0, ae, az);
+                df5t_pixel(x, eps, b, i, n, samples, width, w, cursor[0], p, a0, ae, az);
                 g0[j] = a0[0];
                 ge[j] = ae[0];
                 gz[j] = az[0];
@@ -245,15 +256,14 @@ DF5T_GLOBAL void df5t_ddrm_step_block(
 // transformed), and the already updated colour differences. Twin: the first half of DDRM.step.
 DF5T_GLOBAL void df5t_ddrm_split(
     const float* x, const float* eps, float* g0, float* ge, float* gz, float* diffs,
-    u32 batch, u32 samples, u32 height, u32 width, u32 plane_base, u32 y0, u32 x0,
-    u64 seed, u32 word_base, const DF5TStep* steps, const u32* cursor) {
+    u32 batch, u32 samples, u32 height, u32 width, const u32* walk, const DF5TStep* steps, const u32* cursor) {
     const u64 n = (u64)height * width;
     const DF5TStep p = steps[cursor[0]];
-    const u32 step_word = word_base | cursor[0];
+    const DF5TWalk w = df5t_walk(walk);
     DF5T_FOR_EACH(k, (u64)batch * n) {
         const u64 b = k / n, i = k % n;
         float a0[3], ae[3], az[3];
-        df5t_pixel(x, eps, b, i, n, samples, width, plane_base, y0, x0, seed, step_word, p, a0, ae, az);
+        df5t_pixel(x, eps, b, i, n, samples, width, w, cursor[0], p, a0, ae, az);
         g0[k] = a0[0];
         ge[k] = ae[0];
         gz[k] = az[0];
