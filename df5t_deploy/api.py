@@ -251,7 +251,7 @@ class Restorer:
         def blended() -> np.ndarray:
             acc = np.zeros((len(y), self.samples, y.shape[-2] * f, y.shape[-1] * f), np.float32)
             weight = np.zeros(acc.shape[-2:], np.float32)
-            for region, unit in zip(regions, overlapped(start(region) for region in regions)):
+            for region, unit in zip(regions, overlapped(start(region) for region in regions), strict=True):
                 window = np.outer(region.wy, region.wx).astype(np.float32)
                 rows = slice(region.y * f, (region.y + region.height) * f)
                 cols = slice(region.x * f, (region.x + region.width) * f)

@@ -290,7 +290,7 @@ class DeviceRun:
     def result(self, on_step: Callable[[StepPlan], None] | None = None) -> np.ndarray:
         """Grey images [states, H, W] on [0, 1], which the host averages over samples exactly
         as in the host loop; ``on_step`` is called as the device finishes each step."""
-        for plan, marker in zip(self.plans, self.markers):
+        for plan, marker in zip(self.plans, self.markers, strict=True):
             marker.synchronize()
             if on_step is not None:
                 on_step(plan)
