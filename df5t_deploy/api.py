@@ -284,8 +284,8 @@ class Restorer:
         key = (type(op).__name__, op.shape, getattr(op, "block", None), states, settings)
         sampler = self._device_samplers.get(key)
         if sampler is None:
-            sampler = DeviceSampler(device, op, self.schedule, settings, self.denoiser.grid(*op.shape), self.batch,
-                                    states, self.samples, tile_dtype)
+            sampler = DeviceSampler(device, op, self.schedule, settings, self.denoiser.grid(*op.shape), states,
+                                    self.samples, tile_dtype)
             if not isinstance(op, Inpainting):
                 self._device_samplers = {key: sampler}  # one shape at a time: earlier buffers are freed
         return sampler

@@ -1,8 +1,8 @@
 """The DDRM loop on a device: buffers allocated once, kernels for every non-network step,
 no host round trip inside the loop, and one step captured as a CUDA graph and replayed.
 
-The loop is written against a small ``Device`` interface (allocate, upload, download, zero,
-copy, launch a kernel by name, capture, markers), so the very same code runs on a GPU
+The loop is written against a small ``Device`` interface (allocate, upload, download
+asynchronously, zero, copy, launch a kernel by name, capture, markers), so the very same code runs on a GPU
 (``TorchCudaDevice``: PyTorch tensors and the NVRTC-built kernels on PyTorch's current
 stream) and, in the tests, on the CPU (numpy arrays and the kernels compiled by g++ through
 the grid-emulation header). Even the initial value is computed on the device (as a step,
@@ -54,7 +54,6 @@ class PendingDownload(Protocol):
 class Device(Protocol):
     def empty(self, shape: tuple[int, ...], dtype: Any) -> Any: ...
     def upload(self, array: np.ndarray) -> Any: ...
-    def download(self, buffer: Any) -> np.ndarray: ...
     def zero(self, buffer: Any) -> None: ...
     def copy(self, destination: Any, source: Any) -> None: ...
     def pointer(self, buffer: Any) -> ctypes.c_void_p: ...
@@ -130,10 +129,10 @@ class DeviceSampler:
     """DDRM for one region shape and group size, with every buffer allocated once."""
 
     def __init__(self, device: Device, op: SpatialOperator, schedule: Schedule, settings: SamplerSettings,
-                 grid: TileGrid, batch: int, states: int, samples: int, tile_dtype=np.float32):
+                 grid: TileGrid, states: int, samples: int, tile_dtype=np.float32):
         if not supports(op):
             raise ValueError(f"{type(op).__name__} has no fused device step; use the host loop")
-        self.device, self.op, self.settings, self.grid, self.batch = device, op, settings, grid, batch
+        self.device, self.op, self.grid = device, op, grid
         self.ddrm = DDRM(op, schedule, settings)
         self.states, self.samples, self.tile_dtype = states, samples, np.dtype(tile_dtype)
         h, w = op.shape

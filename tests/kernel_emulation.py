@@ -64,9 +64,6 @@ class EmulatedDevice:
     def upload(self, array):
         return np.array(array, copy=True, order="C")
 
-    def download(self, buffer):
-        return np.array(buffer, copy=True)
-
     def zero(self, buffer):
         buffer[...] = 0
 
@@ -80,7 +77,7 @@ class EmulatedDevice:
         return _Finished(None)  # work runs as it is queued
 
     def download_async(self, buffer):
-        return _Finished(self.download(buffer))
+        return _Finished(np.array(buffer, copy=True))
 
     def transform(self, out, a, left, right):
         out[...] = left @ a @ right.T

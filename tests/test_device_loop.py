@@ -64,7 +64,7 @@ def test_device_loop_equals_host_loop(device, task):
     settings = SamplerSettings(sigma0=0.1, steps=6)
     schedule = Schedule(1000)
     denoiser = BlendedDenoiser(tile_network, TILE, 4, batch=3)
-    sampler = DeviceSampler(device, op, schedule, settings, denoiser.grid(*op.shape), batch=3, states=groups * samples,
+    sampler = DeviceSampler(device, op, schedule, settings, denoiser.grid(*op.shape), states=groups * samples,
                             samples=samples)
     keys = [NoiseKey(21, 0, range(7, 7 + groups)), NoiseKey(2**33 + 5, 2, range(40, 40 + groups), y0=16, x0=24)]
     for key in keys:
@@ -92,7 +92,7 @@ def test_a_step_is_captured_once_per_sampler(tmp_path):
     denoiser = BlendedDenoiser(tile_network, TILE, 4, batch=3)
     op = Identity((40, 40))
     sampler = DeviceSampler(device, op, Schedule(1000), SamplerSettings(sigma0=0.1, steps=4), denoiser.grid(40, 40),
-                            batch=3, states=1, samples=1)
+                            states=1, samples=1)
     y = np.zeros((1, 40, 40), np.float32)
     for plane in range(3):
         sampler.start(y, device_network, NoiseKey(0, 0, [plane])).result()

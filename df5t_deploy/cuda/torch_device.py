@@ -46,9 +46,6 @@ class TorchCudaDevice:
         pinned = self.torch.from_numpy(np.ascontiguousarray(array)).pin_memory()
         return pinned.to(self.device, non_blocking=True)
 
-    def download(self, buffer) -> np.ndarray:
-        return buffer.cpu().numpy()
-
     def download_async(self, buffer) -> PinnedDownload:
         torch = self.torch
         host = torch.empty(buffer.shape, dtype=buffer.dtype, pin_memory=True)
