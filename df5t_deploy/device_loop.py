@@ -272,8 +272,7 @@ class DeviceSampler:
         d = self.device
         h, w = self.op.shape
         out = d.empty((self.states, h, w), np.float32)
-        d.launch("df5t_map_out_f32", d.pointer(self.x), d.pointer(out), U32(self.states), U64(h * w),
-                 ctypes.c_double(0.0), ctypes.c_double(1.0))
+        d.launch("df5t_state_to_grey", d.pointer(self.x), d.pointer(out), U32(self.states), U64(h * w))
         return out
 
 

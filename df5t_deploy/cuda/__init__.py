@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -16,7 +18,6 @@ from ..files import cache_root
 SOURCE_PATH = Path(__file__).with_name("kernels.cu")
 ARCHITECTURES = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120")
 KERNELS = (
-    "df5t_normals",
     "df5t_advance",
     "df5t_fill_timesteps",
     "df5t_ddrm_step_pointwise",
@@ -28,12 +29,7 @@ KERNELS = (
     "df5t_gather_tiles_f16",
     "df5t_blend_tiles_f32",
     "df5t_blend_tiles_f16",
-    "df5t_map_in_u8",
-    "df5t_map_in_u16",
-    "df5t_map_in_f32",
-    "df5t_map_out_u8",
-    "df5t_map_out_u16",
-    "df5t_map_out_f32",
+    "df5t_state_to_grey",
 )
 # Precise math: the kernels must match their numpy twins (no --use_fast_math).
 NVRTC_OPTIONS = ("-std=c++17",)
@@ -102,21 +98,48 @@ def compile_cubin(arch: str) -> bytes:
     return cubin
 
 
-def _build(source: bytes, arch: str) -> bytes:
+def _build(source: bytes, arch: str, extra_options: tuple[str, ...] = ()) -> bytes:
+    return _compile(source, arch, extra_options)[0]
+
+
+def _compile(source: bytes, arch: str, extra_options: tuple[str, ...] = ()) -> tuple[bytes, str]:
+    """The cubin and NVRTC's log."""
     nvrtc = _nvrtc()
     result = nvrtc.nvrtcCreateProgram(source, b"kernels.cu", 0, [], [])
     _check(nvrtc, result, "program creation")
     program = result[1]
     try:
-        options = [f"--gpu-architecture={arch}".encode(), *(o.encode() for o in NVRTC_OPTIONS)]
+        options = [f"--gpu-architecture={arch}".encode(), *(o.encode() for o in (*NVRTC_OPTIONS, *extra_options))]
         _check(nvrtc, nvrtc.nvrtcCompileProgram(program, len(options), options), f"compilation for {arch}", program)
         result = nvrtc.nvrtcGetCUBINSize(program)
         _check(nvrtc, result, "cubin size")
         cubin = b" " * result[1]
         _check(nvrtc, nvrtc.nvrtcGetCUBIN(program, cubin), "cubin")
-        return cubin
+        return cubin, _log(nvrtc, program)
     finally:
         nvrtc.nvrtcDestroyProgram(program)
+
+
+@dataclass(frozen=True)
+class KernelResources:
+    """What ptxas reports for one kernel: per-thread stack, spills and registers."""
+
+    stack_bytes: int
+    spill_store_bytes: int
+    spill_load_bytes: int
+    registers: int
+
+
+# ptxas -v: for each entry function, its properties line, then "Used N registers" (helper
+# functions such as the double-precision trig slow path report properties but no registers).
+_PTXAS_ENTRY = re.compile(r"Function properties for (\w+)\n[^\n]*?(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                          r"(\d+) bytes spill loads\n[^\n]*Used (\d+) registers")
+
+
+def kernel_resources(arch: str) -> dict[str, KernelResources]:
+    """ptxas's resource report per kernel for ``arch`` (a fresh build with ``-v``)."""
+    _, log = _compile(kernel_source().encode(), arch, ("--ptxas-options=-v",))
+    return {name: KernelResources(*map(int, numbers)) for name, *numbers in _PTXAS_ENTRY.findall(log)}
 
 
 @lru_cache(maxsize=1)

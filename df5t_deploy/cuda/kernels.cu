@@ -58,18 +58,6 @@ DF5T_DEVICE void df5t_normals3(u64 seed, u32 step_word, u32 plane, u32 y, u32 x,
     z[2] = (float)(r23 * cos(two_pi * ((double)c[3] * inv)));
 }
 
-// out [3, H, W]: the normals of gaussian_field(seed, step, draw, orientation, plane, y0, x0, H, W).
-DF5T_GLOBAL void df5t_normals(float* out, u32 height, u32 width, u64 seed, u32 step_word, u32 plane, u32 y0, u32 x0) {
-    const u64 n = (u64)height * width;
-    DF5T_FOR_EACH(i, n) {
-        float z[3];
-        df5t_normals3(seed, step_word, plane, y0 + (u32)(i / width), x0 + (u32)(i % width), z);
-        out[i] = z[0];
-        out[n + i] = z[1];
-        out[2 * n + i] = z[2];
-    }
-}
-
 // ------------------------------------------------------------------ DDRM algebra (twin: sampler.py)
 
 struct DF5TStep {
@@ -172,36 +160,12 @@ DF5T_GLOBAL void df5t_ddrm_step_pointwise(
     }
 }
 
-#define DF5T_MAX_BLOCK 8
-
-// Orthonormal DCT-II basis value (scipy.fft.dct(norm="ortho")): row u, sample j of n.
-DF5T_DEVICE float df5t_dct(int u, int j, int n) {
-    const float scale = u == 0 ? sqrtf(1.0f / n) : sqrtf(2.0f / n);
-    return scale * (float)cos(3.14159265358979323846 * (2 * j + 1) * u / (2.0 * n));
-}
-
-// Separable 2D DCT of a by x bx block held row-major in `in`; inverse when `inverse`.
-DF5T_DEVICE void df5t_block_dct(const float* in, float* out, int by, int bx, bool inverse) {
-    float tmp[DF5T_MAX_BLOCK * DF5T_MAX_BLOCK];
-    for (int r = 0; r < by; ++r)
-        for (int u = 0; u < bx; ++u) {
-            float acc = 0.0f;
-            for (int j = 0; j < bx; ++j)
-                acc += in[r * bx + j] * (inverse ? df5t_dct(j, u, bx) : df5t_dct(u, j, bx));
-            tmp[r * bx + u] = acc;
-        }
-    for (int u = 0; u < by; ++u)
-        for (int c = 0; c < bx; ++c) {
-            float acc = 0.0f;
-            for (int r = 0; r < by; ++r)
-                acc += tmp[r * bx + c] * (inverse ? df5t_dct(r, u, by) : df5t_dct(u, r, by));
-            out[u * bx + c] = acc;
-        }
-}
-
-// One DDRM step for the block mean (sr: R x R; along z: k x 1), one thread per block:
-// V is the block's orthonormal DCT, only its first coefficient is observed, with singular
-// value 1/sqrt(by bx)/sqrt(3). ybar is on the measurement grid [G, H/by, W/bx].
+// One DDRM step for the block mean (sr: R x R; along z: k x 1), one thread per block. V is
+// the block's orthonormal 2D DCT, of which only the first (constant, 1/sqrt(by bx)) coefficient
+// is observed, with singular value 1/sqrt(by bx)/sqrt(3); ybar is on the measurement grid
+// [G, H/by, W/bx]. The update of the unobserved coefficients is the same linear map in every
+// coordinate, so it is applied to the pixels directly and only the first coefficient is
+// corrected: no DCT, no per-block arrays (a thread needs no stack), two passes over the block.
 // Twin: DDRM.step with operators.BlockMean.
 DF5T_GLOBAL void df5t_ddrm_step_block(
     const float* x, const float* eps, const float* ybar, float* x_next,
@@ -211,41 +175,31 @@ DF5T_GLOBAL void df5t_ddrm_step_block(
     const DF5TStep p = steps[cursor[0]];
     const DF5TWalk w = df5t_walk(walk);
     const u32 bw = width / bx, blocks = (height / by) * bw;
-    const float s_first = 0.57735026918962576f / sqrtf((float)(by * bx));
+    const float root = sqrtf((float)(by * bx));
+    const float s_first = 0.57735026918962576f / root;
     DF5T_FOR_EACH(k, (u64)batch * blocks) {
         const u64 b = k / blocks, blk = k % blocks, g = b / samples;
         const u32 top = (u32)(blk / bw) * by, left = (u32)(blk % bw) * bx;
-        float g0[DF5T_MAX_BLOCK * DF5T_MAX_BLOCK], ge[DF5T_MAX_BLOCK * DF5T_MAX_BLOCK];
-        float gz[DF5T_MAX_BLOCK * DF5T_MAX_BLOCK], d1[DF5T_MAX_BLOCK * DF5T_MAX_BLOCK];
-        float d2[DF5T_MAX_BLOCK * DF5T_MAX_BLOCK];
+        float sum0 = 0.0f, sum_e = 0.0f, sum_z = 0.0f;  // grey coordinate sums: first DCT coefficients * root
         for (u32 r = 0; r < by; ++r)
             for (u32 c = 0; c < bx; ++c) {
-                const u64 i = (u64)(top + r) * width + left + c;
-                const int j = r * bx + c;
                 float a0[3], ae[3], az[3];
-                df5t_pixel(x, eps, b, i, n, samples, width, w, cursor[0], p, a0, ae, az);
-                g0[j] = a0[0];
-                ge[j] = ae[0];
-                gz[j] = az[0];
-                d1[j] = df5t_update(a0[1], ae[1], 0.0f, 0.0f, az[1], p);
-                d2[j] = df5t_update(a0[2], ae[2], 0.0f, 0.0f, az[2], p);
+                df5t_pixel(x, eps, b, (u64)(top + r) * width + left + c, n, samples, width, w, cursor[0], p, a0, ae, az);
+                sum0 += a0[0];
+                sum_e += ae[0];
+                sum_z += az[0];
             }
-        float c0[DF5T_MAX_BLOCK * DF5T_MAX_BLOCK], ce[DF5T_MAX_BLOCK * DF5T_MAX_BLOCK];
-        float cz[DF5T_MAX_BLOCK * DF5T_MAX_BLOCK], v[DF5T_MAX_BLOCK * DF5T_MAX_BLOCK];
-        df5t_block_dct(g0, c0, by, bx, false);
-        df5t_block_dct(ge, ce, by, bx, false);
-        df5t_block_dct(gz, cz, by, bx, false);
-        const float y_block = ybar[(u64)g * blocks + blk];
-        for (u32 j = 0; j < by * bx; ++j)
-            v[j] = df5t_update(c0[j], ce[j], j == 0 ? y_block : 0.0f, j == 0 ? s_first : 0.0f, cz[j], p);
-        df5t_block_dct(v, g0, by, bx, true);
+        const float observed = df5t_update(sum0 / root, sum_e / root, ybar[(u64)g * blocks + blk], s_first, sum_z / root, p);
+        const float as_unobserved = df5t_update(sum0 / root, sum_e / root, 0.0f, 0.0f, sum_z / root, p);
+        const float correction = (observed - as_unobserved) / root;  // back through the constant basis vector
         for (u32 r = 0; r < by; ++r)
             for (u32 c = 0; c < bx; ++c) {
                 const u64 i = (u64)(top + r) * width + left + c;
-                const int j = r * bx + c;
-                const float a[3] = {g0[j], d1[j], d2[j]};
-                float out[3];
-                df5t_from_basis(a, out);
+                float a0[3], ae[3], az[3], v[3], out[3];
+                df5t_pixel(x, eps, b, i, n, samples, width, w, cursor[0], p, a0, ae, az);
+                for (int ch = 0; ch < 3; ++ch) v[ch] = df5t_update(a0[ch], ae[ch], 0.0f, 0.0f, az[ch], p);
+                v[0] += correction;
+                df5t_from_basis(v, out);
                 for (int ch = 0; ch < 3; ++ch) x_next[(b * 3 + ch) * n + i] = p.sqrt_ab_next * out[ch];
             }
     }
@@ -354,33 +308,15 @@ DF5T_GATHER(df5t_gather_tiles_f16, f16bits, df5t_float_to_half)
 DF5T_BLEND(df5t_blend_tiles_f32, float, DF5T_IDENTITY)
 DF5T_BLEND(df5t_blend_tiles_f16, f16bits, df5t_half_to_float)
 
-// ------------------------------------------------------------------ intensity maps (twin: intensity.py)
+// ------------------------------------------------------------------ results (twin: sampler.state_to_image)
 
-// Input units -> [-1, 1]: ((v - low) / (high - low)) * 2 - 1. Twin: IntensityMap.to_model.
-#define DF5T_MAP_IN(NAME, IN_T)                                                                       \
-    DF5T_GLOBAL void NAME(const IN_T* in, float* out, u64 n, float low, float range) {               \
-        DF5T_FOR_EACH(i, n) out[i] = (((float)in[i] - low) / range) * 2.0f - 1.0f;                   \
+// Final states [B, 3, H, W] -> grey images [B, H, W] on [0, 1]: the mean over channels of
+// clamp((x+1)/2, 0, 1). The host maps them to input units (IntensityMap.from_unit).
+DF5T_GLOBAL void df5t_state_to_grey(const float* x, float* out, u32 batch, u64 n) {
+    DF5T_FOR_EACH(k, (u64)batch * n) {
+        const u64 b = k / n, i = k % n;
+        float unit = 0.0f;
+        for (int c = 0; c < 3; ++c) unit += fminf(fmaxf((x[(b * 3 + c) * n + i] + 1.0f) * 0.5f, 0.0f), 1.0f);
+        out[k] = unit / 3.0f;
     }
-DF5T_MAP_IN(df5t_map_in_u8, unsigned char)
-DF5T_MAP_IN(df5t_map_in_u16, unsigned short)
-DF5T_MAP_IN(df5t_map_in_f32, float)
-
-// Final states [B, 3, H, W] -> grey in input units: mean over channels of clamp((x+1)/2, 0, 1),
-// then v * (high - low) + low, rounded and clipped for integers.
-// Twin: IntensityMap.from_unit(sampler.state_to_image(x)).
-#define DF5T_MAP_OUT(NAME, OUT_T, FINISH)                                                              \
-    DF5T_GLOBAL void NAME(const float* x, OUT_T* out, u32 batch, u64 n, double low, double range) {  \
-        DF5T_FOR_EACH(k, (u64)batch * n) {                                                             \
-            const u64 b = k / n, i = k % n;                                                           \
-            float unit = 0.0f;                                                                         \
-            for (int c = 0; c < 3; ++c) unit += fminf(fmaxf((x[(b * 3 + c) * n + i] + 1.0f) * 0.5f, 0.0f), 1.0f); \
-            const double value = (double)(unit / 3.0f) * range + low;                                  \
-            out[k] = FINISH(value);                                                                    \
-        }                                                                                              \
-    }
-#define DF5T_TO_U8(v) ((unsigned char)fmin(fmax(rint(v), 0.0), 255.0))
-#define DF5T_TO_U16(v) ((unsigned short)fmin(fmax(rint(v), 0.0), 65535.0))
-#define DF5T_TO_F32(v) ((float)(v))
-DF5T_MAP_OUT(df5t_map_out_u8, unsigned char, DF5T_TO_U8)
-DF5T_MAP_OUT(df5t_map_out_u16, unsigned short, DF5T_TO_U16)
-DF5T_MAP_OUT(df5t_map_out_f32, float, DF5T_TO_F32)
+}
