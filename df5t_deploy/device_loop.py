@@ -52,6 +52,9 @@ class PendingDownload(Protocol):
 
 
 class Device(Protocol):
+    def bind_thread(self) -> None:
+        """Make this device current in the calling thread (several GPUs, one thread each)."""
+
     def empty(self, shape: tuple[int, ...], dtype: Any) -> Any: ...
     def upload(self, array: np.ndarray) -> Any: ...
     def zero(self, buffer: Any) -> None: ...
@@ -175,6 +178,7 @@ class DeviceSampler:
         download is queued too.
         """
         d = self.device
+        d.bind_thread()
         # the block kernel reads ybar on the measurement grid (U = I), the others spectrally
         kernel_ybar = y if isinstance(self.op, BlockMean) else self.ddrm.spectral_measurement(y)
         kernel_ybar = np.ascontiguousarray(kernel_ybar, dtype=np.float32)

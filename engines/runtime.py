@@ -114,7 +114,7 @@ class TensorRTBackend:
         self._chunk_contexts[key] = chunks  # most recent last
         while len(self._chunk_contexts) > KEPT_BINDINGS:  # walks in flight keep theirs
             self._chunk_contexts.pop(next(iter(self._chunk_contexts)))
-        chunks.enqueue(torch.cuda.current_stream().cuda_stream)
+        chunks.enqueue(torch.cuda.current_stream(self.device).cuda_stream)
 
     def _create_user_managed_context(self):
         import tensorrt as trt
@@ -141,6 +141,10 @@ class TensorRTBackend:
 
 
 
+#: TensorRT requires every bound tensor address to be aligned to 256 bytes.
+TENSOR_ALIGNMENT = 256
+
+
 class ChunkContexts:
     """Execution contexts for device tiles in chunks of at most ``max_batch`` tiles.
 
@@ -148,11 +152,15 @@ class ChunkContexts:
     here; enqueueing then changes nothing, so a CUDA graph can capture it (TensorRT needs an
     enqueue after any shape change before a capture, which the device loop's first, direct
     step provides). The contexts share one scratch allocation: they run one after another on
-    one stream.
+    one stream. A chunk's slice of the caller's buffers is bound where it is 256-byte
+    aligned (the tiles usually are); otherwise (the timesteps of a later chunk, say) the
+    chunk gets its own buffer, filled before and emptied after its enqueue on the same stream.
     """
 
     def __init__(self, create_context: Callable[[], Any], scratch, tiles, eps_tiles, t, max_batch: int):
         self.contexts = []
+        self._copies_in: list[list[tuple[Any, Any]]] = []  # per chunk: (own buffer, caller's slice)
+        self._copies_out: list[list[tuple[Any, Any]]] = []  # per chunk: (caller's slice, own buffer)
         for start in range(0, len(tiles), max_batch):
             stop = min(len(tiles), start + max_batch)
             context = create_context()
@@ -160,12 +168,33 @@ class ChunkContexts:
             if not context.set_input_shape("x", tuple(tiles[start:stop].shape)) or \
                     not context.set_input_shape("t", (stop - start,)):
                 raise TensorRTError(f"TensorRT rejected a batch of {stop - start} tiles")
-            for name, tensor in (("x", tiles[start:stop]), ("t", t[start:stop]), ("eps", eps_tiles[start:stop])):
-                if not context.set_tensor_address(name, tensor.data_ptr()):
+            copies_in, copies_out = [], []
+            for name, whole, copies in (("x", tiles, copies_in), ("t", t, copies_in), ("eps", eps_tiles, copies_out)):
+                bound = _aligned(whole[start:stop], copies, outgoing=name == "eps")
+                if not context.set_tensor_address(name, bound.data_ptr()):
                     raise TensorRTError(f"set_tensor_address({name}) failed")
             self.contexts.append(context)
+            self._copies_in.append(copies_in)
+            self._copies_out.append(copies_out)
 
     def enqueue(self, stream: int) -> None:
-        for context in self.contexts:
+        """Run every chunk on ``stream`` (PyTorch's current stream: the copies go there too)."""
+        for context, copies_in, copies_out in zip(self.contexts, self._copies_in, self._copies_out, strict=True):
+            for destination, source in copies_in:
+                destination.copy_(source)
             if not context.execute_async_v3(stream):
                 raise TensorRTError("execute_async_v3 failed")
+            for destination, source in copies_out:
+                destination.copy_(source)
+
+
+def _aligned(view, copies: list, outgoing: bool):
+    """``view`` if TensorRT may bind it, else a fresh (aligned) buffer of its shape, recorded
+    in ``copies`` as (destination, source) of the copy that keeps the two in step."""
+    if view.data_ptr() % TENSOR_ALIGNMENT == 0:
+        return view
+    import torch
+
+    own = torch.empty_like(view, memory_format=torch.contiguous_format)
+    copies.append((view, own) if outgoing else (own, view))
+    return own

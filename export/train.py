@@ -2,8 +2,8 @@
 
     python -m df5t_deploy.export.train --data ../shared/data/em --out runs/df5t-tiny-em
 
-predicts the noise (linear betas 1e-4..0.02, T = 1000) from random crops with flips and
-90-degree rotations (see ``train_data``), keeps EMA weights, and writes a resumable training
+predicts the noise (linear betas 1e-4..0.02, T = 1000) from random augmented crops (see
+``train_data.CropSampler``), keeps EMA weights, and writes a resumable training
 state every few minutes: run the same command again to continue where it stopped. When the
 step or time budget is spent it writes ``ema.pt`` (a plain state dict of the EMA weights,
 what ``df5t export`` takes) and ``training.json`` (the facts a model card needs).
@@ -38,7 +38,7 @@ from .train_data import (
 
 @dataclass(frozen=True)
 class TrainConfig:
-    num_channels: int = 16
+    num_channels: int = 32
     num_res_blocks: int = 1
     num_heads: int = 1
     crop: int = 64
@@ -46,12 +46,16 @@ class TrainConfig:
     lr: float = 3e-4
     warmup_steps: int = 200
     ema_decay: float = 0.999
-    max_steps: int = 100_000
-    max_minutes: float = 110.0
+    max_steps: int = 200_000
+    max_minutes: float = 600.0
     seed: int = 0
     threads: int = 2
     checkpoint_minutes: float = 5.0
     diffusion_steps: int = 1000
+    max_scale: int = 2  # crops also at 1/2 the pixel size (block means): see CropSampler
+    contrast_jitter: float = 0.2
+    brightness_jitter: float = 0.1
+    bf16: bool = False  # bfloat16 autocast (benchmarks/train_precision.py measures whether it pays)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -59,7 +63,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", required=True, type=Path, help="folder with the real EM files")
     parser.add_argument("--out", required=True, type=Path, help="run folder (resumes if it holds a state)")
     for name, default in asdict(TrainConfig()).items():
-        parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
+        flag = "--" + name.replace("_", "-")
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        else:
+            parser.add_argument(flag, type=type(default), default=default)
     args = vars(parser.parse_args(argv))
     data, out = args.pop("data"), args.pop("out")
     train(TrainConfig(**args), data, out)
@@ -69,8 +77,8 @@ def train(config: TrainConfig, data_dir: Path, out: Path) -> Path:
     """Run (or resume) training; returns the path of the EMA state dict."""
     torch.set_num_threads(config.threads)
     out.mkdir(parents=True, exist_ok=True)
-    sampler = CropSampler(*load_training_sources(data_dir), crop=config.crop)
-    run = _Run.resume_or_start(config, out / "state.pt")
+    sampler = crop_sampler(config, data_dir)
+    run = TrainingRun.resume_or_start(config, out / "state.pt")
     alphas_bar = torch.from_numpy(np.cumprod(1.0 - Schedule(config.diffusion_steps).betas())).float()
     budget_s = config.max_minutes * 60.0 - run.seconds
     session_start = last_save = time.monotonic()
@@ -89,11 +97,16 @@ def train(config: TrainConfig, data_dir: Path, out: Path) -> Path:
     return _write_results(run, config, out)
 
 
+def crop_sampler(config: TrainConfig, data_dir: Path) -> CropSampler:
+    return CropSampler(*load_training_sources(data_dir), crop=config.crop, max_scale=config.max_scale,
+                       contrast_jitter=config.contrast_jitter, brightness_jitter=config.brightness_jitter)
+
+
 #: Settings that may change when a run is resumed; all others must match the saved state.
 _BUDGET_FIELDS = frozenset({"max_steps", "max_minutes", "threads", "checkpoint_minutes"})
 
 
-class _Run:
+class TrainingRun:
     """The mutable state of one training run, saved and restored as a whole."""
 
     def __init__(self, config: TrainConfig):
@@ -109,7 +122,7 @@ class _Run:
         self.loss_avg = float("nan")
 
     @classmethod
-    def resume_or_start(cls, config: TrainConfig, path: Path) -> "_Run":
+    def resume_or_start(cls, config: TrainConfig, path: Path) -> "TrainingRun":
         run = cls(config)
         if path.exists():
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -136,7 +149,9 @@ class _Run:
         noise = torch.randn(cfg.batch, 3, cfg.crop, cfg.crop)
         a = alphas_bar[t][:, None, None, None]
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        loss = torch.nn.functional.mse_loss(self.model(xt, t.float())[:, :3], noise)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            eps = self.model(xt, t.float())[:, :3]
+        loss = torch.nn.functional.mse_loss(eps.float(), noise)
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr * min(1.0, (self.step + 1) / cfg.warmup_steps)
         self.optimizer.zero_grad(set_to_none=True)
@@ -184,7 +199,7 @@ def _by_current_order(optimizer_state: dict, saved_names: list[str], model: torc
     return {**optimizer_state, "state": remapped}
 
 
-def _write_results(run: _Run, config: TrainConfig, out: Path) -> Path:
+def _write_results(run: TrainingRun, config: TrainConfig, out: Path) -> Path:
     weights = out / "ema.pt"
     with atomic_path(weights) as tmp:
         torch.save(run.ema.state_dict(), tmp)

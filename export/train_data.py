@@ -37,30 +37,49 @@ def load_training_sources(data_dir: str | Path) -> tuple[np.ndarray, np.ndarray]
 
 @dataclass
 class CropSampler:
-    """Random square crops with flips and 90-degree rotations.
+    """Random square crops, augmented so that the prior covers what EM users acquire.
 
     Half the crops come from the FlyEM sub-volume, from XY, XZ or YZ planes alike (the volume
     is isotropic, and the 3D isotropic task restores XZ and YZ planes), half from the mussel
-    tile, so both modalities weigh equally whatever their pixel counts.
+    tile, so both modalities weigh equally whatever their pixel counts. Each crop is taken at
+    a random scale (a ``scale * crop`` square averaged over scale x scale blocks: the same
+    structures at other pixel sizes, and less noise), turned by flips and 90-degree rotations,
+    and its contrast and brightness jittered (detectors and staining differ between runs).
     """
 
     volume: np.ndarray
     image: np.ndarray
     crop: int
+    max_scale: int = 1
+    contrast_jitter: float = 0.0
+    brightness_jitter: float = 0.0
 
     def batch(self, rng: np.random.Generator, size: int) -> np.ndarray:
-        """[size, 1, crop, crop] float32 crops."""
+        """[size, 1, crop, crop] float32 crops on the [-1,1] scale."""
         return np.stack([self._one(rng)[None] for _ in range(size)])
 
     def _one(self, rng: np.random.Generator) -> np.ndarray:
         plane = self._volume_plane(rng) if rng.random() < 0.5 else self.image
-        y = rng.integers(0, plane.shape[0] - self.crop + 1)
-        x = rng.integers(0, plane.shape[1] - self.crop + 1)
-        crop = plane[y : y + self.crop, x : x + self.crop]
+        scale = int(rng.integers(1, self.max_scale + 1))
+        side = self.crop * scale
+        if side > min(plane.shape):
+            scale, side = 1, self.crop
+        y = rng.integers(0, plane.shape[0] - side + 1)
+        x = rng.integers(0, plane.shape[1] - side + 1)
+        crop = plane[y : y + side, x : x + side].reshape(self.crop, scale, self.crop, scale).mean(axis=(1, 3))
         crop = np.rot90(crop, k=int(rng.integers(4)))
         if rng.random() < 0.5:
             crop = crop[:, ::-1]
-        return np.ascontiguousarray(crop)
+        return np.ascontiguousarray(self._jitter(crop, rng), dtype=np.float32)
+
+    def _jitter(self, crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Contrast about the crop's mean and brightness, kept inside [-1, 1]."""
+        if not (self.contrast_jitter or self.brightness_jitter):
+            return crop
+        contrast = 1.0 + rng.uniform(-self.contrast_jitter, self.contrast_jitter)
+        brightness = rng.uniform(-self.brightness_jitter, self.brightness_jitter)
+        mean = crop.mean()
+        return np.clip((crop - mean) * contrast + mean + brightness, -1.0, 1.0)
 
     def _volume_plane(self, rng: np.random.Generator) -> np.ndarray:
         axis = int(rng.integers(3))

@@ -58,6 +58,9 @@ class EmulatedDevice:
         self.library = library
         self.launches: list[str] = []
 
+    def bind_thread(self):
+        pass  # one host device
+
     def empty(self, shape, dtype):
         return np.full(shape, np.nan if np.dtype(dtype).kind == "f" else 0, dtype=dtype)  # poisoned
 

@@ -39,6 +39,17 @@ def test_kernels_compile_with_nvrtc(arch, tmp_path, monkeypatch):
     assert list(tmp_path.glob(f"kernels/*-{arch}.cubin"))  # cached for the next run
 
 
+def test_kernels_build_for_any_architecture_nvrtc_supports_and_refuse_others(tmp_path, monkeypatch):
+    _require_nvrtc()
+    monkeypatch.setenv("DF5T_CACHE", str(tmp_path))
+    supported = cuda.nvrtc_architectures()
+    beyond = [arch for arch in supported if arch not in cuda.ARCHITECTURES]
+    if beyond:  # a GPU of such an architecture gets kernels built for it
+        assert cuda.compile_cubin(beyond[0])[:4] == b"\x7fELF"
+    with pytest.raises(cuda.KernelBuildError, match="cannot build for sm_999.*upgrade nvidia-cuda-nvrtc"):
+        cuda.compile_cubin("sm_999")
+
+
 #: Per-thread stack a kernel may use: the double-precision sin/cos of Box-Muller take 40 bytes
 #: (their argument-reduction slow path); per-thread arrays (the old block step had 2.6 KB) fail.
 MAX_STACK_BYTES = 64

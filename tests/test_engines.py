@@ -186,24 +186,59 @@ class FakeContext:
         return True
 
 
+def aligned_zeros(torch, shape, dtype):
+    """A zeroed tensor at a 256-byte aligned address, as CUDA allocations are (the CPU's need not be)."""
+    count = int(np.prod(shape))
+    size = torch.tensor([], dtype=dtype).element_size()
+    raw = torch.zeros(count * size + 256, dtype=torch.uint8)
+    offset = -raw.data_ptr() % 256
+    return raw[offset : offset + count * size].view(dtype).view(shape)
+
+
 def test_chunk_contexts_bind_once_and_share_the_scratch():
     torch = pytest.importorskip("torch", reason="the [export] extra (PyTorch) is not installed")
     from df5t_deploy.engines.runtime import ChunkContexts
 
-    tiles, eps = torch.zeros(11, 3, 8, 8, dtype=torch.float16), torch.zeros(11, 3, 8, 8, dtype=torch.float16)
-    t, scratch = torch.zeros(11), torch.zeros(1000, dtype=torch.uint8)
+    # tiles of 3 x 16 x 16 fp16 (1,536 bytes: every chunk's slice aligned to 256 bytes), while
+    # the timesteps of chunks 2 and 3 start 16 and 32 bytes into t: those get buffers of their own
+    tiles = aligned_zeros(torch, (11, 3, 16, 16), torch.float16)
+    eps = aligned_zeros(torch, (11, 3, 16, 16), torch.float16)
+    t = aligned_zeros(torch, (11,), torch.float32)
+    t[:] = torch.arange(11)
+    scratch = torch.zeros(1000, dtype=torch.uint8)
     chunks = ChunkContexts(FakeContext, scratch, tiles, eps, t, max_batch=4)
-    assert [c.shapes["x"] for c in chunks.contexts] == [(4, 3, 8, 8), (4, 3, 8, 8), (3, 3, 8, 8)]
+    assert [c.shapes["x"] for c in chunks.contexts] == [(4, 3, 16, 16), (4, 3, 16, 16), (3, 3, 16, 16)]
     assert [c.shapes["t"] for c in chunks.contexts] == [(4,), (4,), (3,)]
     assert [c.addresses["x"] for c in chunks.contexts] == [tiles[i].data_ptr() for i in (0, 4, 8)]
     assert [c.addresses["eps"] for c in chunks.contexts] == [eps[i].data_ptr() for i in (0, 4, 8)]
-    assert [c.addresses["t"] for c in chunks.contexts] == [t[i].data_ptr() for i in (0, 4, 8)]
+    assert chunks.contexts[0].addresses["t"] == t.data_ptr()
+    own = {buffer.data_ptr() for copies in chunks._copies_in for buffer, _ in copies}
+    assert [c.addresses["t"] in own for c in chunks.contexts] == [False, True, True]
+    for c in chunks.contexts:  # the caller's slices bound in place are aligned (own buffers are on a GPU)
+        assert all(address % 256 == 0 for address in c.addresses.values() if address not in own), c.addresses
     assert {c.memory for c in chunks.contexts} == {(scratch.data_ptr(), 1000)}
     before = [(dict(c.shapes), dict(c.addresses)) for c in chunks.contexts]
     chunks.enqueue(7)
     chunks.enqueue(7)
     assert [c.enqueued for c in chunks.contexts] == [[7, 7]] * 3
     assert [(c.shapes, c.addresses) for c in chunks.contexts] == before  # nothing changes between enqueues
+    own_t = chunks._copies_in[2][0][0]  # the third chunk's own timesteps hold t[8:11] when it runs
+    assert own_t.data_ptr() == chunks.contexts[2].addresses["t"] and own_t.tolist() == [8.0, 9.0, 10.0]
+
+
+def test_unaligned_outputs_are_copied_back_after_their_chunk_runs():
+    torch = pytest.importorskip("torch", reason="the [export] extra (PyTorch) is not installed")
+    from df5t_deploy.engines.runtime import ChunkContexts
+
+    tiles = aligned_zeros(torch, (6, 3, 2, 2), torch.float32)  # 48 bytes a tile: the second chunk starts unaligned
+    eps = aligned_zeros(torch, (6, 3, 2, 2), torch.float32)
+    t = aligned_zeros(torch, (6,), torch.float32)
+    chunks = ChunkContexts(FakeContext, torch.zeros(8, dtype=torch.uint8), tiles, eps, t, max_batch=4)
+    assert chunks._copies_out[0] == []  # the first chunk's eps is bound in place
+    own_eps = chunks._copies_out[1][0][1]
+    own_eps.fill_(5.0)  # as if the engine had written it
+    chunks.enqueue(0)
+    assert torch.equal(eps[4:], torch.full((2, 3, 2, 2), 5.0)) and torch.equal(eps[:4], torch.zeros(4, 3, 2, 2))
 
 
 def test_a_rejected_chunk_shape_is_a_clear_error():
@@ -289,3 +324,23 @@ def test_a_gpu_backend_without_the_loops_software_falls_back_to_the_host_loop(mo
     monkeypatch.setattr(torch_device, "TorchCudaDevice", missing)
     with pytest.warns(UserWarning, match="on-device loop cannot start.*host copies"):
         assert open_device_loop(0) is None
+
+
+@pytest.mark.parametrize("failure", ["nvrtc", "driver"])
+def test_kernels_that_cannot_be_built_or_loaded_fall_back_to_the_host_loop(monkeypatch, failure):
+    """A GPU newer than the NVRTC, or a driver that refuses the cubin: a warning and the host
+    loop, never a crash."""
+    import df5t_deploy.cuda.torch_device as torch_device
+    from df5t_deploy.backends.base import open_device_loop
+    from df5t_deploy.cuda import KernelBuildError
+    from df5t_deploy.cuda.launch import CudaError
+
+    def refuse(index):
+        if failure == "nvrtc":
+            raise KernelBuildError("this NVRTC (12.8) cannot build for sm_130")
+        raise CudaError("cuModuleLoadData failed: CUDA_ERROR_UNSUPPORTED_PTX_VERSION")
+
+    monkeypatch.setattr(torch_device, "TorchCudaDevice", refuse)
+    with pytest.warns(UserWarning, match="on-device loop cannot start.*(sm_130|UNSUPPORTED).*host copies"):
+        assert open_device_loop(0) is None
+

@@ -24,18 +24,29 @@ class Backend(Protocol):
         ...
 
 
+DEVICE_LOOP_NEEDS = "it needs PyTorch with CUDA, cuda-python and NVRTC: pip install 'df5t-deploy[gpu]'"
+
+
 def open_device_loop(index: int) -> Any | None:
     """The on-device loop's ``Device`` on GPU ``index`` (PyTorch buffers, NVRTC kernels), or
     None with a warning where its software is missing; the backend then runs the host loop
     (tiles copied to and from the GPU every step), slower but the same result."""
-    from ..cuda import KernelBuildError
-
     try:
+        from ..cuda import KernelBuildError
+        from ..cuda.launch import CudaError
         from ..cuda.torch_device import TorchCudaDevice
-
-        return TorchCudaDevice(index)
-    except (ImportError, KernelBuildError) as err:
-        warnings.warn(f"the on-device loop cannot start ({err}); every step goes through host copies. "
-                      "It needs PyTorch with CUDA, cuda-python and NVRTC: pip install 'df5t-deploy[gpu]'",
-                      stacklevel=2)
+    except ImportError as err:
+        _warn_host_loop(f"{err}; {DEVICE_LOOP_NEEDS}")
         return None
+    try:
+        return TorchCudaDevice(index)
+    except ImportError as err:
+        _warn_host_loop(f"{err}; {DEVICE_LOOP_NEEDS}")
+    except (KernelBuildError, CudaError) as err:
+        _warn_host_loop(str(err))
+    return None
+
+
+def _warn_host_loop(reason: str) -> None:
+    warnings.warn(f"the on-device loop cannot start ({reason}); every step goes through host copies "
+                  "(slower, same result)", stacklevel=3)

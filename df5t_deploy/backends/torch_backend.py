@@ -4,6 +4,10 @@ For machines with PyTorch and a GPU but neither TensorRT nor onnxruntime-gpu (su
 project's GPU test machine). The network is the export's (eps head only), stored in fp16
 with the precision-critical parts in fp32 exactly as the fp16 artifact.
 
+"fp32" means IEEE fp32: PyTorch lets cuDNN use TF32 for convolutions by default, which
+would make an fp32 result differ from the CPU's by far more than rounding; our backend
+turns TF32 off around its calls unless ``allow_tf32=True`` asks for it.
+
 ``compile_network=True`` compiles it with ``torch.compile`` (Inductor's default mode, which
 adds no CUDA graphs of its own: the device loop captures whole steps itself). Compilation
 takes minutes on first use and happens in the loop's first, direct step, outside any
@@ -14,6 +18,7 @@ for it.
 from __future__ import annotations
 
 import functools
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +33,8 @@ class TorchBackend:
     name = "torch-cuda"
 
     def __init__(self, checkpoint: str | Path, device: str = "cuda", tile: int | None = None,
-                 diffusion_steps: int | None = None, precision: str = "fp16", compile_network: bool = False):
+                 diffusion_steps: int | None = None, precision: str = "fp16", compile_network: bool = False,
+                 allow_tf32: bool = False):
         try:
             import torch
         except ImportError:
@@ -62,6 +68,22 @@ class TorchBackend:
         arch = {**loaded.config.to_dict(), "preset": loaded.preset.name if loaded.preset else None}
         self.info = ArtifactInfo(tile, precision, schedule, arch, loaded.sha256)
         self.preferred_batch = CUDA_BATCH
+        self.allow_tf32 = allow_tf32
+
+    @contextmanager
+    def _running(self):
+        """Inference mode on this backend's GPU, with TF32 as asked. The TF32 switches are
+        process-wide; they are restored after the call (captured graphs keep the kernels
+        chosen while capturing)."""
+        torch = self._torch
+        matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+        saved = matmul.allow_tf32, cudnn.allow_tf32
+        matmul.allow_tf32 = cudnn.allow_tf32 = self.allow_tf32
+        try:
+            with torch.cuda.device(self.device), torch.inference_mode():
+                yield
+        finally:
+            matmul.allow_tf32, cudnn.allow_tf32 = saved
 
     @functools.cached_property
     def device_api(self):
@@ -73,14 +95,14 @@ class TorchBackend:
         written into eps_tiles: no host copy, and capturable in a CUDA graph."""
         torch = self._torch
         batch = self.preferred_batch
-        with torch.inference_mode():
+        with self._running():
             for start in range(0, len(tiles), batch):
                 chunk = tiles[start : start + batch].contiguous(memory_format=torch.channels_last)
                 eps_tiles[start : start + len(chunk)] = self.network(chunk, t[start : start + len(chunk)]).to(eps_tiles.dtype)
 
     def __call__(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
         torch = self._torch
-        with torch.inference_mode():
+        with self._running():
             xs = torch.from_numpy(np.ascontiguousarray(x, dtype=self._x_dtype)).to(self.device, non_blocking=True)
             ts = torch.from_numpy(np.ascontiguousarray(t, dtype=np.float32)).to(self.device, non_blocking=True)
             eps = self.network(xs.contiguous(memory_format=torch.channels_last), ts)

@@ -16,6 +16,8 @@ from pathlib import Path
 from ..files import cache_root
 
 SOURCE_PATH = Path(__file__).with_name("kernels.cu")
+#: The architectures ``df5t doctor`` and the tests build for without a GPU (a GPU's kernels are
+#: built for its own compute capability, whatever it is, where NVRTC supports it).
 ARCHITECTURES = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120")
 KERNELS = (
     "df5t_advance",
@@ -81,10 +83,21 @@ def nvrtc_version() -> str:
     return f"{result[1]}.{result[2]}"
 
 
+def nvrtc_architectures() -> tuple[str, ...]:
+    """The architectures this NVRTC can build for (``sm_XY``)."""
+    nvrtc = _nvrtc()
+    result = nvrtc.nvrtcGetSupportedArchs()
+    _check(nvrtc, result, "supported architectures")
+    return tuple(f"sm_{value}" for value in result[1])
+
+
 def compile_cubin(arch: str) -> bytes:
-    """The kernels' cubin for ``arch`` (e.g. "sm_90"), from the cache or NVRTC."""
-    if arch not in ARCHITECTURES:
-        raise KernelBuildError(f"unsupported architecture {arch}; supported: {', '.join(ARCHITECTURES)}")
+    """The kernels' cubin for ``arch`` (e.g. "sm_90": a GPU's own compute capability), from
+    the cache or NVRTC; ``KernelBuildError`` where this NVRTC cannot build for it."""
+    supported = nvrtc_architectures()
+    if arch not in supported:
+        raise KernelBuildError(f"this NVRTC ({nvrtc_version()}) cannot build for {arch}; it supports "
+                               f"{', '.join(supported)}: upgrade nvidia-cuda-nvrtc")
     source = kernel_source().encode()
     key = hashlib.sha256(source + arch.encode() + nvrtc_version().encode() + repr(NVRTC_OPTIONS).encode()).hexdigest()[:16]
     cached = cache_dir() / f"{key}-{arch}.cubin"

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Sequence
+from contextlib import contextmanager
 
-from . import ARCHITECTURES, KERNELS, compile_cubin
+from . import KERNELS, KernelBuildError, compile_cubin
 
 THREADS_PER_BLOCK = 256
 BLOCKS_PER_SM = 8
@@ -31,7 +32,13 @@ def _check(result, what: str):
 
 
 class CudaKernels:
-    """The df5t kernels in the primary context of one device (the one PyTorch uses too)."""
+    """The df5t kernels in the primary context of one device (the one PyTorch uses too).
+
+    Built for the device's own compute capability (NVRTC permitting; otherwise
+    ``KernelBuildError``, and the caller runs the host loop). Each launch binds this
+    device's context: with several GPUs, PyTorch's device guards may have made another
+    one current in this thread.
+    """
 
     def __init__(self, device: int = 0):
         from cuda.bindings import driver
@@ -44,23 +51,42 @@ class CudaKernels:
         minor = _check(driver.cuDeviceGetAttribute(attribute.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, handle), "cc minor")
         self.sm_count = _check(driver.cuDeviceGetAttribute(attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, handle), "SM count")
         self.arch = f"sm_{major}{minor}"
-        if self.arch not in ARCHITECTURES:
-            raise CudaError(f"GPU architecture {self.arch} is not among the supported {', '.join(ARCHITECTURES)}")
-        context = _check(driver.cuDevicePrimaryCtxRetain(handle), "cuDevicePrimaryCtxRetain")
-        _check(driver.cuCtxSetCurrent(context), "cuCtxSetCurrent")
-        self.module = _check(driver.cuModuleLoadData(compile_cubin(self.arch)), "cuModuleLoadData")
-        self.functions = {
-            name: _check(driver.cuModuleGetFunction(self.module, name.encode()), f"cuModuleGetFunction({name})")
-            for name in KERNELS
-        }
+        cubin = compile_cubin(self.arch)  # KernelBuildError where NVRTC cannot target this GPU
+        self.context = _check(driver.cuDevicePrimaryCtxRetain(handle), "cuDevicePrimaryCtxRetain")
+        with self._bound():
+            try:
+                self.module = _check(driver.cuModuleLoadData(cubin), "cuModuleLoadData")
+            except CudaError as err:  # e.g. a driver older than the NVRTC that built the cubin
+                raise KernelBuildError(f"the {self.arch} kernels do not load on this GPU: {err}") from None
+            self.functions = {
+                name: _check(driver.cuModuleGetFunction(self.module, name.encode()), f"cuModuleGetFunction({name})")
+                for name in KERNELS
+            }
+
+    @contextmanager
+    def _bound(self):
+        """This device's context current in this thread for the block, the caller's after it."""
+        driver = self._driver
+        current = _check(driver.cuCtxGetCurrent(), "cuCtxGetCurrent")
+        if int(current) == int(self.context):
+            yield
+            return
+        _check(driver.cuCtxPushCurrent(self.context), "cuCtxPushCurrent")
+        try:
+            yield
+        finally:
+            _check(driver.cuCtxPopCurrent(), "cuCtxPopCurrent")
 
     def launch(self, name: str, args: Sequence[ctypes._SimpleCData | ctypes.Structure], stream: int = 0) -> None:
-        """Launch kernel ``name`` on ``stream`` (a CUstream handle, 0 for the default stream)."""
+        """Launch kernel ``name`` on ``stream`` (a CUstream handle of this device, 0 for the
+        default stream)."""
         driver = self._driver
         pointers = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
         blocks = self.sm_count * BLOCKS_PER_SM
-        _check(driver.cuLaunchKernel(self.functions[name], blocks, 1, 1, THREADS_PER_BLOCK, 1, 1, 0,
-                                     driver.CUstream(stream), ctypes.addressof(pointers), 0), f"launch {name}")
+        with self._bound():
+            _check(driver.cuLaunchKernel(self.functions[name], blocks, 1, 1, THREADS_PER_BLOCK, 1, 1, 0,
+                                         driver.CUstream(stream), ctypes.addressof(pointers), 0), f"launch {name}")
 
     def synchronize(self, stream: int = 0) -> None:
-        _check(self._driver.cuStreamSynchronize(self._driver.CUstream(stream)), "cuStreamSynchronize")
+        with self._bound():
+            _check(self._driver.cuStreamSynchronize(self._driver.CUstream(stream)), "cuStreamSynchronize")

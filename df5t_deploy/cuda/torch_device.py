@@ -34,6 +34,11 @@ class TorchCudaDevice:
         self._dtypes = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16,
                         np.dtype(np.int32): torch.int32, np.dtype(np.uint8): torch.uint8}
 
+    def bind_thread(self) -> None:
+        """Make this GPU the calling thread's current device (each worker of a multi-GPU run
+        calls it): graph captures and PyTorch's own launches follow the current device."""
+        self.torch.cuda.set_device(self.device)
+
     def _compute_stream(self):
         return self.torch.cuda.current_stream(self.device)
 
