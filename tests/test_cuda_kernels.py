@@ -279,3 +279,25 @@ def test_cursor_and_timestep_table(run):
     np.testing.assert_array_equal(t, 300.0)
     run("df5t_advance", cursor)
     assert cursor[0] == 4
+
+
+def test_an_nvrtc_library_that_cannot_be_loaded_is_reported_not_raised(monkeypatch):
+    """cuda-bindings imports, but libnvrtc is not found (as in an environment that lacks it)."""
+
+    class Unloadable:
+        nvrtcResult = None
+
+        def __getattr__(self, name):
+            def call(*args):
+                raise RuntimeError("Failure finding libnvrtc.so")
+
+            return call
+
+    monkeypatch.setattr(cuda, "_nvrtc", Unloadable)
+    cuda.kernel_status.cache_clear()
+    try:
+        status = cuda.kernel_status()
+    finally:
+        cuda.kernel_status.cache_clear()
+    assert set(status) == set(cuda.ARCHITECTURES)
+    assert all(state.startswith("NVRTC cannot be loaded") for state in status.values())

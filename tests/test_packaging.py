@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -18,28 +20,47 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory) -> tuple[Path, dict[str, str]]:
-    """The wheel, and an environment whose only df5t_deploy is the wheel's (installed with
-    --target, ahead of the editable checkout on sys.path), run from outside the checkout."""
+def installed(tmp_path_factory) -> tuple[Path, Path, Path, dict[str, str]]:
+    """The wheel, and the interpreter, site folder and environment of a fresh virtual
+    environment where it is installed."""
     folder = tmp_path_factory.mktemp("wheel")
+    source = folder / "source"  # the checkout's files alone: no build/ left by an earlier build
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, check=True,
+                           capture_output=True, text=True).stdout.splitlines()
+    for name in files:
+        if (REPO / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, source / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(folder), str(REPO)], check=True, cwd=folder)
+                    "-w", str(folder), str(source)], check=True, cwd=folder)
     wheel = next(folder.glob("df5t_deploy-*.whl"))
-    target = folder / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+    # A fresh environment with the wheel installed, and this one's dependencies on its path
+    # through a .pth line (whose folder's own .pth files, the checkout's editable hook among
+    # them, are not read): the only df5t_deploy it can import is the wheel's.
+    venv = folder / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               check=True, capture_output=True, text=True).stdout.strip())
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
                    check=True, cwd=folder)
-    env = {**os.environ, "PYTHONPATH": str(target), "DF5T_CACHE": str(folder / "cache")}
-    return wheel, env
+    (site / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # cuda-bindings looks for libnvrtc among the site folders, which now are the new ones
+    nvrtc = sorted(Path(sysconfig.get_paths()["purelib"]).glob("nvidia/*/lib/libnvrtc.so*"))
+    library_path = ":".join([str(nvrtc[0].parent)] if nvrtc else []) + ":" + os.environ.get("LD_LIBRARY_PATH", "")
+    env = {**os.environ, "DF5T_CACHE": str(folder / "cache"), "LD_LIBRARY_PATH": library_path.strip(":")}
+    env.pop("PYTHONPATH", None)
+    return wheel, python, site, env
 
 
-def _run(env: dict[str, str], cwd: Path, *code: str) -> str:
-    result = subprocess.run([sys.executable, "-c", "\n".join(code)], env=env, cwd=cwd, capture_output=True, text=True)
+def _run(python: Path, env: dict[str, str], cwd: Path, *code: str) -> str:
+    result = subprocess.run([str(python), "-c", "\n".join(code)], env=env, cwd=cwd, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
 
 def test_the_wheel_holds_the_kernels_the_models_and_the_sample(installed):
-    wheel, _ = installed
+    wheel = installed[0]
     names = set(zipfile.ZipFile(wheel).namelist())
     for required in ("df5t_deploy/cuda/kernels.cu", "df5t_deploy/cuda/launch.py", "df5t_deploy/models/df5t-tiny-em.onnx",
                      "df5t_deploy/samples/mussel_nuclei_256.tif", "df5t_deploy/export/network.py",
@@ -49,14 +70,13 @@ def test_the_wheel_holds_the_kernels_the_models_and_the_sample(installed):
 
 def test_the_installed_wheel_compiles_its_kernels_and_restores(installed, tmp_path):
     pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-bindings (NVRTC) not installed: pip install '.[test]'")
-    _, env = installed
-    site = Path(env["PYTHONPATH"])
-    where = _run(env, tmp_path, "import df5t_deploy; print(df5t_deploy.__file__)")
+    _, python, site, env = installed
+    where = _run(python, env, tmp_path, "import df5t_deploy; print(df5t_deploy.__file__)")
     assert Path(where.strip()).is_relative_to(site), f"the checkout was imported, not the wheel: {where}"
-    doctor = _run(env, tmp_path, "from df5t_deploy.cli import main", "main(['doctor', '--json'])")
+    doctor = _run(python, env, tmp_path, "from df5t_deploy.cli import main", "main(['doctor', '--json'])")
     assert set(json.loads(doctor)["kernels"].values()) == {"ok"}
     out = tmp_path / "restored.tif"
-    _run(env, tmp_path, "from df5t_deploy.cli import main", "from df5t_deploy.samples import sample_path",
+    _run(python, env, tmp_path, "from df5t_deploy.cli import main", "from df5t_deploy.samples import sample_path",
          f"main(['restore', str(sample_path()), '-o', {str(out)!r}, '--sigma0', '0.1', '--steps', '2', '--quiet'])")
     import tifffile
 

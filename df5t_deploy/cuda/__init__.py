@@ -73,22 +73,27 @@ def _log(nvrtc, program) -> str:
     return buffer.decode(errors="replace").rstrip("\x00 \n")
 
 
-def nvrtc_version() -> str:
+def _query(what: str, call):
+    """The value of an NVRTC query; cuda-bindings loads libnvrtc on the first call, and a
+    library it cannot find or load is a KernelBuildError too."""
     nvrtc = _nvrtc()
     try:
-        result = nvrtc.nvrtcVersion()
-    except RuntimeError as err:  # cuda-bindings loads libnvrtc on first use
+        result = call(nvrtc)
+    except RuntimeError as err:
         raise KernelBuildError(f"NVRTC cannot be loaded ({err}): pip install nvidia-cuda-nvrtc") from err
-    _check(nvrtc, result, "version")
-    return f"{result[1]}.{result[2]}"
+    _check(nvrtc, result, what)
+    return result[1:]
+
+
+def nvrtc_version() -> str:
+    major, minor = _query("version", lambda nvrtc: nvrtc.nvrtcVersion())
+    return f"{major}.{minor}"
 
 
 def nvrtc_architectures() -> tuple[str, ...]:
     """The architectures this NVRTC can build for (``sm_XY``)."""
-    nvrtc = _nvrtc()
-    result = nvrtc.nvrtcGetSupportedArchs()
-    _check(nvrtc, result, "supported architectures")
-    return tuple(f"sm_{value}" for value in result[1])
+    (values,) = _query("supported architectures", lambda nvrtc: nvrtc.nvrtcGetSupportedArchs())
+    return tuple(f"sm_{value}" for value in values)
 
 
 def compile_cubin(arch: str) -> bytes:
