@@ -1,25 +1,27 @@
-"""GPU throughput: df5t-512 on a 4096 x 4096 EM montage, ours against two baselines, one run.
+"""GPU throughput: df5t-512 restoring real EM, ours against two baselines, in one run.
 
-    python benchmarks/gpu_throughput.py [--tiles 256 512] [--steps 20] [--size 4096] [--compile]
+    python benchmarks/gpu_throughput.py [--tile 256] [--steps 20] [--ratio-size 1024] [--size 4096]
+                                        [--compile] [--json PATH]
 
-Rows (README, "Benchmarks"):
+Every row restores the same kind of work (denoising, the same tile, overlap tile/8, steps,
+sigma0 and skip schedule) and is timed after a warm-up restore of the same shape. On a
+``--ratio-size`` crop of a real EM montage:
 - reference-style: how the published code runs. PyTorch fp32 with PyTorch's default TF32
   settings, one tile per network call, every tile restored by its own DDRM loop with the
-  state copied to the host at every step, tiles averaged at the end (16 px overlap).
-- PyTorch fp16 batched eager: the fp16 network on batches of tiles, host loop (numpy DDRM,
-  tiles copied to and from the GPU at every step).
+  state copied to the host at every step, tiles averaged at the end;
+- PyTorch fp16 loop on the GPU: what a competent PyTorch user writes (``torch_loop.py``): the
+  DDRM loop in torch tensors on the GPU, the fp16 network on batches of tiles, unfold/fold
+  blending every step, no graphs, no custom kernels;
 - ours: the on-device loop (kernels for gather, blend and the fused DDRM step; fp16 network
-  in PyTorch; one step captured as a CUDA graph).
-- operator kernels alone: the on-device loop with a network that only zeroes eps, i.e.
-  what the kernels (gather, blend, DDRM step) and graph launches cost by themselves.
-- ours + torch.compile (with --compile): the same with the network compiled by Inductor.
-- ours, TensorRT (when TensorRT is installed): the same loop with an fp16 engine built from
-  the fp16 ONNX export (cached under the usual engine cache).
-Each row reports tile-steps/s, MPix/s, peak GPU memory (PyTorch's allocator; TensorRT's own
-allocations are not in it), the network's share of the time and its achieved TFLOP/s against
-the GPU's measured fp16 matrix peak; then ours against the baselines with the issue's
-targets. Writes JSON with the GPU, driver, clocks, CUDA and package versions. Needs a CUDA
-GPU and PyTorch.
+  in PyTorch; one step captured as a CUDA graph);
+- operator kernels alone: the on-device loop with a network that only zeroes eps (what the
+  kernels and graph launches cost by themselves);
+- ours + torch.compile (with --compile), ours with TensorRT (where TensorRT is installed).
+Then ours alone on the ``--size`` montage (the 30 s target). Each row reports tile-steps/s,
+MPix/s, peak GPU memory (PyTorch's allocator), the network's share of the time and its
+TFLOP/s against the measured fp16 matrix peak; each is printed and written to the JSON as
+soon as it finishes (a run cut short keeps its rows); the table ends with the ratios and
+the targets. Needs a CUDA GPU and PyTorch.
 """
 
 from __future__ import annotations
@@ -41,9 +43,9 @@ GFLOP_PER_256_TILE = 270.0  # REFERENCE.md section 3, df5t-512; scales with pixe
 SIGMA0 = 0.2
 
 
-def montage(data: Path, size: int) -> np.ndarray:
+def montage(source: Path, size: int) -> np.ndarray:
     """A size x size montage tiled (mirrored) from a real EM micrograph."""
-    image = tifffile.imread(data / EM_FILE)
+    image = tifffile.imread(source)
     reps = (-(-size // image.shape[0]), -(-size // image.shape[1]))
     return np.pad(image, ((0, reps[0] * image.shape[0] - image.shape[0]), (0, reps[1] * image.shape[1] - image.shape[1])),
                   mode="symmetric")[:size, :size]
@@ -102,10 +104,11 @@ def run_row(torch, name: str, fn, image: np.ndarray, tile: int, tiles_per_step: 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "em")
-    parser.add_argument("--size", type=int, default=4096)
-    parser.add_argument("--tiles", type=int, nargs="+", default=[256, 512])
+    parser.add_argument("--image", type=Path, default=em_source(), help="the real EM micrograph to tile")
+    parser.add_argument("--tile", type=int, default=256)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--ratio-size", type=int, default=1024, help="crop on which every row runs (the ratios)")
+    parser.add_argument("--size", type=int, default=4096, help="montage that ours alone restores (0: skip)")
     parser.add_argument("--compile", action="store_true", help="add the torch.compile row (minutes of compilation)")
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "throughput_gpu.json")
     args = parser.parse_args(argv)
@@ -117,137 +120,201 @@ def main(argv: list[str] | None = None) -> dict:
     from df5t_deploy.export.network import DF5TNetwork
     from df5t_deploy.export.presets import PRESETS
 
-    image = montage(args.data, args.size)
+    crop = montage(args.image, args.ratio_size)
     peak = matrix_peak_tflops(torch)
-    rows = []
+    report = {"benchmark": "throughput_gpu", "tile": args.tile, "overlap": args.tile // 8, "steps": args.steps,
+              "ratio_size": args.ratio_size, "size": args.size, "rows": [],
+              "matrix_peak_tflops_fp16": round(peak, 1), "machine": _machine(torch)}
+
+    def record(row: dict) -> None:
+        report["rows"].append(row)
+        print(_row_line(row), flush=True)
+        _write_json(args.json, report)
+
     with tempfile.TemporaryDirectory() as scratch:
         torch.manual_seed(0)
         checkpoint = Path(scratch) / "df5t-512-random.pt"
         torch.save(DF5TNetwork(PRESETS["df5t-512"].network).state_dict(), checkpoint)
-        for tile in args.tiles:
-            bench = _TileBench(torch, image, tile, args.steps, checkpoint, peak)
-            rows += bench.baselines()
-            rows.append(bench.ours("ours", compile_network=False))
-            rows.append(bench.kernels_alone())
-            if args.compile:
-                rows.append(bench.ours("ours + torch.compile", compile_network=True))
-            if _tensorrt_version() is not None:
-                rows.append(bench.ours_tensorrt(Path(scratch)))
-    report = {"benchmark": "throughput_gpu", "size": args.size, "steps": args.steps, "rows": rows,
-              "matrix_peak_tflops_fp16": round(peak, 1), "machine": _machine(torch)}
+        bench = _TileBench(torch, args.tile, args.steps, checkpoint, peak)
+        record(bench.reference(crop))
+        record(bench.torch_loop(crop))
+        record(bench.ours("ours", crop))
+        record(bench.kernels_alone(crop))
+        if args.compile:
+            record(bench.ours("ours + torch.compile", crop, compile_network=True))
+        if _tensorrt_version() is not None:
+            record(bench.ours_tensorrt(crop, Path(scratch)))
+        if args.size:
+            record(bench.ours("ours", montage(args.image, args.size)))
     print(_table(report))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
-class _TileBench:
-    """The rows of one tile size, sharing the image, schedule and random df5t-512 weights."""
+def em_source() -> Path:
+    """The real EM micrograph: from ``$DF5T_SHARED`` or ``../shared`` beside the checkout,
+    else its 1024 x 1024 crop that travels with the checkout (GPU machines without shared/)."""
+    import os
 
-    def __init__(self, torch, image: np.ndarray, tile: int, steps: int, checkpoint: Path, peak: float):
-        from df5t_deploy.api import Restorer
+    for root in (os.environ.get("DF5T_SHARED"), REPO.parent / "shared"):
+        if root and (Path(root) / "data" / "em" / EM_FILE).is_file():
+            return Path(root) / "data" / "em" / EM_FILE
+    return next((REPO / "tests" / "data" / "em").glob(EM_FILE.removesuffix(".tif") + "_crop_*.tif"))
+
+
+def _write_json(path: Path, report: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(report, indent=2) + "\n")
+    partial.replace(path)
+
+
+class _TileBench:
+    """The rows of one tile size, sharing the schedule and random df5t-512 weights."""
+
+    def __init__(self, torch, tile: int, steps: int, checkpoint: Path, peak: float):
         from df5t_deploy.backends.torch_backend import TorchBackend
         from df5t_deploy.export.presets import PRESETS
         from df5t_deploy.sampler import Timesteps
 
-        self.torch, self.image, self.tile, self.steps, self.checkpoint, self.peak = torch, image, tile, steps, checkpoint, peak
-        self.settings = {"sigma0": SIGMA0, "steps": steps, "seed": 0, "overlap": tile // 8}
-        self.calls = len(Timesteps(PRESETS["df5t-512"].schedule, steps))
+        self.torch, self.tile, self.steps, self.checkpoint, self.peak = torch, tile, steps, checkpoint, peak
+        self.overlap = tile // 8
+        self.settings = {"sigma0": SIGMA0, "steps": steps, "seed": 0, "overlap": self.overlap}
+        self.schedule = PRESETS["df5t-512"].schedule
+        self.calls = len(Timesteps(self.schedule, steps))
         self.fp16 = TorchBackend(checkpoint, "cuda", tile=tile, precision="fp16")
-        self.per_step = Restorer(checkpoint, backend=self.fp16, **self.settings).denoiser.tiles_per_call(1, *image.shape)
 
-    def _row(self, name, fn, tiles_per_step, network_time, warm_up: bool = True):
-        """A timed row; first ``fn`` restores a small crop (kernel compilation, library and
-        allocator start-up are not part of the figure)."""
-        if warm_up:
-            fn(self.image[: 2 * self.tile, : 2 * self.tile])
-        return run_row(self.torch, name, fn, self.image, self.tile, tiles_per_step, self.steps, network_time, self.peak)
+    def _tiles_per_step(self, image: np.ndarray) -> int:
+        from df5t_deploy.api import Restorer
 
-    def _batched_network_time(self, call_seconds: float, batch: int) -> float:
-        return call_seconds * -(-self.per_step // batch) * self.calls
+        return Restorer(self.checkpoint, backend=self.fp16, **self.settings).denoiser.tiles_per_call(1, *image.shape)
 
-    def baselines(self) -> list[dict]:
+    def _row(self, name, fn, image, tiles_per_step, network_time):
+        """A timed row, after a warm-up restore of the same shape (kernel compilation, graph
+        capture, library and allocator start-up are not part of the figure)."""
+        fn(image)
+        row = run_row(self.torch, name, fn, image, self.tile, tiles_per_step, self.steps, network_time, self.peak)
+        return {**row, "size": image.shape[0], "overlap": self.overlap}
+
+    def _batched_network_time(self, image: np.ndarray, call_seconds: float, batch: int) -> float:
+        return call_seconds * -(-self._tiles_per_step(image) // batch) * self.calls
+
+    def reference(self, image: np.ndarray) -> dict:
         sys.path.insert(0, str(Path(__file__).parent))
         from throughput import run_reference  # the same reference-style loop as the CPU benchmark
 
-        from df5t_deploy.api import Restorer
         from df5t_deploy.export.network import DF5TNetwork
         from df5t_deploy.export.onnx_export import eps_only
         from df5t_deploy.export.presets import PRESETS
+        from df5t_deploy.tiling import tile_starts
 
         torch, tile = self.torch, self.tile
         fp32 = eps_only(DF5TNetwork(PRESETS["df5t-512"].network)).cuda().eval()
         x32, t1 = tile_inputs(torch, tile, 1, torch.float32)
         net32 = network_seconds(torch, lambda: fp32(x32, t1))
-        ref_tiles = len(range(0, self.image.shape[0] - 16, tile - 16)) * len(range(0, self.image.shape[1] - 16, tile - 16))
-        reference = self._row("reference-style", lambda im: run_reference(im, tile, self.steps, 16, "cuda"),
-                              ref_tiles, net32 * ref_tiles * self.calls, warm_up=False)  # its setup is not timed
-        host16 = Restorer(self.checkpoint, backend=_HostOnly(self.fp16), **self.settings)
-        eager = self._row("PyTorch fp16 batched eager", host16.restore, self.per_step,
-                          self._batched_network_time(self._torch_call_seconds(self.fp16), self.fp16.preferred_batch))
-        return [reference, eager]
+        tiles = len(tile_starts(image.shape[0], tile, self.overlap)) * len(tile_starts(image.shape[1], tile, self.overlap))
+        return self._row("reference-style", lambda im: run_reference(im, tile, self.steps, 1, "cuda", self.overlap),
+                         image, tiles, net32 * tiles * self.calls)  # its setup is not timed (it returns seconds)
+
+    def torch_loop(self, image: np.ndarray) -> dict:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from torch_loop import restore_with_torch_loop
+
+        batch = self.fp16.preferred_batch
+        network = self.fp16.network
+        return self._row("PyTorch fp16 loop on the GPU",
+                         lambda im: restore_with_torch_loop(network, im, self.schedule, self.tile, self.overlap,
+                                                            self.steps, SIGMA0, batch=batch),
+                         image, self._tiles_per_step(image),
+                         self._batched_network_time(image, self._torch_call_seconds(self.fp16), batch))
 
     def _torch_call_seconds(self, backend) -> float:
         x, t = tile_inputs(self.torch, self.tile, backend.preferred_batch, self.torch.float16)
         return network_seconds(self.torch, lambda: backend.network(x.contiguous(memory_format=self.torch.channels_last), t))
 
-    def ours(self, name: str, compile_network: bool) -> dict:
+    def ours(self, name: str, image: np.ndarray, compile_network: bool = False) -> dict:
         from df5t_deploy.api import Restorer
         from df5t_deploy.backends.torch_backend import TorchBackend
 
         backend = (TorchBackend(self.checkpoint, "cuda", tile=self.tile, precision="fp16", compile_network=True)
                    if compile_network else self.fp16)
         restorer = Restorer(self.checkpoint, backend=backend, **self.settings)
-        network_time = self._batched_network_time(self._torch_call_seconds(backend), backend.preferred_batch)
+        network_time = self._batched_network_time(image, self._torch_call_seconds(backend), backend.preferred_batch)
         if compile_network:  # a second batch size makes the compiled batch dimension dynamic, before timing
             x, t = tile_inputs(self.torch, self.tile, 1, self.torch.float16)
             with self.torch.inference_mode():
                 backend.network(x.contiguous(memory_format=self.torch.channels_last), t)
-        return self._row(name, restorer.restore, self.per_step, network_time)
+        return self._row(name, restorer.restore, image, self._tiles_per_step(image), network_time)
 
-    def kernels_alone(self) -> dict:
+    def kernels_alone(self, image: np.ndarray) -> dict:
         """The on-device loop with a network that does nothing: what gather, blend, the DDRM
         step kernels and the graph launches cost on their own."""
         from df5t_deploy.api import Restorer
 
         restorer = Restorer(self.checkpoint, backend=_WithoutNetwork(self.fp16), **self.settings)
-        return self._row("operator kernels alone", restorer.restore, self.per_step, 0.0)
+        return self._row("operator kernels alone", restorer.restore, image, self._tiles_per_step(image), 0.0)
 
-    def ours_tensorrt(self, scratch: Path) -> dict:
+    def ours_tensorrt(self, image: np.ndarray, scratch: Path) -> dict:
         from df5t_deploy.api import Restorer
         from df5t_deploy.engines.runtime import TensorRTBackend
         from df5t_deploy.export.checkpoint import load_checkpoint
         from df5t_deploy.export.onnx_export import export_checkpoint
-        from df5t_deploy.export.presets import PRESETS
 
         torch = self.torch
         artifact = scratch / f"df5t-512-tile{self.tile}-fp16.onnx"
-        export_checkpoint(load_checkpoint(self.checkpoint), artifact, tile=self.tile, schedule=PRESETS["df5t-512"].schedule,
+        export_checkpoint(load_checkpoint(self.checkpoint), artifact, tile=self.tile, schedule=self.schedule,
                           fp16=True, log=lambda message: None)
         backend = TensorRTBackend(artifact, "cuda")  # built (or taken from the cache) before timing
         restorer = Restorer(artifact, backend=backend, **self.settings)
         x, t = tile_inputs(torch, self.tile, backend.max_batch, torch.float16)
         eps = torch.empty_like(x)
         call = network_seconds(torch, lambda: backend.device_network(x, eps, t))
-        return self._row(f"ours, TensorRT {_tensorrt_version()}", restorer.restore, self.per_step,
-                         self._batched_network_time(call, backend.max_batch))
+        return self._row(f"ours, TensorRT {_tensorrt_version()}", restorer.restore, image, self._tiles_per_step(image),
+                         self._batched_network_time(image, call, backend.max_batch))
+
+
+TARGETS = {"reference": 3.0, "torch_loop": 1.3, "kernel_share": 0.05, "full_image_seconds": 30.0}
+
+
+def _row_line(row: dict) -> str:
+    return (f"{row['row']:<30} {row['size']:>5} px tile {row['tile']:>4}  {row['seconds']:>8.1f} s  "
+            f"{row['tile_steps_per_s']:>8.1f} tile-steps/s  {row['mpix_per_s']:>7.3f} MPix/s  "
+            f"{row['gpu_memory_gb']:>5.1f} GB  net {row['network_share']:>4.0%}  "
+            f"{row['tflops']:>6.1f} TFLOP/s ({row['tflops_vs_peak']:.0%} of peak)")
+
+
+def ratios(report: dict) -> dict:
+    """Ours against the baselines on the ratio crop, and ours on the full montage, with the
+    targets; a figure whose rows are missing (a run cut short) is None."""
+    on_crop = {row["row"]: row["seconds"] for row in report["rows"] if row["size"] == report["ratio_size"]}
+    full = [row["seconds"] for row in report["rows"] if row["row"] == "ours" and row["size"] == report["size"]]
+    ours = on_crop.get("ours")
+
+    def over(name):
+        return round(on_crop[name] / ours, 2) if ours and name in on_crop else None
+
+    return {"vs_reference": over("reference-style"), "vs_torch_loop": over("PyTorch fp16 loop on the GPU"),
+            "kernel_share": round(on_crop["operator kernels alone"] / ours, 3)
+            if ours and "operator kernels alone" in on_crop else None,
+            "full_image_seconds": full[0] if full else None, "targets": TARGETS}
 
 
 def _table(report: dict) -> str:
-    lines = [f"df5t-512 (random weights), {report['size']} x {report['size']} EM montage, {report['steps']} steps, "
+    r = ratios(report)
+    lines = [f"df5t-512 (random weights), tile {report['tile']}, overlap {report['overlap']}, {report['steps']} steps, "
              f"{report['machine']['gpu']}, measured fp16 matrix peak {report['matrix_peak_tflops_fp16']} TFLOP/s"]
-    for row in report["rows"]:
-        lines.append(f"{row['row']:<30} tile {row['tile']:>4}  {row['seconds']:>8.1f} s  "
-                     f"{row['tile_steps_per_s']:>8.1f} tile-steps/s  {row['mpix_per_s']:>7.3f} MPix/s  "
-                     f"{row['gpu_memory_gb']:>5.1f} GB  net {row['network_share']:>4.0%}  "
-                     f"{row['tflops']:>6.1f} TFLOP/s ({row['tflops_vs_peak']:.0%} of peak)")
-    for tile in sorted({row["tile"] for row in report["rows"]}):
-        by_name = {row["row"]: row["seconds"] for row in report["rows"] if row["tile"] == tile}
-        ours = by_name["ours"]
-        lines.append(f"tile {tile}: ours is {by_name['reference-style'] / ours:.2f}x reference-style (target >= 3), "
-                     f"{by_name['PyTorch fp16 batched eager'] / ours:.2f}x PyTorch fp16 batched eager (target >= 1.3); "
-                     f"operator kernels {by_name['operator kernels alone'] / ours:.1%} of its time (target < 5%); "
-                     f"{ours:.1f} s for the image (target < 30 s on one H100 at 4096 x 4096, 20 steps)")
+    lines += [_row_line(row) for row in report["rows"]]
+
+    def verdict(value, target, higher_is_better=True):
+        if value is None:
+            return "not measured"
+        met = value >= target if higher_is_better else value < target
+        return f"{value} ({'meets' if met else 'MISSES'} target {'>=' if higher_is_better else '<'} {target})"
+
+    lines.append(f"ours vs reference-style: {verdict(r['vs_reference'], TARGETS['reference'])}x; "
+                 f"vs PyTorch fp16 loop on the GPU: {verdict(r['vs_torch_loop'], TARGETS['torch_loop'])}x; "
+                 f"operator kernels' share: {verdict(r['kernel_share'], TARGETS['kernel_share'], False)}; "
+                 f"{report['size']} x {report['size']} in "
+                 f"{verdict(r['full_image_seconds'], TARGETS['full_image_seconds'], False)} s")
     return "\n".join(lines)
 
 
@@ -268,17 +335,6 @@ class _WithoutNetwork:
 
     def device_network(self, tiles, eps_tiles, t) -> None:
         eps_tiles.zero_()
-
-
-class _HostOnly:
-    """A backend seen without its device loop, so the Restorer runs the host loop."""
-
-    def __init__(self, backend):
-        self._backend = backend
-        self.name, self.info, self.preferred_batch = backend.name + "-host-loop", backend.info, backend.preferred_batch
-
-    def __call__(self, x, t):
-        return self._backend(x, t)
 
 
 def _machine(torch) -> dict:

@@ -61,7 +61,8 @@ def _network(seed: int = 0):
 # --------------------------------------------------------------------- reference style
 
 
-def run_reference(image: np.ndarray, tile: int, steps: int, threads: int, device: str = "cpu") -> dict:
+def run_reference(image: np.ndarray, tile: int, steps: int, threads: int, device: str = "cpu",
+                  overlap: int = OVERLAP) -> dict:
     """The published way: per-tile DDRM in torch, batch 1, host copies, average at the end."""
     import torch
 
@@ -73,7 +74,7 @@ def run_reference(image: np.ndarray, tile: int, steps: int, threads: int, device
     net = _network().to(device)
     timesteps = Timesteps(Schedule(1000), steps)
     y = torch.from_numpy(image.astype(np.float32) / 255.0 * 2 - 1).to(device)
-    ys, xs = (tile_starts(n, tile, OVERLAP) for n in image.shape)
+    ys, xs = (tile_starts(n, tile, overlap) for n in image.shape)
     out = torch.zeros_like(y)
     count = torch.zeros_like(y)
     started = time.perf_counter()

@@ -122,16 +122,14 @@ class EmulatedDeviceBackend:
     ("sr", {"scale": 2}, "df5t_ddrm_step_block"),
     ("deblur", {"blur_sigma": 1.2}, "df5t_ddrm_split"),
 ])
-def test_restorer_runs_the_device_loop_like_the_host_loop(tmp_path, em_dir, task, options, fused):
-    import tifffile
+def test_restorer_runs_the_device_loop_like_the_host_loop(tmp_path, mussel_tile3, task, options, fused):
     from onnx_models import tile_mean_model
 
     from df5t_deploy.api import Restorer
 
     device = EmulatedDevice(build_library(tmp_path))
     model = tile_mean_model(tmp_path / "mean.onnx", TILE)
-    micrograph = tifffile.imread(em_dir / "micrograph_vemstitch-mussel_tile3_2_2_1768x2048.tif")
-    image = np.stack([micrograph[:40, :52], micrograph[100:140, :52]]).astype(np.float32)  # buffers reused
+    image = np.stack([mussel_tile3[:40, :52], mussel_tile3[100:140, :52]]).astype(np.float32)  # buffers reused
     settings = dict(sigma0=0.1, steps=5, seed=3, samples=2, batch=2, **options)
     host = Restorer(model, task, **settings).restore_full(image)
     ours = Restorer(model, task, backend=EmulatedDeviceBackend(model, device), **settings).restore_full(image)

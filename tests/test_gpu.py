@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import tifffile
 from click.testing import CliRunner
 
 from df5t_deploy.api import Restorer
@@ -37,11 +36,11 @@ def _psnr(a: np.ndarray, b: np.ndarray, data_range: float) -> float:
 
 
 @pytest.mark.parametrize("task, options", [("denoise", {}), ("sr", {"scale": 2}), ("deblur", {"blur_sigma": 1.5})])
-def test_gpu_fp32_restoration_matches_the_cpu_path(gpu, tiny, em_dir, task, options):
+def test_gpu_fp32_restoration_matches_the_cpu_path(gpu, tiny, mussel_tile3, task, options):
     from df5t_deploy.backends.torch_backend import TorchBackend
 
     checkpoint, artifact = tiny
-    image = tifffile.imread(em_dir / "micrograph_vemstitch-mussel_tile3_2_2_1768x2048.tif")[:160, :200].astype(np.float32)
+    image = mussel_tile3[:160, :200].astype(np.float32)
     settings = dict(sigma0=0.1, steps=20, seed=11, **options)
     cpu = Restorer(artifact, task, **settings).restore_full(image)
     backend = TorchBackend(checkpoint, device="cuda", tile=64, diffusion_steps=1000, precision="fp32")
@@ -56,14 +55,13 @@ def test_gpu_fp32_restoration_matches_the_cpu_path(gpu, tiny, em_dir, task, opti
     print(f"{task}: GPU fp16 vs fp32 PSNR {_psnr(half, on_gpu.image, data_range):.1f} dB (reported, not asserted)")
 
 
-def test_gpu_stack_and_super_tiles_with_walks_in_flight_match_the_cpu_path(gpu, tiny, em_dir):
+def test_gpu_stack_and_super_tiles_with_walks_in_flight_match_the_cpu_path(gpu, tiny, mussel_tile3):
     """Several groups and super-tiles, so the next walk is queued while the last one is still
     on the GPU (pinned downloads on the copy stream, captures without a device sync)."""
     from df5t_deploy.backends.torch_backend import TorchBackend
 
     checkpoint, artifact = tiny
-    micrograph = tifffile.imread(em_dir / "micrograph_vemstitch-mussel_tile3_2_2_1768x2048.tif")
-    stack = np.stack([micrograph[i * 300 : i * 300 + 300, :280] for i in range(3)]).astype(np.float32)
+    stack = np.stack([mussel_tile3[i * 300 : i * 300 + 300, :280] for i in range(3)]).astype(np.float32)
     settings = {"sigma0": 0.1, "steps": 10, "seed": 5, "batch": 4, "max_region": 256}
     cpu = Restorer(artifact, **settings).restore_full(stack)
     backend = TorchBackend(checkpoint, device="cuda", tile=64, diffusion_steps=1000, precision="fp32")
@@ -73,12 +71,12 @@ def test_gpu_stack_and_super_tiles_with_walks_in_flight_match_the_cpu_path(gpu, 
     assert psnr > 50
 
 
-def test_bundled_model_on_pytorch_cuda_matches_the_cpu_path(gpu, em_dir):
+def test_bundled_model_on_pytorch_cuda_matches_the_cpu_path(gpu, mussel_tile3):
     """The bundled ONNX model on the GPU through the checkpoint it was exported from."""
     from df5t_deploy.backends.torch_backend import TorchBackend
     from df5t_deploy.models import default_model_path
 
-    image = tifffile.imread(em_dir / "micrograph_vemstitch-mussel_tile3_2_2_1768x2048.tif")[:128, :192]
+    image = mussel_tile3[:128, :192]
     settings = {"sigma0": 0.1, "steps": 20, "seed": 2}
     cpu = Restorer(**settings).restore_full(image)
     backend = TorchBackend(default_model_path(), device="cuda", precision="fp32")
