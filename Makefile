@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SHARED ?= ../shared
 
-.PHONY: demo test clean gpu-check
+.PHONY: demo test clean
 DEMO_OUT ?= demo-output/mussel_nuclei_denoised.tif
 
 # The main job on a fresh machine: the runtime alone (no PyTorch), then the bundled real EM
@@ -33,16 +33,25 @@ test: $(VENV)/.test-installed
 clean:
 	rm -rf $(VENV) build *.egg-info
 
-# What needs a GPU, on a machine with one (README, "GPUs"), using the machine's own Python
-# (the GPU test machine is offline). gpu-check: the GPU tests, then the kernels' GPU tests
-# again under compute-sanitizer's memcheck. gpu-bench: the GPU benchmark (several minutes;
-# GPU_BENCH_ARGS="--tiles 256" runs one tile size).
+# What needs a GPU, on a machine with one (README, "GPUs"), with the machine's own Python
+# (the GPU test machine is offline and receives only the checkout): gpu-verify installs the
+# package, runs the GPU tests, the sanitizers and the GPU benchmark, and writes REPORT/report.md
+# (PART=tests or PART=bench for one part). gpu-wheelhouse, run where PyPI is reachable, fills
+# wheelhouse/ (git-ignored; carried to the GPU machine) with cp312 wheels of what that machine
+# lacks; numpy, sympy and mpmath come with its PyTorch and are left out.
 GPU_PYTHON ?= python3
-GPU_BENCH_ARGS ?=
-.PHONY: gpu-bench
-gpu-check:
-	$(GPU_PYTHON) -m pytest -m gpu -rs -q
-	compute-sanitizer --tool memcheck --error-exitcode 1 $(GPU_PYTHON) -m pytest -m gpu -q -k gpu tests/test_cuda_kernels.py
+REPORT ?= gpu-verify-report
+PART ?= all
+GPU_WHEELS := zarr mrcfile PyWavelets click tqdm "setuptools>=77" onnx onnxscript pytest
+GPU_PLATFORMS := --python-version 3.12 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+.PHONY: gpu-verify gpu-wheelhouse
 
-gpu-bench:
-	$(GPU_PYTHON) benchmarks/gpu_throughput.py $(GPU_BENCH_ARGS)
+gpu-verify:
+	$(GPU_PYTHON) -m df5t_deploy.gpu_verify --report $(REPORT) --part $(PART)
+
+gpu-wheelhouse:
+	rm -rf wheelhouse.partial
+	python3 -m pip download -q --only-binary=:all: $(GPU_PLATFORMS) -d wheelhouse.partial $(GPU_WHEELS)
+	rm -f wheelhouse.partial/numpy-* wheelhouse.partial/sympy-* wheelhouse.partial/mpmath-*
+	rm -rf wheelhouse && mv wheelhouse.partial wheelhouse
+	du -sh wheelhouse
