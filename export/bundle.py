@@ -44,6 +44,19 @@ def bundle(run: Path, models_dir: Path = MODELS_DIR, name: str = DEFAULT_MODEL) 
     return artifact
 
 
+def training_flags(config: dict) -> str:
+    """The ``train`` options that give ``config``: every setting (the defaults change as
+    models do), in the order TrainConfig declares them."""
+    flags = []
+    for key, value in config.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        else:
+            flags.append(f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}")
+    return " ".join(flags)
+
+
 def model_card(name: str, facts: dict, export_error: float, ckpt_sha: str, onnx_sha: str) -> str:
     cfg = facts["config"]
     data = "\n".join(f"  - `{file}`: {what}" for file, what in facts["training_data"].items())
@@ -68,7 +81,7 @@ quality benchmark (`benchmarks/results/quality.md`) for what it does and does no
 - Steps: {facts['steps']:,} ({facts['samples_seen']:,} crops), wall time {facts['wall_time_minutes']} min
   on 2 CPU cores ({facts['torch']}), final loss (EMA of the batch MSE) {facts['final_loss_ema']}.
 - Reproduce: `python -m df5t_deploy.export.train --data ../shared/data/em --out runs/{name}
-  --max-minutes {cfg['max_minutes']:g}` then `python -m df5t_deploy.export.bundle runs/{name}`
+  {training_flags(cfg)}` then `python -m df5t_deploy.export.bundle runs/{name}`
   (the step count reached in a time budget depends on the machine).
 
 ## Files
