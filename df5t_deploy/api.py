@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from .formats.base import Source
 from .intensity import IntensityMap, check_dtype, intensity_map_for
 from .models import default_model_path
 from .operators import Inpainting
+from .parameters import real_number, whole_number
 from .planes import (
     NoiseKey,
     ProgressCallback,
@@ -32,7 +34,10 @@ from .regions import DEFAULT_MAX_REGION, layout
 from .sampler import SamplerSettings
 from .streaming import ArraySource, prefetch
 from .tasks import TaskOptions, missing_pixels, parse_blur_sigma
-from .tiling import BlendedDenoiser
+from .tiling import BlendedDenoiser, NetworkOutputError
+
+#: An overlap that makes the network run this many times as often as without is warned about.
+OVERLAP_WARNING_FACTOR = 2.0
 
 #: Called with (output plane index, samples [S, H, W] on the [0, 1] scale), in plane order.
 Emit = Callable[[int, np.ndarray], None]
@@ -92,14 +97,18 @@ class Restorer:
         )
         if (sigma0 is None) == (noise_std is None):
             raise ValueError("give exactly one of sigma0 (on the [-1,1] scale) or noise_std (in input units)")
-        if noise_std is not None and not noise_std > 0:
-            raise ValueError(f"noise_std must be > 0, got {noise_std}")
         if sigma0 == "auto":
             SamplerSettings(sigma0=1.0, steps=steps, eta=eta, eta_b=eta_b)  # validate the rest early
         elif sigma0 is not None:
             SamplerSettings(sigma0=sigma0, steps=steps, eta=eta, eta_b=eta_b)
-        if samples < 1:
-            raise ValueError(f"samples must be >= 1, got {samples}")
+        whole_number("samples", samples, 1)
+        whole_number("seed", seed, 0, 2**64 - 1)
+        whole_number("max_region", max_region, 1)
+        for name, value in (("overlap", overlap), ("batch", batch), ("threads", threads)):
+            if value is not None:
+                whole_number(name, value, 0 if name == "overlap" else 1)
+        if noise_std is not None:
+            real_number("noise_std", noise_std, 0.0)
         self.sigma0, self.noise_std = sigma0, noise_std
         self.steps, self.eta, self.eta_b, self.seed, self.samples = steps, eta, eta_b, seed, samples
         self.model_path = Path(model) if model is not None else default_model_path()
@@ -114,6 +123,10 @@ class Restorer:
         self.overlap = tile // 8 if overlap is None else overlap
         self.batch = batch or self.backend.preferred_batch
         self.denoiser = BlendedDenoiser(self.backend, tile, self.overlap, self.batch)
+        work = (tile / max(1, tile - self.overlap)) ** 2
+        if work > OVERLAP_WARNING_FACTOR and report is not None:
+            report(f"warning: overlap {self.overlap} of tile {tile} runs the network about {work:.1f}x as often "
+                   f"as without overlap (default overlap: {tile // 8})")
         self.max_region = max_region
         layout((max_region, max_region), 1, tile, max_region)  # validates max_region early
         self._lock = threading.Lock()
@@ -150,6 +163,8 @@ class Restorer:
     # ------------------------------------------------------------------ streaming
 
     def output_shape(self, source: Source) -> tuple[int, ...]:
+        """The result's shape; options that cannot work on this input are refused here."""
+        self.options.check_plane(source.shape[-2:])
         if self.options.task == "isotropic":
             z, y, x = source.shape
             return z * self.z_factor_for(source), y, x
@@ -172,7 +187,7 @@ class Restorer:
         by a group of planes (or, for isotropic restoration, by a slab of the volume),
         whatever the stack's length.
         """
-        with self._lock:
+        with self._lock, self._naming_the_model():
             settings = settings or self.settings_for(source, intensity)
             if self.options.task == "isotropic":
                 from .volume import restore_isotropic
@@ -182,6 +197,13 @@ class Restorer:
                 planes = range(source.planes) if planes is None else planes
                 self._restore_stack(source, intensity, settings, emit, progress, planes)
         return settings.sigma0
+
+    @contextmanager
+    def _naming_the_model(self):
+        try:
+            yield
+        except NetworkOutputError as err:
+            raise NetworkOutputError(f"{self.model_path}: {err}") from None
 
     def settings_for(self, source: Source, intensity: IntensityMap) -> SamplerSettings:
         """The sampler settings for this input: sigma0 given, from --noise-std, or estimated."""

@@ -110,10 +110,29 @@ def _schedule_of(name: str, text: str) -> Schedule:
         schedule = Schedule(**{k: values[k] for k in SCHEDULE_FIELDS})
     except (ValueError, KeyError, TypeError) as err:
         raise ArtifactError(f"{name}: malformed {KEY_SCHEDULE} metadata {text!r}: {err}") from None
-    if schedule.num_diffusion_timesteps < 1:
-        raise ArtifactError(f"{name}: {KEY_SCHEDULE} has no timesteps")
-    schedule.betas()  # rejects schedules the sampler cannot run
+    problem = schedule_problem(schedule)
+    if problem:
+        raise ArtifactError(f"{name}: {KEY_SCHEDULE} is not a valid DDPM schedule: {problem}; re-export the model")
     return schedule
+
+
+#: More diffusion timesteps than any published schedule by far: a sign of a corrupt file.
+MAX_DIFFUSION_TIMESTEPS = 100_000
+
+
+def schedule_problem(schedule: Schedule) -> str | None:
+    """What makes ``schedule`` unusable, or None: T a whole number in [1, 100000], betas
+    finite and inside (0, 1) (else alpha-bar is not a decreasing product in (0, 1))."""
+    steps = schedule.num_diffusion_timesteps
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_DIFFUSION_TIMESTEPS:
+        return f"num_diffusion_timesteps {steps!r} is not a whole number from 1 to {MAX_DIFFUSION_TIMESTEPS}"
+    if schedule.beta_schedule != "linear":
+        return f"beta schedule {schedule.beta_schedule!r} is not supported (only 'linear')"
+    for label in ("beta_start", "beta_end"):
+        value = getattr(schedule, label)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
+            return f"{label} {value!r} is not inside (0, 1)"
+    return None
 
 
 def _tile_of(name: str, shape: list) -> int:

@@ -1,15 +1,25 @@
-"""The ``df5t`` command line. Commands import their heavy parts only when they run."""
+"""The ``df5t`` command line. Commands import their heavy parts only when they run.
+
+Exit status, for every command: 0 done; 1 failed; 2 usage error or refused input (before
+any work); 130 on SIGINT (Ctrl-C), 143 on SIGTERM, 129 on SIGHUP. A signal unwinds the run
+like Ctrl-C, so no partial output or scratch file is left.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import sys
 import time
 
 import click
 import numpy as np
 
 from . import __version__
-from .files import same_file
 from .tasks import TASKS
+
+EXIT_REFUSED = 2
+EXIT_SIGINT = 130
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -22,9 +32,56 @@ def _warn(message: str) -> None:
     click.secho(f"warning: {message}", fg="yellow", err=True)
 
 
-def _require_distinct(input_path: str, output_path: str) -> None:
-    if same_file(input_path, output_path):
-        raise click.UsageError(f"output {output_path} is the input file; choose another path")
+class Refused(click.ClickException):
+    """Input, options or output paths refused before any work (exit status 2)."""
+
+    exit_code = EXIT_REFUSED
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised in the main thread so that the run unwinds as on Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _refused_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean the input or the options are wrong; their message is the
+    whole story for a user."""
+    from .artifact import ArtifactError
+    from .formats import ImageFormatError
+    from .output_safety import OutputLocked, UnsafeOutput
+    from .tasks import TaskError
+
+    return (ArtifactError, ImageFormatError, TaskError, UnsafeOutput, OutputLocked, FileNotFoundError, ValueError)
+
+
+def _failures() -> tuple[type[BaseException], ...]:
+    """Exception types of a run that could not finish (exit status 1), told in one line."""
+    from .backends import BackendUnavailable
+    from .planes import RestorationCancelled
+    from .tiling import NetworkOutputError
+
+    return (BackendUnavailable, RestorationCancelled, NetworkOutputError, OSError)
+
+
+@contextlib.contextmanager
+def _reported(*failures: type[BaseException]):
+    """Turn the exceptions a user can act on into one-line errors with the right status."""
+    try:
+        yield
+    except _refused_errors() as err:
+        raise Refused(str(err)) from None
+    except (*_failures(), *failures) as err:
+        raise click.ClickException(_one_line(err)) from None
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.strerror:
+        where = f"{err.filename}: " if err.filename else ""
+        return f"{where}{err.strerror} (nothing partial was left; free space or choose a writable folder)"
+    return str(err)
 
 
 @main.command("export")
@@ -35,7 +92,10 @@ def _require_distinct(input_path: str, output_path: str) -> None:
 @click.option("--diffusion-steps", type=int, default=None, help="T of the training schedule, for widths that match no preset.")
 def export_command(checkpoint: str, output: str, tile: int | None, fp16: bool, diffusion_steps: int | None) -> None:
     """Export a DF5T checkpoint to a verified ONNX artifact."""
-    _require_distinct(checkpoint, output)
+    from .output_safety import check_outputs
+
+    with _reported():
+        check_outputs({"output": output}, {"checkpoint": checkpoint})
     try:
         from .export.checkpoint import CheckpointError, load_checkpoint
         from .export.onnx_export import ExportError, export_checkpoint
@@ -55,9 +115,10 @@ def export_command(checkpoint: str, output: str, tile: int | None, fp16: bool, d
         schedule = resolve_schedule(loaded.preset, diffusion_steps, _warn)
         if tile is None:
             tile = loaded.preset.training_size if loaded.preset else DEFAULT_TILE
-        export_checkpoint(loaded, output, tile=tile, schedule=schedule, fp16=fp16, log=click.echo)
-    except (CheckpointError, ExportError, ValueError) as err:
-        raise click.ClickException(str(err)) from None
+        with _reported(ExportError):
+            export_checkpoint(loaded, output, tile=tile, schedule=schedule, fp16=fp16, log=click.echo)
+    except CheckpointError as err:
+        raise Refused(str(err)) from None
 
 
 class _Sigma0(click.ParamType):
@@ -119,18 +180,6 @@ _task_options = _options(
 )
 
 
-def _user_errors():
-    """The exception types whose message is the whole story for a user."""
-    from .artifact import ArtifactError
-    from .backends import BackendUnavailable
-    from .formats import ImageFormatError
-    from .planes import RestorationCancelled
-    from .tasks import TaskError
-
-    return (ArtifactError, BackendUnavailable, ImageFormatError, TaskError, ValueError, FileNotFoundError,
-            RestorationCancelled)
-
-
 def _read_mask(mask: str | None):
     from .formats import read_image
 
@@ -147,19 +196,22 @@ def _read_mask(mask: str | None):
 @_restore_options
 @click.option("--uncertainty", type=click.Path(), default=None,
               help="Also write the per-pixel std over --samples (input units, float32).")
-@click.option("--resume", is_flag=True, help="Continue an interrupted zarr output.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted zarr output of the same run.")
+@click.option("--break-lock", is_flag=True, help="Take over the output's lock left by a run that is gone.")
 def restore_command(input_path, output, task, sigma0, noise_std, seed, scale, blur_sigma, mask, min_hole,
                     z_factor, model, steps, eta, eta_b, overlap, batch, max_region, samples, backend, device, threads,
-                    gpu_memory, quiet, uncertainty, resume):
+                    gpu_memory, quiet, uncertainty, resume, break_lock):
     """Restore an EM image, stack or volume with DDRM and a DF5T model."""
     from .api import Restorer
+    from .models import default_model_path
+    from .output_safety import check_outputs
     from .pipeline import restore_file
 
-    _require_distinct(input_path, output)
-    if uncertainty:
-        _require_distinct(input_path, uncertainty)
+    reads = {"input": input_path, "--mask": mask if mask not in (None, "auto") else None,
+             "--model": model or default_model_path()}
     started = time.perf_counter()
-    try:
+    with _reported():
+        check_outputs({"output": output, "--uncertainty": uncertainty}, reads)  # before loading anything
         restorers = [
             Restorer(
                 model, task, sigma0=sigma0, noise_std=noise_std, steps=steps, eta=eta, eta_b=eta_b, seed=seed,
@@ -173,9 +225,7 @@ def restore_command(input_path, output, task, sigma0, noise_std, seed, scale, bl
         restorer = restorers[0]
         with _ProgressBar(quiet) as bar:
             result = restore_file(restorers, input_path, output, uncertainty_path=uncertainty, resume=resume,
-                                  progress=bar.update)
-    except _user_errors() as err:
-        raise click.ClickException(str(err)) from None
+                                  progress=bar.update, reads=reads, break_lock=break_lock)
     seconds = time.perf_counter() - started
     megapixels = float(np.prod(result.output_shape)) / 1e6
     click.echo(
@@ -243,12 +293,14 @@ def degrade_command(input_path, output, task, sigma0, noise_std, seed, scale, bl
 
     from .degrade import blob_mask, degrade
     from .formats import read_image, write_image
+    from .output_safety import check_outputs
     from .tasks import TaskOptions, parse_blur_sigma
 
-    _require_distinct(input_path, output)
     if sigma0 == "auto":
         raise click.UsageError("degrade adds noise of a given level: pass --sigma0 as a number (auto is for restore)")
-    try:
+    with _reported():
+        check_outputs({"output": output, "--save-mask": save_mask},
+                      {"input": input_path, "--mask": mask if mask not in (None, "auto", "blobs") else None})
         image, meta = read_image(input_path)
         options = TaskOptions(task, scale=scale, blur_sigma=parse_blur_sigma(blur_sigma), z_factor=z_factor,
                               mask="auto" if task == "inpaint" else None, min_hole=min_hole)
@@ -269,8 +321,6 @@ def degrade_command(input_path, output, task, sigma0, noise_std, seed, scale, bl
         write_image(output, result.image, scaled, provenance)
         if save_mask and result.missing is not None:
             write_image(save_mask, result.missing.astype(np.uint8) * 255, meta)
-    except _user_errors() as err:
-        raise click.ClickException(str(err)) from None
     click.echo(f"wrote {output} {result.image.shape} {result.image.dtype} ({task}, sigma0={result.sigma0:.4g}, seed {seed})")
 
 
@@ -301,10 +351,60 @@ def build_command(model, cache_dir, max_batch, opt_batch, device, workspace_gb, 
     from .engines.build import EngineBuildError, build_engine, choose_profile
     from .engines.cache import EngineCache, EngineCacheError
 
-    try:
+    with _reported(EngineBuildError, EngineCacheError):
         plan = build_engine(model, EngineCache(cache_dir), choose_profile(max_batch, opt_batch),
                             device=int(device.partition(":")[2] or 0), workspace_bytes=int(workspace_gb * 2**30),
                             optimization_level=optimization_level, rebuild=rebuild, log=click.echo)
-    except (EngineBuildError, EngineCacheError, *_user_errors()) as err:
-        raise click.ClickException(str(err)) from None
     click.echo(f"engine: {plan}")
+
+
+@main.command("clean")
+@click.argument("output", type=click.Path())
+@click.option("--yes", is_flag=True, help="Remove what is listed (otherwise only list it).")
+def clean_command(output: str, yes: bool) -> None:
+    """List (and with --yes remove) what interrupted runs left beside OUTPUT: partial files
+    and folders, a folder set aside while replacing, a lock whose process is gone."""
+    from .output_safety import remove, stale_partials
+
+    found = stale_partials(output)
+    for path in found:
+        click.echo(("removed " if yes else "") + str(path))
+    if yes:
+        with _reported():
+            remove(found)
+    elif found:
+        click.echo(f"{len(found)} left by interrupted runs; `df5t clean {output} --yes` removes them")
+    else:
+        click.echo(f"nothing left by interrupted runs beside {output}")
+
+
+def run(argv: list[str] | None = None) -> int:
+    """The ``df5t`` program: the commands, with signals and the exit statuses above."""
+    previous = {signum: signal.signal(signum, _terminate) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        code = main.main(args=argv, prog_name="df5t", standalone_mode=False)
+    except click.ClickException as err:
+        err.show()
+        return err.exit_code
+    except (click.Abort, KeyboardInterrupt):
+        click.echo("interrupted: nothing partial was left", err=True)
+        return EXIT_SIGINT
+    except Terminated as stop:
+        click.echo(f"stopped by {stop}: nothing partial was left", err=True)
+        return 128 + stop.signum
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return code if isinstance(code, int) else 0
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated(signum)
+
+
+def entry() -> None:
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    entry()

@@ -36,7 +36,7 @@ from .artifact import Schedule
 from .operators import BlockMean, GaussianBlur, Identity, Inpainting, SpatialOperator
 from .planes import NoiseKey
 from .sampler import DDRM, SamplerSettings, StepPlan
-from .tiling import TileGrid, axis_window
+from .tiling import TileGrid, axis_window, check_network_output
 
 U32, U64, INT = ctypes.c_uint32, ctypes.c_uint64, ctypes.c_int
 
@@ -193,6 +193,8 @@ class DeviceSampler:
         if self._captured is None or self._captured[0] != network:  # bound methods compare by owner
             step = functools.partial(self._step, network)
             step()
+            # once per sampler, before any replay: non-finite eps would be clamped away silently
+            check_network_output(d.download_async(self.eps).result(), next(iter(self.ddrm.timesteps)).t)
             markers.append(d.marker())
             self._captured = (network, d.capture(step))
         replay = self._captured[1]

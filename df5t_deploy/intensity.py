@@ -57,16 +57,20 @@ def check_dtype(array: np.ndarray) -> None:
 def intensity_map_for(array: np.ndarray) -> IntensityMap:
     """The map for an image [Y, X] or a volume [Z, Y, X] (percentiles from sampled planes)."""
     check_dtype(array)
-    if array.dtype == np.uint8:
-        return IntensityMap(0.0, 255.0, "uint8", "uint8 full range")
     sample = array
     if array.ndim == 3 and array.shape[0] > SAMPLE_PLANES:
         sample = array[np.linspace(0, array.shape[0] - 1, SAMPLE_PLANES).round().astype(int)]
     values = np.asarray(sample, dtype=np.float64)
     values = values[np.isfinite(values)]
-    low, high = np.percentile(values, PERCENTILES) if values.size else (0.0, 0.0)
+    if not values.size:
+        raise ValueError("every pixel is NaN or Inf: nothing to restore")
+    if values.min() == values.max():
+        raise ValueError(f"the image is constant (every pixel {values.min():g}): nothing to restore")
+    if array.dtype == np.uint8:
+        return IntensityMap(0.0, 255.0, "uint8", "uint8 full range")
+    low, high = np.percentile(values, PERCENTILES)
     if not high > low:
         raise ValueError(
-            f"the image is constant (0.1 and 99.9 percentiles both {low:g}): nothing to restore"
+            f"the image is nearly constant (0.1 and 99.9 percentiles both {low:g}): nothing to restore"
         )
     return IntensityMap(float(low), float(high), array.dtype.name, "percentiles 0.1/99.9")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +19,10 @@ import numpy as np
 
 from .api import Emit, Restorer, intensity_map_for_source, mean_and_std
 from .formats import check_writable, create_sink, open_source
+from .formats.zarr_format import partial_store
+from .output_safety import OutputLock, check_outputs, recorded_provenance
 from .planes import Progress, ProgressCallback
+from .run_identity import RunIdentity
 
 #: Runs of planes in flight per worker, so memory stays bounded when one worker lags.
 RUNS_IN_FLIGHT_PER_WORKER = 2
@@ -42,16 +45,23 @@ def restore_file(
     uncertainty_path: str | Path | None = None,
     resume: bool = False,
     progress: ProgressCallback | None = None,
+    reads: Mapping[str, str | Path | None] | None = None,
+    break_lock: bool = False,
 ) -> FileResult:
     """Restore ``input_path`` into ``output_path`` (and the sample std into ``uncertainty_path``).
 
-    Outputs appear only when complete; on any error or Ctrl-C they are removed (a zarr
-    output is kept hidden for ``resume``).
+    Before any work, outputs that could harm the input, the model, the other ``reads``
+    (label -> path, e.g. a mask file) or each other are refused (``output_safety``), and the
+    output is locked against a second process. Outputs appear only when complete; on any
+    error or Ctrl-C they are removed (a zarr output is kept hidden for ``resume``, which
+    continues only the same run: the same run identity).
     """
     restorers = [restorer] if isinstance(restorer, Restorer) else list(restorer)
     first = restorers[0]
     if resume and (first.options.task == "isotropic" or uncertainty_path is not None):
         raise ValueError("--resume continues 2D restorations into zarr, without --uncertainty")
+    check_outputs({"output": output_path, "--uncertainty": uncertainty_path},
+                  {"input": input_path, "model": first.model_path, **(reads or {})})
     with open_source(input_path) as source:
         out_shape = first.output_shape(source)
         check_writable(output_path, source.dtype, len(out_shape))
@@ -62,8 +72,13 @@ def restore_file(
         intensity = intensity_map_for_source(source)
         settings = first.settings_for(source, intensity)
         provenance = first.provenance(intensity, settings.sigma0) | {"devices": len(restorers)}
+        identity = RunIdentity.of(input_path, first.model_sha256, provenance)
+        provenance["run_identity"] = identity.to_dict()
         meta = _output_meta(first, source)
         with contextlib.ExitStack() as stack:
+            stack.enter_context(OutputLock(output_path, identity.to_dict(), break_lock))
+            if resume:
+                _check_same_run(Path(output_path), identity)
             sink = stack.enter_context(create_sink(output_path, out_shape, source.dtype, meta, provenance, resume=resume))
             std_sink = None
             if uncertainty_path is not None:
@@ -82,6 +97,18 @@ def restore_file(
             else:
                 _restore_in_parallel(restorers, Path(input_path), planes, emit, intensity, settings, progress)
     return FileResult(source.shape, out_shape, source.dtype, settings.sigma0, provenance)
+
+
+def _check_same_run(output: Path, identity: RunIdentity) -> None:
+    """``--resume`` continues an interrupted output of this very run, nothing else."""
+    partial = partial_store(output)
+    if partial is None:
+        return  # nothing to continue: a fresh start
+    recorded = recorded_provenance(partial) or {}
+    differences = identity.differences(RunIdentity.from_dict(recorded.get("run_identity") or {}))
+    if differences:
+        raise ValueError(f"--resume: {partial} was written by another run ({', '.join(differences)} differ); "
+                         f"run without --resume to start afresh, or `df5t clean {output} --yes` to remove it")
 
 
 def _restore_in_parallel(restorers, input_path: Path, planes: range, emit: Emit, intensity, settings,

@@ -17,6 +17,7 @@ import numpy as np
 
 from .artifact import Schedule
 from .operators import SpatialOperator
+from .parameters import real_number, whole_number
 
 #: Orthonormal channel basis: the grey direction first, then two colour differences.
 CHANNEL_BASIS = np.array(
@@ -29,6 +30,10 @@ CHANNEL_BASIS = np.array(
 GREY_GAIN = 1.0 / np.sqrt(3.0)  # channel mean = GREY_GAIN * grey coordinate
 
 
+#: The largest noise std on the [-1,1] scale: five times the whole intensity range.
+MAX_SIGMA0 = 10.0
+
+
 @dataclass(frozen=True)
 class SamplerSettings:
     sigma0: float  # noise std of the grey measurement on the [-1,1] scale
@@ -37,16 +42,14 @@ class SamplerSettings:
     eta_b: float = 1.0
 
     def __post_init__(self):
-        if not self.sigma0 > 0:
-            raise ValueError(
-                f"sigma0 must be > 0 (the measurement noise std on the [-1,1] scale), got "
-                f"{self.sigma0}; pass --sigma0, --noise-std or --sigma0 auto"
-            )
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        try:
+            real_number("sigma0", self.sigma0, 0.0, MAX_SIGMA0)
+        except ValueError as err:
+            raise ValueError(f"{err} (the measurement noise std on the [-1,1] scale); pass --sigma0, --noise-std "
+                             "or --sigma0 auto") from None
+        whole_number("steps", self.steps, 1)
         for name in ("eta", "eta_b"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+            real_number(name, getattr(self, name), 0.0, 1.0, low_inclusive=True)
 
 
 @dataclass(frozen=True)

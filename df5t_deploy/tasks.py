@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,6 +13,10 @@ from .operators import BlockMean, GaussianBlur, Identity, Inpainting, SpatialOpe
 TASKS = ("denoise", "deblur", "sr", "inpaint", "isotropic")
 SR_FACTORS = range(2, 9)
 DEFAULT_MIN_HOLE = 200
+#: isotropic: z spacing / xy spacing; beyond 64 there is too little data per restored plane.
+MIN_Z_FACTOR, MAX_Z_FACTOR = 2, 64
+#: deblur: the PSF's std may be at most this fraction of the image's shorter side.
+MAX_BLUR_FRACTION = 4.0
 
 
 class TaskError(ValueError):
@@ -39,14 +44,21 @@ class TaskOptions:
         if self.task == "deblur":
             if self.blur_sigma is None:
                 raise TaskError("--task deblur needs --blur-sigma (the PSF's std in pixels, or SY,SX)")
-            if min(self.blur_sigma) <= 0:
-                raise TaskError(f"--blur-sigma must be positive, got {self.blur_sigma}")
+            if not all(math.isfinite(v) and v > 0 for v in self.blur_sigma):
+                raise TaskError(f"--blur-sigma must be finite and positive, got {self.blur_sigma}")
         if isinstance(self.mask, str) and self.mask != "auto":
             raise TaskError(f"mask must be an array or 'auto', got {self.mask!r}")
         if self.min_hole < 1:
             raise TaskError(f"--min-hole must be >= 1, got {self.min_hole}")
-        if self.z_factor is not None and self.z_factor < 2:
-            raise TaskError(f"--z-factor must be an integer >= 2, got {self.z_factor}")
+        if self.z_factor is not None and not MIN_Z_FACTOR <= self.z_factor <= MAX_Z_FACTOR:
+            raise TaskError(f"--z-factor must be an integer from {MIN_Z_FACTOR} to {MAX_Z_FACTOR}, got {self.z_factor}")
+
+    def check_plane(self, shape: tuple[int, int]) -> None:
+        """Options that cannot work on planes of this (measurement) shape, refused before work."""
+        if self.task == "deblur" and max(self.blur_sigma) > min(shape) / MAX_BLUR_FRACTION:
+            raise TaskError(f"--blur-sigma {max(self.blur_sigma):g} is wider than the {shape[0]} x {shape[1]} image "
+                            f"allows (at most 1/{MAX_BLUR_FRACTION:g} of its shorter side, "
+                            f"{min(shape) / MAX_BLUR_FRACTION:g} px): nearly nothing would be observed")
 
     def _only_for(self, task: str, **option) -> None:
         (name, value), = option.items()
@@ -57,7 +69,7 @@ class TaskOptions:
     @property
     def factor(self) -> int:
         """Upsampling factor from measurement grid to restoration grid (sr only)."""
-        return (self.scale or 2) if self.task == "sr" else 1
+        return (2 if self.scale is None else self.scale) if self.task == "sr" else 1
 
     def grid_shape(self, measurement_shape: tuple[int, int]) -> tuple[int, int]:
         return measurement_shape[0] * self.factor, measurement_shape[1] * self.factor

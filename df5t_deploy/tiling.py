@@ -111,6 +111,17 @@ def finalize_blend(acc: np.ndarray, weight: np.ndarray, grid: "TileGrid") -> np.
     return (acc / weight)[:, :, pt : pt + grid.height, pl : pl + grid.width]
 
 
+class NetworkOutputError(RuntimeError):
+    """The network returned NaN or Inf: a damaged model, or not a DF5T noise predictor."""
+
+
+def check_network_output(eps: np.ndarray, t: int) -> None:
+    """Refuse non-finite eps (it would turn into an all-black or all-white result, silently)."""
+    if not np.isfinite(eps).all():
+        raise NetworkOutputError(f"the network returned NaN or Inf at timestep {int(t)}: the model file is damaged "
+                                 "or is not a DF5T noise predictor")
+
+
 class BlendedDenoiser:
     """eps for whole regions [P, 3, H, W] from a tile network, blended at every call."""
 
@@ -143,6 +154,7 @@ class BlendedDenoiser:
         for start in range(0, len(jobs), self.batch):
             chunk = jobs[start : start + self.batch]
             eps = self.network(gather_tiles(padded, chunk, self.tile), np.full(len(chunk), t, dtype=np.float32))
+            check_network_output(eps, t)
             wy = np.stack([windows[y, xx][0] for _, y, xx in chunk])
             wx = np.stack([windows[y, xx][1] for _, y, xx in chunk])
             blend_tiles(acc, eps, wy, wx, chunk, self.tile)

@@ -20,7 +20,7 @@ from .intensity import IntensityMap
 from .operators import BlockMean
 from .planes import NoiseKey, ProgressTracker, labelled, overlapped, tiles_per_plane
 from .sampler import SamplerSettings
-from .tasks import TaskError
+from .tasks import MAX_Z_FACTOR, MIN_Z_FACTOR, TaskError
 
 if TYPE_CHECKING:
     from .api import Emit, Restorer
@@ -41,10 +41,10 @@ def z_factor_of(source: Source, given: int | None) -> int:
         raise TaskError(f"{source.path} states no z spacing; pass --z-factor K (z spacing / xy spacing)")
     ratio = voxel[2] / voxel[0]
     k = round(ratio)
-    if k < 2 or abs(ratio - k) > 1e-3 * ratio:
+    if not MIN_Z_FACTOR <= k <= MAX_Z_FACTOR or abs(ratio - k) > 1e-3 * ratio:
         raise TaskError(
             f"{source.path}: voxel size {voxel[0]:g} x {voxel[1]:g} x {voxel[2]:g} nm gives z/x = {ratio:.4g}, "
-            "not an integer >= 2; resample the stack or pass --z-factor K"
+            f"not an integer from {MIN_Z_FACTOR} to {MAX_Z_FACTOR}; resample the stack or pass --z-factor K"
         )
     return k
 

@@ -98,7 +98,7 @@ def test_output_over_input_is_refused(tmp_path, tiny_ckpt):
     copy = tmp_path / "ckpt.pt"
     copy.write_bytes(tiny_ckpt.read_bytes())
     code, output = export(str(copy), "-o", str(copy))
-    assert code != 0 and "is the input file" in output
+    assert code == 2 and "is the checkpoint" in output
     assert copy.read_bytes() == tiny_ckpt.read_bytes()
 
 

@@ -6,6 +6,7 @@ and falls back to onnxruntime on the CPU; each skipped backend is reported with 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,8 +43,8 @@ def candidates(name: str, device: str) -> tuple[str, ...]:
         if name not in ("auto", "onnxruntime"):
             raise ValueError(f"--backend {name} runs on a GPU; pass --device cuda (or use onnxruntime on the CPU)")
         return ("onnxruntime-cpu",)
-    if not device.startswith("cuda"):
-        raise ValueError(f"unknown device {device!r}: use cpu or cuda[:N]")
+    if not re.fullmatch(r"cuda(:\d+)?", device):
+        raise ValueError(f"unknown device {device!r}: use cpu, cuda or cuda:N (N a GPU index)")
     return (*GPU_ORDER, "onnxruntime-cpu") if name == "auto" else _EXPLICIT[name]
 
 

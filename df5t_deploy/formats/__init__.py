@@ -35,7 +35,12 @@ def open_source(path: str | Path) -> Source:
     source, _ = _format_of(path)
     if not path.exists():
         raise ImageFormatError(f"{path}: no such file")
-    return source(path)
+    try:
+        return source(path)
+    except ImageFormatError as err:
+        if str(path) in str(err):
+            raise
+        raise ImageFormatError(f"{path}: {err}") from None
 
 
 def create_sink(path: str | Path, shape, dtype, meta: ImageMeta, provenance: dict | None = None,

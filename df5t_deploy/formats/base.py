@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -23,6 +24,14 @@ class ImageMeta:
     axes: str  # "YX" or "ZYX"
     voxel_size_nm: tuple[float, float, float | None] | None = None  # (x, y, z); unknown z: None
 
+    def __post_init__(self):
+        if self.voxel_size_nm is None:
+            return
+        x, y, z = self.voxel_size_nm
+        if not all(_positive_finite(v) for v in (x, y, *(() if z is None else (z,)))):
+            raise ImageFormatError(f"voxel size {self.voxel_size_nm} nm (x, y, z) is not positive finite numbers; "
+                                   "fix the file's metadata (for isotropic restoration, --z-factor K sets k)")
+
     def scaled(self, xy: float = 1.0, z: float = 1.0) -> "ImageMeta":
         """The voxel size after resampling by these factors (sr: xy = 1/R; isotropic: z = 1/k)."""
         if self.voxel_size_nm is None:
@@ -32,6 +41,10 @@ class ImageMeta:
 
     def with_axes(self, ndim: int) -> "ImageMeta":
         return replace(self, axes="ZYX" if ndim == 3 else "YX")
+
+
+def _positive_finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def check_grey(path: Path, shape: tuple[int, ...], axes: str) -> None:
@@ -160,9 +173,21 @@ class TempDirSink(Sink):
         self.tmp = partial or Path(tempfile.mkdtemp(prefix=f".{self.path.name}.partial-", dir=self.path.parent))
 
     def _commit(self) -> None:
-        if self.path.exists():
-            shutil.rmtree(self.path)
+        """The new folder takes the target's name; a previous output of ours there is first
+        set aside (whole, under a hidden name) and removed only once the new one is in place,
+        so a crash in between loses neither. Anything else there is never removed."""
+        from ..output_safety import is_previous_output
+
+        if not self.path.exists():
+            self.tmp.rename(self.path)
+            return
+        if not self.path.is_dir() or not is_previous_output(self.path):
+            raise ImageFormatError(f"{self.path} appeared during the run and is not an output of df5t-deploy; "
+                                   f"the result is kept in {self.tmp}")
+        aside = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.replaced-", dir=self.path.parent))
+        os.replace(self.path, aside / "previous")
         self.tmp.rename(self.path)
+        shutil.rmtree(aside)
 
     def _abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)

@@ -48,7 +48,12 @@ class TiffSource(Source):
         check_grey(path, shape, axes)
         self.shape = shape
         self._whole = None if len(self._pages) == self.planes else series  # not one page per plane
-        self.meta = ImageMeta("ZYX" if len(shape) == 3 else "YX", _voxel_size(self._tif))
+        try:
+            voxel = _voxel_size(self._tif)
+        except (TypeError, ValueError, KeyError) as err:
+            raise ImageFormatError(f"{path}: its voxel size metadata is not numbers ({err}); fix the file's "
+                                   "metadata") from None
+        self.meta = ImageMeta("ZYX" if len(shape) == 3 else "YX", voxel)
 
     def plane(self, z: int) -> np.ndarray:
         try:

@@ -54,11 +54,17 @@ def _ome_voxel_size(attrs: dict, ndim: int):
     return (scale[-1], scale[-2], scale[0] if ndim == 3 else None)
 
 
+def partial_store(path: Path) -> Path | None:
+    """The interrupted output a resumed run continues (the latest, by name)."""
+    candidates = sorted(Path(path).parent.glob(f".{Path(path).name}.partial-*"))
+    return candidates[-1] if candidates else None
+
+
 class ZarrSink(TempDirSink):
     def __init__(self, path, shape, dtype, meta, provenance, resume: bool = False):
         import zarr
 
-        partial = self._partial_of(path) if resume else None
+        partial = partial_store(path) if resume else None
         super().__init__(path, shape, dtype, meta, provenance, partial=partial)
         if partial is not None:
             self._group = zarr.open_group(str(self.tmp), mode="r+")
@@ -72,11 +78,6 @@ class ZarrSink(TempDirSink):
         self._array = self._group.create_array("0", shape=self.shape, dtype=self.dtype, chunks=chunks)
         self._group.attrs.update(self._ome_attrs())
         self._group.attrs[PROGRESS_ATTR] = 0
-
-    @staticmethod
-    def _partial_of(path: Path) -> Path | None:
-        candidates = sorted(path.parent.glob(f".{path.name}.partial-*"))
-        return candidates[-1] if candidates else None
 
     def _ome_attrs(self) -> dict:
         axes = [{"name": a.lower(), "type": "space", "unit": "nanometer"} for a in self.meta.axes]
