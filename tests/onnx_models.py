@@ -99,3 +99,13 @@ def local_conv_model(path: Path, tile: int) -> Path:
     weight[np.arange(3), np.arange(3), 1, 1] += 0.5
     nodes = [helper.make_node("Conv", ["x", "w"], ["eps"], pads=[1, 1, 1, 1])]
     return _save(nodes, [numpy_helper.from_array(weight, "w")], path, tile)
+
+
+def with_metadata(source: Path, path: Path, key: str, value: str) -> Path:
+    """A copy of the model at ``source`` whose metadata ``key`` says ``value``."""
+    model = onnx.load(source)
+    for prop in model.metadata_props:
+        if prop.key == key:
+            prop.value = value
+    onnx.save(model, path)
+    return path

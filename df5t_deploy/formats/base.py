@@ -134,10 +134,14 @@ class Sink(ABC):
         if exc_type is None and self.written != self.planes:
             self._abort()
             raise ValueError(f"{self.path}: only {self.written} of {self.planes} planes were written")
-        if exc_type is None:
-            self._commit()
-        else:
+        if exc_type is not None:
             self._abort()
+            return
+        try:
+            self._commit()
+        except BaseException:  # a failed final rename (full or read-only disk) leaves nothing partial
+            self._abort()
+            raise
 
 
 class TempFileSink(Sink):
@@ -183,7 +187,7 @@ class TempDirSink(Sink):
             return
         if not self.path.is_dir() or not is_previous_output(self.path):
             raise ImageFormatError(f"{self.path} appeared during the run and is not an output of df5t-deploy; "
-                                   f"the result is kept in {self.tmp}")
+                                   "it was left as it is")
         aside = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.replaced-", dir=self.path.parent))
         os.replace(self.path, aside / "previous")
         self.tmp.rename(self.path)

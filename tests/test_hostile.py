@@ -1,0 +1,338 @@
+"""Hostile and careless use: nothing a run reads or did not create is ever lost, runs know
+who they are, bad input is refused before compute with one line and exit status 2, and
+faults (full disk, signals) leave nothing partial. Each test fails without its mechanism."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from click.testing import CliRunner
+from onnx_models import tile_mean_model, with_metadata
+
+from df5t_deploy.api import Restorer
+from df5t_deploy.cli import main
+from df5t_deploy.formats import ImageMeta, write_image
+from df5t_deploy.output_safety import lock_path
+
+TILE = 32
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return tile_mean_model(tmp_path_factory.mktemp("model") / "mean.onnx", TILE, gain=0.5)
+
+
+@pytest.fixture
+def work(tmp_path, mussel_tile3) -> Path:
+    """A folder with a real EM crop ``in.tif`` and a 3-plane stack ``stack.tif``."""
+    tifffile.imwrite(tmp_path / "in.tif", mussel_tile3[400:448, 600:640])
+    tifffile.imwrite(tmp_path / "stack.tif", np.stack([mussel_tile3[400 + 50 * i : 448 + 50 * i, 600:640] for i in range(3)]),
+                     photometric="minisblack")
+    return tmp_path
+
+
+def cli(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def restore(work: Path, model: Path, *args, source: str = "in.tif"):
+    return cli("restore", work / source, "--model", model, "--sigma0", "0.1", "--steps", "2", "--quiet", *args)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ------------------------------------------------------------------ data loss
+
+
+def test_a_zarr_output_whose_folder_holds_the_input_is_refused_and_deletes_nothing(work, model):
+    store = work / "data.zarr"
+    store.mkdir()
+    (store / "in.tif").write_bytes((work / "in.tif").read_bytes())
+    before = snapshot(work)
+    code, output = restore(work, model, "-o", store, source="data.zarr/in.tif")
+    assert code == 2 and "holds the input" in output, output
+    assert snapshot(work) == before
+
+
+def test_degrade_save_mask_onto_the_input_is_refused(work):
+    before = snapshot(work)
+    code, output = cli("degrade", work / "in.tif", "-o", work / "deg.tif", "--task", "inpaint", "--sigma0", "0.1",
+                       "--save-mask", work / "in.tif")
+    assert code == 2 and "--save-mask" in output and "is the input" in output, output
+    assert snapshot(work) == before
+
+
+@pytest.mark.parametrize("case", ["output is the mask", "output is the model", "uncertainty is the input",
+                                  "uncertainty is the output", "hard link to the input", "symlink to the input",
+                                  "inside a zarr input"])
+def test_outputs_never_alias_what_the_run_reads(work, model, case):
+    mask = work / "mask.tif"
+    tifffile.imwrite(mask, np.zeros((48, 40), np.uint8))
+    local_model = work / "model.onnx"
+    local_model.write_bytes(model.read_bytes())
+    os.link(work / "in.tif", work / "hard.tif")
+    os.symlink(work / "in.tif", work / "soft.tif")
+    write_image(work / "input.zarr", tifffile.imread(work / "in.tif"), ImageMeta("YX"), {"note": "input"})
+    args = {
+        "output is the mask": ["-o", mask, "--task", "inpaint", "--mask", mask],
+        "output is the model": ["-o", local_model.with_suffix(".onnx")],
+        "uncertainty is the input": ["-o", work / "out.tif", "--samples", "2", "--uncertainty", work / "in.tif"],
+        "uncertainty is the output": ["-o", work / "out.tif", "--samples", "2", "--uncertainty", work / "out.tif"],
+        "hard link to the input": ["-o", work / "hard.tif"],
+        "symlink to the input": ["-o", work / "soft.tif"],
+        "inside a zarr input": ["-o", work / "input.zarr" / "out.tif"],
+    }[case]
+    before = snapshot(work)
+    code, output = cli("restore", work / ("input.zarr" if case == "inside a zarr input" else "in.tif"),
+                       "--model", local_model, "--sigma0", "0.1", "--steps", "2", "--quiet", *args)
+    assert code == 2, output
+    assert output.startswith("Error: ") and output.count("\n") == 1, output  # one line
+    assert snapshot(work) == before
+
+
+def test_an_existing_folder_that_is_not_ours_is_never_replaced(work, model):
+    foreign = work / "results.zarr"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("a user's notes")
+    code, output = restore(work, model, "-o", foreign)
+    assert code == 2 and "not an output of df5t-deploy" in output, output
+    assert (foreign / "notes.txt").read_text() == "a user's notes"
+
+
+def test_a_previous_zarr_output_of_ours_is_replaced_whole(work, model):
+    out = work / "out.zarr"
+    assert restore(work, model, "-o", out, "--seed", "1")[0] == 0
+    first = snapshot(out)
+    code, output = restore(work, model, "-o", out, "--seed", "2")
+    assert code == 0, output
+    assert snapshot(out) != first and json.loads((out / "zarr.json").read_text())["attributes"]["df5t"]["seed"] == 2
+    assert not list(work.glob(".out.zarr.*")), "nothing set aside or partial is left"
+
+
+def test_a_file_output_that_is_a_folder_is_refused_in_one_line(work, model):
+    (work / "out.tif").mkdir()
+    code, output = restore(work, model, "-o", work / "out.tif")
+    assert code == 2 and "is a folder; give a file name" in output, output
+
+
+# ------------------------------------------------------------------ run identity, resume, locks
+
+
+def test_every_output_records_its_run_identity(work, model):
+    from df5t_deploy.files import sha256_of
+
+    assert restore(work, model, "-o", work / "out.zarr")[0] == 0
+    identity = json.loads((work / "out.zarr" / "zarr.json").read_text())["attributes"]["df5t"]["run_identity"]
+    assert identity["input_sha256"] == sha256_of(work / "in.tif") and identity["model_sha256"] == sha256_of(model)
+    assert identity["input_size"] == (work / "in.tif").stat().st_size
+
+
+def _interrupted_zarr(work: Path, model: Path, *args) -> Path:
+    """Restore the stack into zarr, cancelled after its first plane (a partial is left)."""
+    from df5t_deploy.pipeline import restore_file
+    from df5t_deploy.planes import RestorationCancelled
+
+    restorer = Restorer(model, sigma0=0.1, steps=2, **dict(args))
+    with pytest.raises(RestorationCancelled):
+        restore_file(restorer, work / "stack.tif", work / "out.zarr", progress=lambda event: event.planes_done < 1)
+    partial = list(work.glob(".out.zarr.partial-*"))
+    assert len(partial) == 1
+    return partial[0]
+
+
+def test_resume_continues_the_same_run_only(work, model):
+    _interrupted_zarr(work, model)
+    code, output = restore(work, model, "-o", work / "out.zarr", "--resume", "--seed", "9", source="stack.tif")
+    assert code == 2 and "another run" in output and "the settings that change pixels" in output, output
+    tifffile.imwrite(work / "stack.tif", tifffile.imread(work / "stack.tif")[::-1], photometric="minisblack")  # changed
+    code, output = restore(work, model, "-o", work / "out.zarr", "--resume", source="stack.tif")
+    assert code == 2 and "the input's content" in output, output
+
+
+def test_resume_of_the_same_run_finishes_it(work, model):
+    _interrupted_zarr(work, model)
+    code, output = restore(work, model, "-o", work / "out.zarr", "--resume", source="stack.tif")
+    assert code == 0, output
+    assert restore(work, model, "-o", work / "whole.zarr", source="stack.tif")[0] == 0
+    import zarr
+
+    np.testing.assert_array_equal(zarr.open(str(work / "out.zarr"))["0"][:], zarr.open(str(work / "whole.zarr"))["0"][:])
+
+
+def _lock(output: Path, pid: int, host: str | None = None) -> None:
+    lock_path(output).write_text(json.dumps({"host": host or socket.gethostname(), "pid": pid, "since": "then"}))
+
+
+def test_a_second_process_writing_the_same_output_is_refused(work, model):
+    _lock(work / "out.tif", os.getppid())  # a live process on this host
+    code, output = restore(work, model, "-o", work / "out.tif")
+    assert code == 2 and f"pid {os.getppid()}" in output and "--break-lock" in output, output
+    assert not (work / "out.tif").exists() and lock_path(work / "out.tif").exists()
+    code, output = restore(work, model, "-o", work / "out.tif", "--break-lock")
+    assert code == 0, output
+    assert (work / "out.tif").exists() and not lock_path(work / "out.tif").exists()
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_warning(work, model):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    _lock(work / "out.tif", int(dead.stdout))
+    with pytest.warns(UserWarning, match="taking over the stale lock"):
+        code, output = restore(work, model, "-o", work / "out.tif")
+    assert code == 0, output
+
+
+def test_clean_lists_and_removes_what_interrupted_runs_left(work, model):
+    partial = _interrupted_zarr(work, model)
+    _lock(work / "out.zarr", 2**22 + 12345)  # no such process
+    code, output = cli("clean", work / "out.zarr")
+    assert code == 0 and str(partial) in output and "--yes" in output
+    assert partial.exists()
+    code, output = cli("clean", work / "out.zarr", "--yes")
+    assert code == 0 and not partial.exists() and not lock_path(work / "out.zarr").exists()
+    assert (work / "stack.tif").exists()
+
+
+# ------------------------------------------------------------------ faults
+
+
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EROFS, errno.EACCES])
+def test_a_failed_final_rename_leaves_nothing_partial_and_says_so_in_one_line(work, model, monkeypatch, error):
+    real_replace = os.replace
+
+    def failing(src, dst, *args, **kwargs):
+        if str(dst).endswith("out.tif"):
+            raise OSError(error, os.strerror(error), str(dst))
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", failing)
+    before = snapshot(work)
+    code, output = restore(work, model, "-o", work / "out.tif")
+    assert code == 1 and os.strerror(error) in output and output.count("\n") == 1, output
+    assert snapshot(work) == before  # no partial file, no lock
+
+
+def _running_restore(work: Path, model: Path, scratch: Path) -> subprocess.Popen:
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    return subprocess.Popen([sys.executable, "-m", "df5t_deploy.cli", "restore", str(work / "stack.tif"), "-o",
+                             str(work / "out.tif"), "--model", str(model), "--sigma0", "0.1", "--steps", "400",
+                             "--quiet"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_real_signal_to_a_running_restore_leaves_nothing_partial(work, model, tmp_path_factory, signum, status):
+    scratch = tmp_path_factory.mktemp("scratch")
+    # what the libraries leave in the temp folder by themselves (onnxruntime: a .ses file)
+    subprocess.run([sys.executable, "-c", "import onnxruntime"], env={**os.environ, "TMPDIR": str(scratch)}, check=True)
+    theirs = set(scratch.iterdir())
+    before = snapshot(work)
+    process = _running_restore(work, model, scratch)
+    deadline = time.monotonic() + 60
+    while not list(work.glob(".out.partial-*")) and time.monotonic() < deadline:  # writing has begun
+        time.sleep(0.05)
+    time.sleep(0.5)
+    process.send_signal(signum)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == status, output
+    assert "nothing partial was left" in output
+    assert snapshot(work) == before and set(scratch.iterdir()) == theirs
+
+
+# ------------------------------------------------------------------ silent garbage
+
+
+def test_a_network_that_returns_nan_is_an_error_naming_the_model(work, tmp_path):
+    nan_model = tile_mean_model(tmp_path / "nan.onnx", TILE, gain=float("nan"))
+    code, output = restore(work, nan_model, "-o", work / "out.tif")
+    assert code == 1 and "nan.onnx" in output and "NaN or Inf" in output, output
+    assert not (work / "out.tif").exists()
+
+
+@pytest.mark.parametrize("schedule, problem", [
+    ({"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 1.5, "num_diffusion_timesteps": 1000}, "beta_end"),
+    ({"beta_schedule": "linear", "beta_start": -0.1, "beta_end": 0.02, "num_diffusion_timesteps": 1000}, "beta_start"),
+    ({"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02, "num_diffusion_timesteps": 999.5}, "whole number"),
+    ({"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02, "num_diffusion_timesteps": 10**9}, "whole number"),
+])
+def test_an_invalid_schedule_is_refused_when_the_model_opens(work, model, tmp_path, schedule, problem):
+    bad = with_metadata(model, tmp_path / "bad.onnx", "df5t.schedule", json.dumps(schedule))
+    code, output = restore(work, bad, "-o", work / "out.tif")
+    assert code == 2 and "not a valid DDPM schedule" in output and problem in output, output
+
+
+# ------------------------------------------------------------------ refused up front
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sigma0", "inf"], "sigma0 must be a finite number"),
+    (["--sigma0", "nan"], "sigma0 must be a finite number"),
+    (["--noise-std", "inf", "--sigma0", None], "noise_std must be a finite number"),
+    (["--task", "sr", "--scale", "0"], "--scale must be an integer from 2 to 8"),
+    (["--task", "deblur", "--blur-sigma", "nan"], "--blur-sigma must be finite and positive"),
+    (["--task", "deblur", "--blur-sigma", "inf"], "--blur-sigma must be finite and positive"),
+    (["--task", "deblur", "--blur-sigma", "30"], "wider than the 48 x 40 image"),
+    (["--threads", "-1"], "threads must be >= 1"),
+    (["--device", "cuda:x"], "unknown device 'cuda:x'"),
+    (["--overlap", "-3"], "overlap must be >= 0"),
+    (["--samples", "0"], "samples must be >= 1"),
+])
+def test_bad_options_are_refused_before_compute_with_their_range(work, model, args, message):
+    base = ["restore", work / "in.tif", "-o", work / "out.tif", "--model", model, "--steps", "2", "--quiet"]
+    if None in args:
+        args = args[: args.index("--sigma0")]
+    else:
+        base += ["--sigma0", "0.1"] if "--sigma0" not in args else []
+    before = snapshot(work)
+    code, output = cli(*base, *args)
+    assert code == 2 and message in output, output
+    assert snapshot(work) == before
+
+
+def test_an_absurd_z_factor_is_refused(work, model):
+    code, output = restore(work, model, "-o", work / "iso.tif", "--task", "isotropic", "--z-factor", "1000",
+                           source="stack.tif")
+    assert code == 2 and "--z-factor must be an integer from 2 to 64" in output, output
+
+
+@pytest.mark.parametrize("content, message", [("constant", "the image is constant"), ("nan", "every pixel is NaN")])
+def test_images_without_content_are_refused(work, model, content, message):
+    image = np.full((48, 40), 7, np.uint8) if content == "constant" else np.full((48, 40), np.nan, np.float32)
+    tifffile.imwrite(work / "bad.tif", image)
+    code, output = restore(work, model, "-o", work / "out.tif", source="bad.tif")
+    assert code == 2 and message in output, output
+
+
+@pytest.mark.parametrize("voxel", [[0, 1, 1], [-4, 4, 40], [float("nan"), 4, 40], ["four", 4, 40]])
+def test_bad_voxel_sizes_are_refused_naming_the_file(work, model, voxel):
+    tifffile.imwrite(work / "bad.tif", tifffile.imread(work / "in.tif"), metadata={"voxel_size_nm_xyz": voxel})
+    code, output = restore(work, model, "-o", work / "out.tif", source="bad.tif")
+    assert code == 2 and "bad.tif" in output and "voxel size" in output, output
+
+
+@pytest.mark.parametrize("kwargs, error, name", [
+    ({"steps": "10"}, TypeError, "steps"), ({"seed": 1.5}, TypeError, "seed"), ({"samples": True}, TypeError, "samples"),
+    ({"eta": "high"}, TypeError, "eta"), ({"threads": 0}, ValueError, "threads"), ({"seed": -1}, ValueError, "seed"),
+])
+def test_the_python_api_names_the_bad_parameter(model, kwargs, error, name):
+    with pytest.raises(error, match=rf"^{name} must be"):
+        Restorer(model, sigma0=0.1, **kwargs)
+
+
+def test_an_overlap_that_multiplies_the_work_is_warned_about_with_the_factor(model):
+    messages = []
+    Restorer(model, sigma0=0.1, overlap=24, report=messages.append)
+    assert any("16.0x as often" in m for m in messages), messages
