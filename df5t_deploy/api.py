@@ -33,7 +33,7 @@ from .planes import (
 from .regions import DEFAULT_MAX_REGION, layout
 from .sampler import SamplerSettings
 from .streaming import ArraySource, prefetch
-from .tasks import TaskOptions, missing_pixels, parse_blur_sigma
+from .tasks import TaskError, TaskOptions, missing_pixels, parse_blur_sigma
 from .tiling import BlendedDenoiser, NetworkOutputError
 
 #: An overlap that makes the network run this many times as often as without is warned about.
@@ -42,7 +42,7 @@ OVERLAP_WARNING_FACTOR = 2.0
 #: Called with (output plane index, samples [S, H, W] on the [0, 1] scale), in plane order.
 Emit = Callable[[int, np.ndarray], None]
 
-__all__ = ["Restoration", "RestorationCancelled", "Restorer"]
+__all__ = ["NoiseLevel", "Restoration", "RestorationCancelled", "Restorer"]
 
 
 @dataclass
@@ -54,6 +54,17 @@ class Restoration:
     sigma0: float
     provenance: dict = field(default_factory=dict)
     std: np.ndarray | None = None  # per-pixel std over samples, in input units (samples > 1)
+    estimated_noise_std: float | None = None  # sigma0 "auto": the estimate, in input units
+
+
+@dataclass(frozen=True)
+class NoiseLevel:
+    """The measurement noise of one call: sigma0 on the [-1,1] scale and, for sigma0 "auto",
+    the estimate it came from (per call, so threads sharing a Restorer never see each
+    other's)."""
+
+    sigma0: float
+    estimated_noise_std: float | None = None
 
 
 class Restorer:
@@ -118,7 +129,6 @@ class Restorer:
             backend = open_backend(backend, self.model_path, device=device, threads=threads, report=report)
         self.backend: Backend = backend
         self.model_sha256 = sha256_of(self.model_path)
-        self.estimated_noise_std: float | None = None
         tile = self.backend.info.tile
         self.overlap = tile // 8 if overlap is None else overlap
         self.batch = batch or self.backend.preferred_batch
@@ -153,12 +163,14 @@ class Restorer:
         def collect(z: int, unit: np.ndarray) -> None:
             means[z], stds[z] = mean_and_std(unit, intensity)
 
-        sigma0 = self.restore_source(source, collect, intensity, progress)
+        noise = self.noise_level(source, intensity)
+        self.restore_source(source, collect, intensity, progress, settings=self.sampler_settings(noise))
         mean = np.stack([means[z] for z in sorted(means)])
         std = np.stack([stds[z] for z in sorted(stds)]) if self.samples > 1 else None
         if image.ndim == 2:
             mean, std = mean[0], None if std is None else std[0]
-        return Restoration(mean, intensity, sigma0, self.provenance(intensity, sigma0), std)
+        return Restoration(mean, intensity, noise.sigma0, self.provenance(intensity, noise), std,
+                           noise.estimated_noise_std)
 
     # ------------------------------------------------------------------ streaming
 
@@ -188,7 +200,7 @@ class Restorer:
         whatever the stack's length.
         """
         with self._lock, self._naming_the_model():
-            settings = settings or self.settings_for(source, intensity)
+            settings = settings or self.sampler_settings(self.noise_level(source, intensity))
             if self.options.task == "isotropic":
                 from .volume import restore_isotropic
 
@@ -205,18 +217,19 @@ class Restorer:
         except NetworkOutputError as err:
             raise NetworkOutputError(f"{self.model_path}: {err}") from None
 
-    def settings_for(self, source: Source, intensity: IntensityMap) -> SamplerSettings:
-        """The sampler settings for this input: sigma0 given, from --noise-std, or estimated."""
+    def noise_level(self, source: Source, intensity: IntensityMap) -> NoiseLevel:
+        """This input's noise level: sigma0 given, from --noise-std, or estimated."""
         if self.sigma0 == "auto":
             from .noise_estimate import estimate_noise_std
 
-            self.estimated_noise_std = estimate_noise_std(source)
-            sigma0 = intensity.sigma0_from_noise_std(self.estimated_noise_std)
-        elif self.sigma0 is not None:
-            sigma0 = self.sigma0
-        else:
-            sigma0 = intensity.sigma0_from_noise_std(self.noise_std)
-        return SamplerSettings(sigma0=sigma0, steps=self.steps, eta=self.eta, eta_b=self.eta_b)
+            estimate = estimate_noise_std(source)
+            return NoiseLevel(intensity.sigma0_from_noise_std(estimate), estimate)
+        if self.sigma0 is not None:
+            return NoiseLevel(self.sigma0)
+        return NoiseLevel(intensity.sigma0_from_noise_std(self.noise_std))
+
+    def sampler_settings(self, noise: NoiseLevel) -> SamplerSettings:
+        return SamplerSettings(sigma0=noise.sigma0, steps=self.steps, eta=self.eta, eta_b=self.eta_b)
 
     def group_size(self, grid: tuple[int, int]) -> int:
         """Planes restored together so that their tiles fill the backend's batch."""
@@ -241,12 +254,16 @@ class Restorer:
         def started():
             for first, block in prefetch(source, planes, group):
                 missing = None
+                where = f"plane {first}: " if source.planes > 1 else ""  # a stack's problems name their plane
                 if self.options.task == "inpaint":
-                    missing = missing_pixels(self.options, block[0])
-                    check_finite(block[0], missing)
+                    try:
+                        missing = missing_pixels(self.options, block[0])
+                    except TaskError as err:
+                        raise TaskError(f"{where}{err}") from None
+                    check_finite(block[:1], missing, first if where else None)
                     block = np.where(missing, 0, block)
                 else:
-                    check_finite(block, None)
+                    check_finite(block, None, first if where else None)
                 y = intensity.to_model(block)
                 collect = self._start_regions(y, missing, regions, range(first, first + len(block)), settings, tracker)
                 yield labelled(first, collect)
@@ -312,7 +329,7 @@ class Restorer:
                 self._device_samplers = {key: sampler}  # one shape at a time: earlier buffers are freed
         return sampler
 
-    def provenance(self, intensity: IntensityMap, sigma0: float) -> dict:
+    def provenance(self, intensity: IntensityMap, noise: NoiseLevel) -> dict:
         return {
             "software": f"df5t-deploy {__version__}",
             "model": str(self.model_path),
@@ -320,9 +337,9 @@ class Restorer:
             "model_info": self.backend.info.to_dict(),
             "backend": self.backend.name,
             **self.options.to_dict(),
-            "sigma0": sigma0,
+            "sigma0": noise.sigma0,
             "sigma0_rule": _sigma0_rule(self.sigma0, self.noise_std),
-            "noise_std": self.noise_std if self.sigma0 != "auto" else self.estimated_noise_std,
+            "noise_std": self.noise_std if self.sigma0 != "auto" else noise.estimated_noise_std,
             "steps": self.steps,
             "eta": self.eta,
             "eta_b": self.eta_b,
@@ -377,14 +394,20 @@ def mean_and_std(unit: np.ndarray, intensity: IntensityMap) -> tuple[np.ndarray,
     return mean, std
 
 
-def check_finite(planes: np.ndarray, missing: np.ndarray | None) -> None:
+def check_finite(planes: np.ndarray, missing: np.ndarray | None, first_plane: int | None = None) -> None:
+    """Refuse NaN or Inf where pixels are observed; ``first_plane``: the stack index of
+    ``planes[0]``, so the message names the plane."""
     if planes.dtype.kind != "f":
         return
     bad = ~np.isfinite(planes)
     if missing is not None:
         bad &= ~missing
     if bad.any():
+        where = "the image has"
+        if first_plane is not None and planes.ndim == 3:
+            z = first_plane + int(np.flatnonzero(bad.any(axis=(1, 2)))[0])
+            where = f"plane {z} has"
         raise ValueError(
-            f"the image has {int(bad.sum())} NaN or Inf pixels; clean them, or restore them "
+            f"{where} {int(bad.sum())} NaN or Inf pixels; clean them, or restore them "
             "with --task inpaint (NaN pixels count as missing)"
         )

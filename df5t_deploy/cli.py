@@ -177,6 +177,8 @@ _task_options = _options(
     click.option("--min-hole", type=int, default=200, show_default=True,
                  help="inpaint auto: smallest zero/NaN region counted as missing."),
     click.option("--z-factor", type=int, default=None, help="isotropic: z spacing / xy spacing."),
+    click.option("--series", type=click.IntRange(min=0), default=None,
+                 help="Which image of a TIFF file that holds several (0 first)."),
 )
 
 
@@ -199,7 +201,7 @@ def _read_mask(mask: str | None):
 @click.option("--resume", is_flag=True, help="Continue an interrupted zarr output of the same run.")
 @click.option("--break-lock", is_flag=True, help="Take over the output's lock left by a run that is gone.")
 def restore_command(input_path, output, task, sigma0, noise_std, seed, scale, blur_sigma, mask, min_hole,
-                    z_factor, model, steps, eta, eta_b, overlap, batch, max_region, samples, backend, device, threads,
+                    z_factor, series, model, steps, eta, eta_b, overlap, batch, max_region, samples, backend, device, threads,
                     gpu_memory, quiet, uncertainty, resume, break_lock):
     """Restore an EM image, stack or volume with DDRM and a DF5T model."""
     from .api import Restorer
@@ -225,15 +227,15 @@ def restore_command(input_path, output, task, sigma0, noise_std, seed, scale, bl
         restorer = restorers[0]
         with _ProgressBar(quiet) as bar:
             result = restore_file(restorers, input_path, output, uncertainty_path=uncertainty, resume=resume,
-                                  progress=bar.update, reads=reads, break_lock=break_lock)
+                                  progress=bar.update, reads=reads, break_lock=break_lock, series=series)
     seconds = time.perf_counter() - started
     megapixels = float(np.prod(result.output_shape)) / 1e6
     click.echo(
         f"restored {input_path} {result.input_shape} {result.dtype} -> {result.output_shape} ({task}, {steps} steps, "
         f"sigma0={result.sigma0:.4g}, {restorer.backend.name}) in {seconds:.1f} s, {megapixels / seconds:.3f} MPix/s"
     )
-    if restorer.estimated_noise_std is not None:
-        click.echo(f"sigma0 auto: estimated noise std {restorer.estimated_noise_std:.4g} (input units) "
+    if result.estimated_noise_std is not None:
+        click.echo(f"sigma0 auto: estimated noise std {result.estimated_noise_std:.4g} (input units) "
                    f"-> sigma0 {result.sigma0:.4g} on the [-1,1] scale")
     click.echo(f"wrote {output}" + (f" and {uncertainty}" if uncertainty else ""))
 
@@ -287,7 +289,7 @@ class _ProgressBar:
               help="inpaint with --mask blobs: fraction of pixels removed.")
 @click.option("--save-mask", type=click.Path(dir_okay=False), default=None, help="inpaint: also write the mask.")
 def degrade_command(input_path, output, task, sigma0, noise_std, seed, scale, blur_sigma, mask, min_hole,
-                    z_factor, missing_fraction, save_mask):
+                    z_factor, series, missing_fraction, save_mask):
     """Make a known-truth pair: apply the task's degradation and grey noise."""
     import warnings
 
@@ -301,7 +303,7 @@ def degrade_command(input_path, output, task, sigma0, noise_std, seed, scale, bl
     with _reported():
         check_outputs({"output": output, "--save-mask": save_mask},
                       {"input": input_path, "--mask": mask if mask not in (None, "auto", "blobs") else None})
-        image, meta = read_image(input_path)
+        image, meta = read_image(input_path, series)
         options = TaskOptions(task, scale=scale, blur_sigma=parse_blur_sigma(blur_sigma), z_factor=z_factor,
                               mask="auto" if task == "inpaint" else None, min_hole=min_hole)
         missing = None

@@ -35,6 +35,7 @@ class FileResult:
     dtype: np.dtype
     sigma0: float
     provenance: dict
+    estimated_noise_std: float | None = None  # sigma0 "auto": the estimate, in input units
 
 
 def restore_file(
@@ -47,6 +48,7 @@ def restore_file(
     progress: ProgressCallback | None = None,
     reads: Mapping[str, str | Path | None] | None = None,
     break_lock: bool = False,
+    series: int | None = None,
 ) -> FileResult:
     """Restore ``input_path`` into ``output_path`` (and the sample std into ``uncertainty_path``).
 
@@ -54,7 +56,8 @@ def restore_file(
     (label -> path, e.g. a mask file) or each other are refused (``output_safety``), and the
     output is locked against a second process. Outputs appear only when complete; on any
     error or Ctrl-C they are removed (a zarr output is kept hidden for ``resume``, which
-    continues only the same run: the same run identity).
+    continues only the same run: the same run identity). ``series``: which image of a
+    multi-series TIFF input.
     """
     restorers = [restorer] if isinstance(restorer, Restorer) else list(restorer)
     first = restorers[0]
@@ -62,7 +65,7 @@ def restore_file(
         raise ValueError("--resume continues 2D restorations into zarr, without --uncertainty")
     check_outputs({"output": output_path, "--uncertainty": uncertainty_path},
                   {"input": input_path, "model": first.model_path, **(reads or {})})
-    with open_source(input_path) as source:
+    with open_source(input_path, series) as source:
         out_shape = first.output_shape(source)
         check_writable(output_path, source.dtype, len(out_shape))
         if uncertainty_path is not None:
@@ -70,8 +73,11 @@ def restore_file(
                 raise ValueError("--uncertainty needs --samples 2 or more (it is the std over samples)")
             check_writable(uncertainty_path, np.float32, len(out_shape))
         intensity = intensity_map_for_source(source)
-        settings = first.settings_for(source, intensity)
-        provenance = first.provenance(intensity, settings.sigma0) | {"devices": len(restorers)}
+        noise = first.noise_level(source, intensity)
+        settings = first.sampler_settings(noise)
+        provenance = first.provenance(intensity, noise) | {"devices": len(restorers)}
+        if series is not None:
+            provenance["series"] = series
         identity = RunIdentity.of(input_path, first.model_sha256, provenance)
         provenance["run_identity"] = identity.to_dict()
         meta = _output_meta(first, source)
@@ -95,8 +101,8 @@ def restore_file(
             if len(restorers) == 1 or first.options.task == "isotropic" or len(planes) < 2:
                 first.restore_source(source, emit, intensity, progress, planes=planes, settings=settings)
             else:
-                _restore_in_parallel(restorers, Path(input_path), planes, emit, intensity, settings, progress)
-    return FileResult(source.shape, out_shape, source.dtype, settings.sigma0, provenance)
+                _restore_in_parallel(restorers, Path(input_path), series, planes, emit, intensity, settings, progress)
+    return FileResult(source.shape, out_shape, source.dtype, noise.sigma0, provenance, noise.estimated_noise_std)
 
 
 def _check_same_run(output: Path, identity: RunIdentity) -> None:
@@ -111,9 +117,9 @@ def _check_same_run(output: Path, identity: RunIdentity) -> None:
                          f"run without --resume to start afresh, or `df5t clean {output} --yes` to remove it")
 
 
-def _restore_in_parallel(restorers, input_path: Path, planes: range, emit: Emit, intensity, settings,
-                         progress: ProgressCallback | None) -> None:
-    run = max(1, min(r.group_size(r.options.grid_shape(_plane_shape(input_path))) for r in restorers))
+def _restore_in_parallel(restorers, input_path: Path, series: int | None, planes: range, emit: Emit, intensity,
+                         settings, progress: ProgressCallback | None) -> None:
+    run = max(1, min(r.group_size(r.options.grid_shape(_plane_shape(input_path, series))) for r in restorers))
     runs = [planes[i : i + run] for i in range(0, len(planes), run)]
     todo: queue.Queue = queue.Queue()
     for item in runs:
@@ -126,7 +132,7 @@ def _restore_in_parallel(restorers, input_path: Path, planes: range, emit: Emit,
 
     def work(restorer: Restorer, worker: int) -> None:
         try:
-            with open_source(input_path) as source:
+            with open_source(input_path, series) as source:
                 while not failure:
                     try:
                         item = todo.get_nowait()
@@ -165,8 +171,8 @@ def _restore_in_parallel(restorers, input_path: Path, planes: range, emit: Emit,
         thread.join()
 
 
-def _plane_shape(path: Path) -> tuple[int, int]:
-    with open_source(path) as source:
+def _plane_shape(path: Path, series: int | None) -> tuple[int, int]:
+    with open_source(path, series) as source:
         return source.shape[-2:]
 
 

@@ -182,7 +182,8 @@ def test_a_second_process_writing_the_same_output_is_refused(work, model):
     code, output = restore(work, model, "-o", work / "out.tif")
     assert code == 2 and f"pid {os.getppid()}" in output and "--break-lock" in output, output
     assert not (work / "out.tif").exists() and lock_path(work / "out.tif").exists()
-    code, output = restore(work, model, "-o", work / "out.tif", "--break-lock")
+    with pytest.warns(UserWarning, match="--break-lock: removing"):
+        code, output = restore(work, model, "-o", work / "out.tif", "--break-lock")
     assert code == 0, output
     assert (work / "out.tif").exists() and not lock_path(work / "out.tif").exists()
 
@@ -336,3 +337,130 @@ def test_an_overlap_that_multiplies_the_work_is_warned_about_with_the_factor(mod
     messages = []
     Restorer(model, sigma0=0.1, overlap=24, report=messages.append)
     assert any("16.0x as often" in m for m in messages), messages
+
+
+# ------------------------------------------------------------------ formats that lie or break
+
+
+def test_a_multi_series_tiff_needs_a_series_choice(work, model):
+    with tifffile.TiffWriter(work / "two.tif") as tif:
+        tif.write(tifffile.imread(work / "in.tif"))
+        tif.write(np.zeros((16, 16), np.uint16))
+    code, output = restore(work, model, "-o", work / "out.tif", source="two.tif")
+    assert code == 2 and "holds 2 image series" in output and "--series N" in output, output
+    code, output = restore(work, model, "-o", work / "out.tif", "--series", "0", source="two.tif")
+    assert code == 0, output
+    assert tifffile.imread(work / "out.tif").shape == (48, 40)
+    code, output = restore(work, model, "-o", work / "out2.tif", "--series", "5", source="two.tif")
+    assert code == 2 and "--series 5 does not exist" in output, output
+
+
+def test_a_zarr_input_with_missing_or_damaged_chunks_is_refused(work, model):
+    import shutil
+
+    stack = tifffile.imread(work / "stack.tif")
+    write_image(work / "in.zarr", stack, ImageMeta("ZYX"))
+    shutil.rmtree(work / "in.zarr" / "0" / "c" / "1")  # plane 1's chunk
+    code, output = restore(work, model, "-o", work / "out.tif", source="in.zarr")
+    assert code == 2 and "1 of 3 chunks are missing" in output, output
+    write_image(work / "damaged.zarr", stack, ImageMeta("ZYX"))
+    (work / "damaged.zarr" / "0" / "c" / "2" / "0" / "0").write_bytes(b"not a chunk")
+    code, output = restore(work, model, "-o", work / "out.tif", source="damaged.zarr")
+    assert code == 2 and "plane 2 cannot be read" in output, output
+    assert not (work / "out.tif").exists()
+
+
+def test_our_zarr_outputs_keep_chunks_of_fill_values(work):
+    stack = tifffile.imread(work / "stack.tif")
+    stack[1] = 0  # a black plane is data, not absence
+    write_image(work / "black.zarr", stack, ImageMeta("ZYX"))
+    from df5t_deploy.formats import read_image
+
+    np.testing.assert_array_equal(read_image(work / "black.zarr")[0], stack)
+
+
+def test_a_truncated_png_is_an_error_not_zeros(work, model):
+    from PIL import Image
+
+    Image.fromarray(tifffile.imread(work / "in.tif")).save(work / "in.png")
+    data = (work / "in.png").read_bytes()
+    (work / "cut.png").write_bytes(data[: len(data) * 2 // 3])
+    code, output = restore(work, model, "-o", work / "out.tif", source="cut.png")
+    assert code == 2 and "cut.png" in output and "truncated" in output, output
+
+
+@pytest.mark.parametrize("kind", ["tiff", "png"])
+def test_headers_declaring_enormous_images_are_refused_before_allocating(work, model, kind):
+    import struct
+    import zlib
+
+    if kind == "png":  # a valid PNG header claiming 100,000 x 100,000 pixels, then a tiny stream
+        header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0)
+        chunk = lambda tag, body: struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
+        data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
+        (work / "huge.png").write_bytes(data)
+    else:  # a small TIFF whose width and length tags are rewritten to 100,000
+        tifffile.imwrite(work / "huge.tif", np.zeros((16, 16), np.uint8))
+        with tifffile.TiffFile(work / "huge.tif") as tif:
+            offsets = [tif.pages[0].tags[name].valueoffset for name in ("ImageWidth", "ImageLength")]
+        data = bytearray((work / "huge.tif").read_bytes())
+        for offset in offsets:
+            data[offset : offset + 4] = struct.pack("<I", 100_000)
+        (work / "huge.tif").write_bytes(bytes(data))
+    code, output = restore(work, model, "-o", work / "out.tif", source="huge." + kind.replace("tiff", "tif"))
+    assert code == 2 and ("GPix" in output or "too large" in output) and output.count("\n") == 1, output
+
+
+def test_an_ome_tiff_promising_more_planes_than_it_holds_is_refused(work, model):
+    stack = tifffile.imread(work / "stack.tif")
+    tifffile.imwrite(work / "lie.ome.tif", stack, metadata={"axes": "ZYX"})
+    with tifffile.TiffFile(work / "lie.ome.tif") as tif:
+        xml = tif.ome_metadata
+    data = (work / "lie.ome.tif").read_bytes().replace(b'SizeZ="3"', b'SizeZ="9"')
+    assert xml and data != (work / "lie.ome.tif").read_bytes()
+    (work / "lie.ome.tif").write_bytes(data)
+    code, output = restore(work, model, "-o", work / "out.tif", source="lie.ome.tif")
+    assert code == 2 and "promises 9 planes but the file holds 3" in output, output
+
+
+def test_problems_of_one_plane_of_a_stack_name_the_plane(work, model):
+    stack = tifffile.imread(work / "stack.tif").astype(np.float32)
+    stack[2, 5, 5] = np.nan
+    tifffile.imwrite(work / "nan.tif", stack, photometric="minisblack")
+    code, output = restore(work, model, "-o", work / "out.tif", source="nan.tif")
+    assert code == 2 and "plane 2 has 1 NaN" in output, output
+    holes = tifffile.imread(work / "stack.tif")
+    holes[0, 10:30, 10:30] = 0  # plane 0 has a hole, plane 1 has none
+    tifffile.imwrite(work / "holes.tif", holes, photometric="minisblack")
+    code, output = restore(work, model, "-o", work / "out.tif", "--task", "inpaint", "--mask", "auto",
+                           source="holes.tif")
+    assert code == 2 and "plane 1: no missing pixels" in output, output
+
+
+# ------------------------------------------------------------------ threads
+
+
+def test_threads_sharing_a_restorer_each_get_their_own_noise_estimate(model, mussel_tile3):
+    import threading
+
+    rng = np.random.default_rng(0)
+    clean = mussel_tile3[400:464, 600:664].astype(np.float32)
+    images = [clean + rng.normal(0, sigma, clean.shape).astype(np.float32) for sigma in (2.0, 30.0)]
+    restorer = Restorer(model, sigma0="auto", steps=2)
+    alone = [Restorer(model, sigma0="auto", steps=2).restore_full(image) for image in images]
+    results: dict[int, object] = {}
+
+    def work(i):
+        for _ in range(3):
+            results[i] = restorer.restore_full(images[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i in range(2):
+        assert results[i].estimated_noise_std == alone[i].estimated_noise_std
+        assert results[i].provenance["noise_std"] == alone[i].provenance["noise_std"]
+        np.testing.assert_array_equal(results[i].image, alone[i].image)
+    assert alone[0].estimated_noise_std < alone[1].estimated_noise_std / 2  # the two calls differ

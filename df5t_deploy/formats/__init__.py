@@ -30,13 +30,16 @@ def _format_of(path: Path):
     raise ImageFormatError(f"{path}: unsupported file type {suffix or '(none)'}; supported: {', '.join(SUPPORTED)}")
 
 
-def open_source(path: str | Path) -> Source:
+def open_source(path: str | Path, series: int | None = None) -> Source:
+    """The image or stack at ``path``; ``series``: which image of a multi-series TIFF."""
     path = Path(path)
     source, _ = _format_of(path)
     if not path.exists():
         raise ImageFormatError(f"{path}: no such file")
+    if series is not None and source is not tiff.TiffSource:
+        raise ImageFormatError(f"{path}: --series chooses among the images of a TIFF file; this is not one")
     try:
-        return source(path)
+        return source(path, series) if source is tiff.TiffSource else source(path)
     except ImageFormatError as err:
         if str(path) in str(err):
             raise
@@ -64,8 +67,8 @@ def check_writable(path: str | Path, dtype, ndim: int) -> None:
         raise ImageFormatError(f"{path}: folder {path.parent} does not exist")
 
 
-def read_image(path: str | Path) -> tuple[np.ndarray, ImageMeta]:
-    with open_source(path) as source:
+def read_image(path: str | Path, series: int | None = None) -> tuple[np.ndarray, ImageMeta]:
+    with open_source(path, series) as source:
         return source.read(), source.meta
 
 

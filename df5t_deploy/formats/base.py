@@ -55,6 +55,19 @@ def check_grey(path: Path, shape: tuple[int, ...], axes: str) -> None:
         )
 
 
+#: The largest plane df5t-deploy reads (2^31 pixels, 46,000 px square): a header declaring
+#: more is refused before anything is allocated (crafted or damaged files).
+MAX_PLANE_PIXELS = 2**31
+
+
+def check_plane_size(path: Path, shape: tuple[int, ...]) -> None:
+    height, width = shape[-2:]
+    if height * width > MAX_PLANE_PIXELS:
+        raise ImageFormatError(f"{path}: declares {height} x {width} planes ({height * width / 1e9:.1f} GPix), more "
+                               f"than df5t-deploy reads ({MAX_PLANE_PIXELS / 1e9:.1f} GPix per plane); split the image "
+                               "into tiles, or the file's header is damaged")
+
+
 class Source(ABC):
     """A grey YX image or ZYX stack, read one plane (or one slab of rows) at a time."""
 

@@ -11,7 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import ImageFormatError, ImageMeta, Source, TempFileSink, check_grey
+from .base import (
+    ImageFormatError,
+    ImageMeta,
+    Source,
+    TempFileSink,
+    check_grey,
+    check_plane_size,
+)
 
 SUFFIXES = (".mrc", ".mrcs", ".rec", ".st", ".map")
 UINT8_LABEL = "df5t: uint8 data widened to uint16"
@@ -37,11 +44,8 @@ class MrcSource(Source):
         self.dtype = np.dtype(np.uint8) if self._narrow else data.dtype
         self.shape = tuple(data.shape)
         check_grey(path, self.shape, "ZYX"[-data.ndim :] if data.ndim <= 3 else "?" * data.ndim)
-        size = self._mrc.voxel_size
-        voxel = None
-        if float(size.x) > 0 and float(size.y) > 0:
-            voxel = (float(size.x) / 10, float(size.y) / 10, float(size.z) / 10 if data.ndim == 3 and float(size.z) > 0 else None)
-        self.meta = ImageMeta("ZYX" if data.ndim == 3 else "YX", voxel)
+        check_plane_size(path, self.shape)
+        self.meta = ImageMeta("ZYX" if data.ndim == 3 else "YX", _voxel_size(self._mrc.voxel_size, data.ndim))
 
     def plane(self, z: int) -> np.ndarray:
         data = self._mrc.data
@@ -78,3 +82,12 @@ class MrcSink(TempFileSink):
     def _close(self) -> None:
         self._mrc.update_header_stats()
         self._mrc.close()
+
+
+def _voxel_size(size, ndim: int) -> tuple[float, float, float | None] | None:
+    """nm from the header's Angstrom; 0 means "not set" in MRC (anything else invalid is
+    refused by ImageMeta)."""
+    x, y, z = (float(v) / 10 for v in (size.x, size.y, size.z))
+    if x == 0 and y == 0:
+        return None
+    return x, y, z if ndim == 3 and z != 0 else None

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import ImageFormatError, ImageMeta, Source, TempFileSink
+from .base import ImageFormatError, ImageMeta, Source, TempFileSink, check_plane_size
 
 SUFFIXES = (".png",)
 DTYPES = (np.uint8, np.uint16)
@@ -20,10 +20,13 @@ class PngSource(Source):
         self.path = path
         try:
             with Image.open(path) as im:
+                check_plane_size(path, im.size[::-1])  # from the header, before decoding
                 im.load()
                 if im.mode not in ("L", "I;16", "I;16B", "I"):
                     raise ImageFormatError(f"{path}: PNG mode {im.mode}; a grey (8 or 16 bit) PNG is expected")
                 array = np.asarray(im)
+        except Image.DecompressionBombError as err:  # raised from the header, before decoding
+            raise ImageFormatError(f"{path}: declares an image too large to read safely ({err})") from None
         except (UnidentifiedImageError, OSError, SyntaxError) as err:
             raise ImageFormatError(f"{path}: not a readable PNG, possibly truncated ({err})") from None
         self._array = array.astype(np.uint16) if array.dtype.kind == "i" else array

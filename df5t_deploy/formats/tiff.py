@@ -17,7 +17,15 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from .base import ImageFormatError, ImageMeta, Sink, Source, TempFileSink, check_grey
+from .base import (
+    ImageFormatError,
+    ImageMeta,
+    Sink,
+    Source,
+    TempFileSink,
+    check_grey,
+    check_plane_size,
+)
 
 SUFFIXES = (".tif", ".tiff")
 OME_SUFFIXES = (".ome.tif", ".ome.tiff")
@@ -32,21 +40,33 @@ def is_ome(path: Path) -> bool:
 
 
 class TiffSource(Source):
-    def __init__(self, path: Path):
+    """One image series of a TIFF file: the only one, or the one ``series`` names (a file
+    with several is refused without a choice: dropping the others silently loses data)."""
+
+    def __init__(self, path: Path, series: int | None = None):
         self.path = path
         try:
             self._tif = tifffile.TiffFile(path)
-            series = self._tif.series[0]
+            series = self._chosen_series(series)
             axes, shape = series.axes, tuple(series.shape)
             self._pages = series.pages
             self.dtype = np.dtype(series.dtype)
+        except ImageFormatError:
+            self.close()
+            raise
         except (tifffile.TiffFileError, ValueError, OSError, EOFError, IndexError) as err:
             raise ImageFormatError(f"{path}: not a readable TIFF, possibly truncated ({err})") from None
         if "S" in axes or "C" in axes:
             self.close()
             raise ImageFormatError(f"{path}: colour or multi-channel image (axes {axes}); convert to grey first")
         check_grey(path, shape, axes)
+        check_plane_size(path, shape)
         self.shape = shape
+        present = sum(page is not None for page in self._pages)  # tifffile pads missing pages with None
+        if present < len(self._pages) or (self._tif.is_ome and present < self.planes):
+            self.close()
+            raise ImageFormatError(f"{path}: its metadata promises {self.planes} planes but the file holds "
+                                   f"{present}; the file is incomplete or its metadata wrong")
         self._whole = None if len(self._pages) == self.planes else series  # not one page per plane
         try:
             voxel = _voxel_size(self._tif)
@@ -54,6 +74,18 @@ class TiffSource(Source):
             raise ImageFormatError(f"{path}: its voxel size metadata is not numbers ({err}); fix the file's "
                                    "metadata") from None
         self.meta = ImageMeta("ZYX" if len(shape) == 3 else "YX", voxel)
+
+    def _chosen_series(self, index: int | None):
+        all_series = self._tif.series
+        if index is None and len(all_series) > 1:
+            listing = "; ".join(f"{i}: {s.axes} {tuple(s.shape)}" for i, s in enumerate(all_series))
+            raise ImageFormatError(f"{self.path}: holds {len(all_series)} image series ({listing}); choose one "
+                                   "with --series N")
+        index = index or 0
+        if not 0 <= index < len(all_series):
+            raise ImageFormatError(f"{self.path}: --series {index} does not exist; it holds series 0 to "
+                                   f"{len(all_series) - 1}")
+        return all_series[index]
 
     def plane(self, z: int) -> np.ndarray:
         try:

@@ -11,7 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import ImageFormatError, ImageMeta, Source, TempDirSink, check_grey
+from .base import (
+    ImageFormatError,
+    ImageMeta,
+    Source,
+    TempDirSink,
+    check_grey,
+    check_plane_size,
+)
 
 SUFFIXES = (".zarr",)
 PROGRESS_ATTR = "df5t_planes_written"
@@ -39,10 +46,24 @@ class ZarrSource(Source):
             raise ImageFormatError(f"{path}: not a readable zarr store ({err})") from None
         self.shape, self.dtype = tuple(self._array.shape), np.dtype(self._array.dtype)
         check_grey(path, self.shape, "?" * len(self.shape))
+        check_plane_size(path, self.shape)
+        self._check_chunks()
         self.meta = ImageMeta("ZYX" if len(self.shape) == 3 else "YX", _ome_voxel_size(attrs, len(self.shape)))
 
+    def _check_chunks(self) -> None:
+        """zarr reads a missing chunk as its fill value: refuse rather than restore it as data."""
+        present, total = self._array.nchunks_initialized, self._array.nchunks
+        if present < total:
+            raise ImageFormatError(
+                f"{self.path}: {total - present} of {total} chunks are missing (never written, or elided because "
+                f"they held only the fill value {self._array.fill_value!r}); complete the store, or rewrite it "
+                "with write_empty_chunks=True if those regions really are that value")
+
     def plane(self, z: int) -> np.ndarray:
-        return np.asarray(self._array[...] if len(self.shape) == 2 else self._array[z])
+        try:
+            return np.asarray(self._array[...] if len(self.shape) == 2 else self._array[z])
+        except (RuntimeError, ValueError, OSError) as err:  # a damaged chunk: the codec's own error
+            raise ImageFormatError(f"{self.path}: plane {z} cannot be read, a chunk is damaged ({err})") from None
 
 
 def _ome_voxel_size(attrs: dict, ndim: int):
@@ -75,7 +96,9 @@ class ZarrSink(TempDirSink):
             return
         self._group = zarr.open_group(str(self.tmp), mode="w")
         chunks = (1, *self.shape[1:]) if len(self.shape) == 3 else self.shape
-        self._array = self._group.create_array("0", shape=self.shape, dtype=self.dtype, chunks=chunks)
+        # every chunk written, even one of fill values, so that readers can tell data from absence
+        self._array = self._group.create_array("0", shape=self.shape, dtype=self.dtype, chunks=chunks,
+                                               config={"write_empty_chunks": True})
         self._group.attrs.update(self._ome_attrs())
         self._group.attrs[PROGRESS_ATTR] = 0
 
