@@ -226,25 +226,33 @@ def test_a_failed_final_rename_leaves_nothing_partial_and_says_so_in_one_line(wo
     assert snapshot(work) == before  # no partial file, no lock
 
 
-def _running_restore(work: Path, model: Path, scratch: Path) -> subprocess.Popen:
+def _running_restore(work: Path, model: Path, scratch: Path, *args: str) -> subprocess.Popen:
     env = {**os.environ, "TMPDIR": str(scratch)}
     return subprocess.Popen([sys.executable, "-m", "df5t_deploy.cli", "restore", str(work / "stack.tif"), "-o",
                              str(work / "out.tif"), "--model", str(model), "--sigma0", "0.1", "--steps", "400",
-                             "--quiet"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--quiet", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_a_real_signal_to_a_running_restore_leaves_nothing_partial(work, model, tmp_path_factory, signum, status):
+@pytest.mark.parametrize("signum, status, task", [(signal.SIGINT, 130, "denoise"), (signal.SIGTERM, 143, "denoise"),
+                                                  (signal.SIGTERM, 143, "isotropic")])
+def test_a_real_signal_to_a_running_restore_leaves_nothing_partial(work, model, tmp_path_factory, signum, status, task):
     scratch = tmp_path_factory.mktemp("scratch")
     # what the libraries leave in the temp folder by themselves (onnxruntime: a .ses file)
     subprocess.run([sys.executable, "-c", "import onnxruntime"], env={**os.environ, "TMPDIR": str(scratch)}, check=True)
     theirs = set(scratch.iterdir())
     before = snapshot(work)
-    process = _running_restore(work, model, scratch)
+    extra = ["--task", "isotropic", "--z-factor", "2"] if task == "isotropic" else []
+    process = _running_restore(work, model, scratch, *extra)
+
+    def started() -> bool:  # the output's partial exists, and for isotropic its scratch volume
+        return bool(list(work.glob(".out.partial-*"))) and (
+            task != "isotropic" or bool(list(scratch.glob("df5t-isotropic-*/fused.npy"))))
+
     deadline = time.monotonic() + 60
-    while not list(work.glob(".out.partial-*")) and time.monotonic() < deadline:  # writing has begun
+    while not started() and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert started(), "the restore never got going"
     time.sleep(0.5)
     process.send_signal(signum)
     output, _ = process.communicate(timeout=60)
