@@ -80,7 +80,7 @@ def _reported(*failures: type[BaseException]):
 def _one_line(err: BaseException) -> str:
     if isinstance(err, OSError) and err.strerror:
         where = f"{err.filename}: " if err.filename else ""
-        return f"{where}{err.strerror} (nothing partial was left; free space or choose a writable folder)"
+        return f"{where}{err.strerror}; nothing was written under the output's name (free space or choose a writable folder)"
     return str(err)
 
 
@@ -389,10 +389,10 @@ def run(argv: list[str] | None = None) -> int:
         err.show()
         return err.exit_code
     except (click.Abort, KeyboardInterrupt):
-        click.echo("interrupted: nothing partial was left", err=True)
+        click.echo("interrupted: nothing was written under the output's name", err=True)
         return EXIT_SIGINT
     except Terminated as stop:
-        click.echo(f"stopped by {stop}: nothing partial was left", err=True)
+        click.echo(f"stopped by {stop}: nothing was written under the output's name", err=True)
         return 128 + stop.signum
     finally:
         for signum, handler in previous.items():

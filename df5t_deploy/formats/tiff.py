@@ -62,7 +62,11 @@ class TiffSource(Source):
         check_grey(path, shape, axes)
         check_plane_size(path, shape)
         self.shape = shape
-        present = sum(page is not None for page in self._pages)  # tifffile pads missing pages with None
+        try:
+            present = sum(page is not None for page in self._pages)  # tifffile pads missing pages with None
+        except (tifffile.TiffFileError, IndexError, ValueError, OSError) as err:
+            self.close()
+            raise ImageFormatError(f"{path}: not a readable TIFF, possibly truncated ({err})") from None
         if present < len(self._pages) or (self._tif.is_ome and present < self.planes):
             self.close()
             raise ImageFormatError(f"{path}: its metadata promises {self.planes} planes but the file holds "

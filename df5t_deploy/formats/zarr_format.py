@@ -7,6 +7,7 @@ folder's attributes) are skipped by the caller.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -120,4 +121,6 @@ class ZarrSink(TempDirSink):
         self._group.attrs[PROGRESS_ATTR] = self.written + 1
 
     def _abort(self) -> None:
-        """Keep the partial store for ``--resume`` (it is hidden and named as partial)."""
+        """Keep the partial store for ``--resume`` (hidden, named as partial), and say so."""
+        warnings.warn(f"the unfinished output is kept as {self.tmp} for --resume; `df5t clean {self.path} --yes` "
+                      "removes it", stacklevel=2)
