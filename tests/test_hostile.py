@@ -502,3 +502,15 @@ def test_a_disk_that_fills_up_while_writing_leaves_nothing_partial(work, model, 
     left = {name for name in snapshot(work) if name not in before}
     assert not left or all(name.startswith(f".{output}.partial-") for name in left)  # zarr keeps its partial
     assert not (work / output).exists()
+
+
+@pytest.mark.parametrize("size", [-5, 100_000])
+def test_an_mrc_header_with_negative_or_huge_sizes_is_refused(work, model, size):
+    import struct
+
+    write_image(work / "in.mrc", tifffile.imread(work / "stack.tif").astype(np.float32), ImageMeta("ZYX"))
+    raw = bytearray((work / "in.mrc").read_bytes())
+    raw[0:8] = struct.pack("<ii", size, size)  # nx, ny
+    (work / "in.mrc").write_bytes(bytes(raw))
+    code, output = restore(work, model, "-o", work / "out.tif", source="in.mrc")
+    assert code == 2 and "not a valid MRC file" in output and output.count("\n") == 1, output

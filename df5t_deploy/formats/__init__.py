@@ -67,6 +67,12 @@ def check_writable(path: str | Path, dtype, ndim: int) -> None:
         raise ImageFormatError(f"{path}: folder {path.parent} does not exist")
 
 
+def read_provenance(path: str | Path) -> dict | None:
+    """What df5t-deploy recorded in a file it wrote (every format), or None."""
+    with open_source(path) as source:
+        return source.provenance
+
+
 def read_image(path: str | Path, series: int | None = None) -> tuple[np.ndarray, ImageMeta]:
     with open_source(path, series) as source:
         return source.read(), source.meta
@@ -79,4 +85,4 @@ def write_image(path: str | Path, array: np.ndarray, meta: ImageMeta, provenance
 
 
 __all__ = ["ImageFormatError", "ImageMeta", "Sink", "Source", "SUPPORTED", "check_writable",
-           "create_sink", "open_source", "read_image", "write_image"]
+           "create_sink", "open_source", "read_image", "read_provenance", "write_image"]

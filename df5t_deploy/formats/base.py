@@ -75,6 +75,7 @@ class Source(ABC):
     shape: tuple[int, ...]
     dtype: np.dtype
     meta: ImageMeta
+    provenance: dict | None = None  # what df5t-deploy recorded when it wrote this file, if it did
 
     @property
     def planes(self) -> int:

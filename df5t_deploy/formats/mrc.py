@@ -2,11 +2,13 @@
 
 MRC has no unsigned 8-bit mode: uint8 data is stored widened as mode 6 (uint16) with a
 label saying so, and narrowed back when read, so uint8 round-trips. Voxel sizes are in
-ångström in the header, nanometres here.
+ångström in the header, nanometres here. Our provenance is JSON in an extended header of
+type ``DF5T``.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,7 @@ from .base import (
 
 SUFFIXES = (".mrc", ".mrcs", ".rec", ".st", ".map")
 UINT8_LABEL = "df5t: uint8 data widened to uint16"
+PROVENANCE_EXTTYP = b"DF5T"
 _MODES = {np.dtype(np.int8): 0, np.dtype(np.int16): 1, np.dtype(np.float32): 2, np.dtype(np.uint16): 6,
           np.dtype(np.uint8): 6}
 
@@ -46,6 +49,7 @@ class MrcSource(Source):
         check_grey(path, self.shape, "ZYX"[-data.ndim :] if data.ndim <= 3 else "?" * data.ndim)
         check_plane_size(path, self.shape)
         self.meta = ImageMeta("ZYX" if data.ndim == 3 else "YX", _voxel_size(self._mrc.voxel_size, data.ndim))
+        self.provenance = _provenance(self._mrc)
 
     def plane(self, z: int) -> np.ndarray:
         data = self._mrc.data
@@ -63,7 +67,9 @@ class MrcSink(TempFileSink):
         import mrcfile
 
         super().__init__(path, shape, dtype, meta, provenance)
-        self._mrc = mrcfile.new_mmap(self.tmp, shape=self.shape, mrc_mode=_MODES[self.dtype], overwrite=True)
+        record = np.frombuffer(json.dumps(provenance).encode(), dtype="V1") if provenance else None
+        self._mrc = mrcfile.new_mmap(self.tmp, shape=self.shape, mrc_mode=_MODES[self.dtype], overwrite=True,
+                                     extended_header=record, exttyp=PROVENANCE_EXTTYP if provenance else None)
         if self.dtype == np.uint8:
             self._mrc.add_label(UINT8_LABEL)
         if provenance:
@@ -82,6 +88,17 @@ class MrcSink(TempFileSink):
     def _close(self) -> None:
         self._mrc.update_header_stats()
         self._mrc.close()
+
+
+def _provenance(mrc) -> dict | None:
+    """Ours: JSON in an extended header of type DF5T (other readers skip unknown types)."""
+    if bytes(mrc.header.exttyp) != PROVENANCE_EXTTYP or mrc.extended_header is None:
+        return None
+    try:
+        value = json.loads(mrc.extended_header.tobytes().decode())
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _voxel_size(size, ndim: int) -> tuple[float, float, float | None] | None:

@@ -25,15 +25,25 @@ class PngSource(Source):
                 if im.mode not in ("L", "I;16", "I;16B", "I"):
                     raise ImageFormatError(f"{path}: PNG mode {im.mode}; a grey (8 or 16 bit) PNG is expected")
                 array = np.asarray(im)
+                recorded = im.text.get("df5t") if hasattr(im, "text") else None
         except Image.DecompressionBombError as err:  # raised from the header, before decoding
             raise ImageFormatError(f"{path}: declares an image too large to read safely ({err})") from None
         except (UnidentifiedImageError, OSError, SyntaxError) as err:
             raise ImageFormatError(f"{path}: not a readable PNG, possibly truncated ({err})") from None
         self._array = array.astype(np.uint16) if array.dtype.kind == "i" else array
         self.shape, self.dtype, self.meta = self._array.shape, self._array.dtype, ImageMeta("YX")
+        self.provenance = _json_or_none(recorded)
 
     def plane(self, z: int) -> np.ndarray:
         return self._array
+
+
+def _json_or_none(text: str | None) -> dict | None:
+    try:
+        value = json.loads(text) if text else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 class PngSink(TempFileSink):

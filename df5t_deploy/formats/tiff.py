@@ -78,6 +78,7 @@ class TiffSource(Source):
             raise ImageFormatError(f"{path}: its voxel size metadata is not numbers ({err}); fix the file's "
                                    "metadata") from None
         self.meta = ImageMeta("ZYX" if len(shape) == 3 else "YX", voxel)
+        self.provenance = _provenance(self._tif)
 
     def _chosen_series(self, index: int | None):
         all_series = self._tif.series
@@ -102,6 +103,18 @@ class TiffSource(Source):
 
     def close(self) -> None:
         self._tif.close()
+
+
+def _provenance(tif: tifffile.TiffFile) -> dict | None:
+    """Ours: in the JSON description (``df5t``), or in the private tag of an OME-TIFF."""
+    shaped = tif.shaped_metadata[0] if tif.shaped_metadata else {}
+    if isinstance(shaped.get("df5t"), dict):
+        return shaped["df5t"]
+    tag = tif.pages.first.tags.get(PROVENANCE_TAG)
+    try:
+        return json.loads(tag.value) if tag is not None else None
+    except ValueError:
+        return None
 
 
 def _voxel_size(tif: tifffile.TiffFile) -> tuple[float, float, float | None] | None:

@@ -50,6 +50,7 @@ class ZarrSource(Source):
         check_plane_size(path, self.shape)
         self._check_chunks()
         self.meta = ImageMeta("ZYX" if len(self.shape) == 3 else "YX", _ome_voxel_size(attrs, len(self.shape)))
+        self.provenance = attrs.get("df5t") if isinstance(attrs.get("df5t"), dict) else None
 
     def _check_chunks(self) -> None:
         """zarr reads a missing chunk as its fill value: refuse rather than restore it as data."""
