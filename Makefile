@@ -55,3 +55,8 @@ gpu-wheelhouse:
 	rm -f wheelhouse.partial/numpy-* wheelhouse.partial/sympy-* wheelhouse.partial/mpmath-*
 	rm -rf wheelhouse && mv wheelhouse.partial wheelhouse
 	du -sh wheelhouse
+
+# Deliberate bugs the tests must catch (tests/mutations.py): each mutation must fail the suite.
+.PHONY: mutants
+mutants: $(VENV)/.test-installed
+	$(PY) tests/mutations.py

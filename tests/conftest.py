@@ -54,3 +54,13 @@ def mussel_tile3() -> np.ndarray:
     if root is not None and (root / "data" / "em" / MUSSEL_TILE3).is_file():
         return tifffile.imread(root / "data" / "em" / MUSSEL_TILE3)
     return tifffile.imread(next((TRAVELLING / "em").glob(MUSSEL_TILE3.removesuffix(".tif") + "_crop_*.tif")))
+
+
+def pytest_sessionstart(session) -> None:
+    """``DF5T_MUTATION=NAME``: run the suite against a deliberate bug (tests/mutations.py)."""
+    name = os.environ.get("DF5T_MUTATION")
+    if name:
+        from mutations import apply
+
+        session.config._df5t_mutation = pytest.MonkeyPatch()
+        apply(name, session.config._df5t_mutation)

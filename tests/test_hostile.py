@@ -228,9 +228,10 @@ def test_a_failed_final_rename_leaves_nothing_partial_and_says_so_in_one_line(wo
 
 
 def _running_restore(work: Path, model: Path, scratch: Path, *args: str) -> subprocess.Popen:
+    """A restore that runs for minutes (the signal comes long before it could finish)."""
     env = {**os.environ, "TMPDIR": str(scratch)}
-    return subprocess.Popen([sys.executable, "-m", "df5t_deploy.cli", "restore", str(work / "stack.tif"), "-o",
-                             str(work / "out.tif"), "--model", str(model), "--sigma0", "0.1", "--steps", "400",
+    return subprocess.Popen([sys.executable, "-m", "df5t_deploy.cli", "restore", str(work / "long.tif"), "-o",
+                             str(work / "out.tif"), "--model", str(model), "--sigma0", "0.1", "--steps", "1000",
                              "--quiet", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -242,6 +243,7 @@ def test_a_real_signal_to_a_running_restore_leaves_nothing_partial(work, model, 
     # what the libraries leave in the temp folder by themselves (onnxruntime: a .ses file)
     subprocess.run([sys.executable, "-c", "import onnxruntime"], env={**os.environ, "TMPDIR": str(scratch)}, check=True)
     theirs = set(scratch.iterdir())
+    tifffile.imwrite(work / "long.tif", np.tile(tifffile.imread(work / "stack.tif"), (8, 2, 2)), photometric="minisblack")
     before = snapshot(work)
     extra = ["--task", "isotropic", "--z-factor", "2"] if task == "isotropic" else []
     process = _running_restore(work, model, scratch, *extra)

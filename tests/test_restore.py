@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 import tifffile
@@ -72,13 +74,6 @@ def test_same_seed_same_result_other_seed_differs(models, em_crop):
     other = Restorer(models["mean"], sigma0=0.1, steps=10, seed=8).restore(em_crop)
     np.testing.assert_array_equal(first, again)
     assert np.abs(first.astype(int) - other.astype(int)).mean() > 0.5
-
-
-def test_batch_size_does_not_change_the_result(models, em_crop):
-    image = em_crop.astype(np.float32)
-    runs = [Restorer(models["mean"], sigma0=0.1, steps=10, seed=1, batch=b).restore_full(image) for b in (1, 8)]
-    scale = runs[0].intensity.high - runs[0].intensity.low
-    assert np.abs(runs[0].image - runs[1].image).max() / scale < 1e-4
 
 
 def _zero_noise_reference(monkeypatch, model, task, image, sigma0, steps, mask_file=None, **kwargs):
@@ -209,7 +204,7 @@ def test_restore_cli_writes_metadata(workdir, models):
         meta = tif.shaped_metadata[0]["df5t"]
     assert meta["seed"] == 4 and meta["steps"] == 5 and meta["task"] == "denoise"
     assert meta["intensity_map"]["rule"] == "uint8 full range"
-    assert len(meta["model_sha256"]) == 64
+    assert meta["model_sha256"] == hashlib.sha256(models["mean"].read_bytes()).hexdigest()
 
 
 def test_atomic_path_leaves_nothing_on_interrupt(tmp_path):

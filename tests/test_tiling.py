@@ -104,7 +104,9 @@ def test_local_model_gives_the_same_result_for_any_tile(tmp_path, em_image):
         model = local_conv_model(tmp_path / f"conv{tile}.onnx", tile)
         results.append(Restorer(model, sigma0=0.2, steps=10, seed=5).restore_full(image))
     scale = results[0].intensity.high - results[0].intensity.low
-    assert np.abs(results[0].image - results[1].image).max() / scale < 1e-3
+    # measured: 3.4e-5 of the range (float32 rounding of blends over other tile layouts);
+    # a seam or a misplaced tile shows as 1e-2 and more
+    assert np.abs(results[0].image - results[1].image).max() / scale < 1e-4
 
 
 def test_image_smaller_than_a_tile(tmp_path, em_image):

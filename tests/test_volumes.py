@@ -87,14 +87,15 @@ def test_isotropic_needs_a_z_factor(tmp_path, flyem, prior_model):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v.tif"]
 
 
-def test_uncertainty_is_the_std_over_samples(tmp_path, flyem, prior_model):
+def test_the_uncertainty_file_is_float32_and_says_what_it_holds(tmp_path, flyem, prior_model):
+    """Its values are checked against the individual samples in test_promises."""
     write_image(tmp_path / "in.tif", flyem[0, :48, :48], ImageMeta("YX"))
     code, output = cli("restore", tmp_path / "in.tif", "-o", tmp_path / "mean.tif", "--model", prior_model,
                        "--sigma0", "0.2", "--steps", "6", "--samples", "3", "--uncertainty", tmp_path / "std.tif",
                        "--quiet")
     assert code == 0, output
     std, _ = read_image(tmp_path / "std.tif")
-    assert std.dtype == np.float32 and std.shape == (48, 48) and std.min() >= 0 and std.mean() > 0.5
+    assert std.dtype == np.float32 and std.shape == (48, 48) and std.min() >= 0
     with tifffile.TiffFile(tmp_path / "std.tif") as tif:
         assert "std over 3 samples" in tif.shaped_metadata[0]["df5t"]["quantity"]
 

@@ -1,0 +1,143 @@
+"""Deliberate bugs the test suite must catch: ``python tests/mutations.py`` (``make mutants``).
+
+Each mutation is a plausible wrong implementation, applied by monkeypatching when the test
+session starts (``conftest.py`` reads ``DF5T_MUTATION``); the suite, run with it, must fail.
+The runner runs the promise tests once per mutation and prints which test caught it, or
+that none did (exit status 1 then).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = "DF5T_MUTATION"
+#: The tests that back the README's promises (the rest check kernels, export and engines).
+PROMISE_TESTS = ("tests/test_promises.py", "tests/test_hostile.py", "tests/test_sampler.py", "tests/test_restore.py",
+                 "tests/test_volumes.py", "tests/test_formats.py", "tests/test_tiling.py")
+
+
+def _uncertainty_doubled(mp: pytest.MonkeyPatch) -> None:
+    from df5t_deploy import api, pipeline
+
+    real = api.mean_and_std
+
+    def doubled(unit, intensity):
+        mean, std = real(unit, intensity)
+        return mean, None if std is None else 2 * std
+
+    mp.setattr(api, "mean_and_std", doubled)
+    mp.setattr(pipeline, "mean_and_std", doubled)
+
+
+def _model_sha256_zeroed(mp: pytest.MonkeyPatch) -> None:
+    from df5t_deploy import api
+
+    real = api.Restorer.provenance
+    mp.setattr(api.Restorer, "provenance", lambda self, *a: {**real(self, *a), "model_sha256": "0" * 64})
+
+
+def _isotropic_yz_pass_dropped(mp: pytest.MonkeyPatch) -> None:
+    from df5t_deploy import volume
+
+    real = volume._OrientationPass.run
+
+    def xz_twice(self, planes, orientation, offset):
+        if orientation == volume.ORIENTATION_YZ:  # the YZ slabs restored with the XZ noise instead
+            orientation = volume.ORIENTATION_XZ
+        return real(self, planes, orientation, offset)
+
+    mp.setattr(volume._OrientationPass, "run", xz_twice)
+
+
+def _measurement_ignored(mp: pytest.MonkeyPatch) -> None:
+    from df5t_deploy import sampler
+
+    mp.setattr(sampler.DDRM, "spectral_measurement", lambda self, y: np.zeros_like(self.op.ut(y)))
+
+
+def _seed_high_word_dropped(mp: pytest.MonkeyPatch) -> None:
+    from df5t_deploy import noise
+
+    mp.setattr(noise, "seed_key", lambda seed: (seed & 0xFFFFFFFF, 0))
+
+
+def _noise_per_batch(mp: pytest.MonkeyPatch) -> None:
+    """Noise drawn per call from a generator (the batch layout then changes the result)."""
+    from df5t_deploy import planes
+
+    rng = np.random.default_rng(0)
+    mp.setattr(planes, "group_noise",
+               lambda key, samples, shape, step: rng.standard_normal((len(key.plane_ids) * samples, 3, *shape))
+               .astype(np.float32))
+
+
+def _provenance_not_written_to_mrc(mp: pytest.MonkeyPatch) -> None:
+    from df5t_deploy.formats import mrc
+
+    mp.setattr(mrc, "_provenance", lambda handle: None)
+
+
+def _output_checks_skipped(mp: pytest.MonkeyPatch) -> None:
+    from df5t_deploy import output_safety
+
+    mp.setattr(output_safety, "check_outputs", lambda outputs, reads: None)
+    import df5t_deploy.pipeline as pipeline
+
+    mp.setattr(pipeline, "check_outputs", lambda outputs, reads: None)
+
+
+def _eta_default_changed(mp: pytest.MonkeyPatch) -> None:
+    from df5t_deploy import cli
+
+    option = next(p for p in cli.main.commands["restore"].params if p.name == "eta")
+    mp.setattr(option, "default", 0.5)
+
+
+MUTATIONS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
+    "uncertainty doubled": _uncertainty_doubled,
+    "recorded model sha256 zeroed": _model_sha256_zeroed,
+    "isotropic YZ pass dropped (XZ noise twice)": _isotropic_yz_pass_dropped,
+    "measurement ignored by the sampler": _measurement_ignored,
+    "seed's high word dropped": _seed_high_word_dropped,
+    "noise drawn per network batch": _noise_per_batch,
+    "MRC provenance not read back": _provenance_not_written_to_mrc,
+    "output safety checks skipped": _output_checks_skipped,
+    "CLI eta default changed": _eta_default_changed,
+}
+
+
+def apply(name: str, mp: pytest.MonkeyPatch) -> None:
+    if name not in MUTATIONS:
+        raise SystemExit(f"unknown mutation {name!r}; known: {', '.join(MUTATIONS)}")
+    MUTATIONS[name](mp)
+
+
+def main() -> int:
+    """Run the promise tests (without the slow ones) once per mutation; each must fail."""
+    missed = []
+    for name in MUTATIONS:
+        started = time.monotonic()
+        result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-m", "not slow and not gpu",
+                                 "-p", "no:cacheprovider", *PROMISE_TESTS], cwd=REPO, env={**os.environ, ENV: name},
+                                capture_output=True, text=True)
+        failed = [line.split(" ")[1] for line in result.stdout.splitlines() if line.startswith("FAILED ")]
+        verdict = f"caught by {failed[0]}" if result.returncode != 0 and failed else \
+            ("NOT CAUGHT" if result.returncode == 0 else f"suite errored (exit {result.returncode})")
+        if result.returncode == 0:
+            missed.append(name)
+        print(f"{name:<45} {verdict} ({time.monotonic() - started:.0f} s)", flush=True)
+    print(f"{len(MUTATIONS) - len(missed)} of {len(MUTATIONS)} mutations caught")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
