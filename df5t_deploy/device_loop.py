@@ -74,6 +74,13 @@ class Device(Protocol):
     def transform(self, out: Any, a: Any, left: Any, right: Any) -> None:
         """out[b] = left @ a[b] @ right^T for every b (a separable 2D transform; cuBLAS on a GPU)."""
 
+    def run_network(self, network: Callable[[Any, Any, Any], None], tiles: Any, eps_tiles: Any, t: Any) -> None:
+        """Enqueue ``network`` on device buffers (on a GPU it enqueues on the compute stream
+        itself, so a capture holds it)."""
+
+    def identity(self) -> dict:
+        """What the device is (model, driver, runtime), for the self-check's verdict cache."""
+
 
 #: (tiles in, eps tiles out, timesteps [tiles] float32): fills eps in place, on the device.
 DeviceNetwork = Callable[[Any, Any, Any], None]
@@ -264,7 +271,7 @@ class DeviceSampler:
         d.launch("df5t_fill_timesteps", d.pointer(self.t), d.pointer(self.t_table), d.pointer(self.cursor), U32(n))
         d.launch(f"df5t_gather_tiles_{kind}", d.pointer(self.x), d.pointer(self.tiles), d.pointer(self.tp),
                  d.pointer(self.ty), d.pointer(self.tx), U32(n), U32(h), U32(w), INT(pt), INT(pl), U32(grid.tile))
-        network(self.tiles, self.eps_tiles, self.t)
+        d.run_network(network, self.tiles, self.eps_tiles, self.t)
         first_row, rows = self.row_cover
         first_col, cols = self.col_cover
         d.launch(f"df5t_blend_tiles_{kind}", d.pointer(self.eps_tiles), d.pointer(self.ys), d.pointer(self.xs),

@@ -1,6 +1,8 @@
 // Grid emulation: compile df5t_deploy/cuda/kernels.cu with g++ and call its kernels as plain
-// C functions. Every kernel is a grid-stride loop, so one "thread" with index 0 and stride 1
-// walks the whole range.
+// C functions. Every kernel is a grid-stride loop; a launch (tests/kernel_emulation.py) calls
+// the kernel once per emulated thread of a multi-block grid, in a shuffled order, after
+// df5t_emu_set_thread has set that thread's first index and the grid's stride. So a kernel
+// that depended on launch order, on one block or on one thread per block would fail here.
 #pragma once
 #include <cmath>
 #include <cstring>
@@ -11,8 +13,14 @@ typedef unsigned long long u64;
 typedef unsigned short f16bits;
 #define DF5T_GLOBAL extern "C"
 #define DF5T_DEVICE static inline
-#define DF5T_FIRST_INDEX ((u64)0)
-#define DF5T_STRIDE ((u64)1)
+
+static u64 df5t_emu_first = 0, df5t_emu_stride = 1;
+extern "C" void df5t_emu_set_thread(u64 first, u64 stride) {
+    df5t_emu_first = first;
+    df5t_emu_stride = stride;
+}
+#define DF5T_FIRST_INDEX df5t_emu_first
+#define DF5T_STRIDE df5t_emu_stride
 
 static inline float df5t_half_to_float(f16bits h) {
     _Float16 v;

@@ -51,6 +51,7 @@ class CudaKernels:
         minor = _check(driver.cuDeviceGetAttribute(attribute.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, handle), "cc minor")
         self.sm_count = _check(driver.cuDeviceGetAttribute(attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, handle), "SM count")
         self.arch = f"sm_{major}{minor}"
+        self.driver_version = _check(driver.cuDriverGetVersion(), "cuDriverGetVersion")
         cubin = compile_cubin(self.arch)  # KernelBuildError where NVRTC cannot target this GPU
         self.context = _check(driver.cuDevicePrimaryCtxRetain(handle), "cuDevicePrimaryCtxRetain")
         with self._bound():

@@ -98,6 +98,15 @@ class TorchCudaDevice:
         compute.wait_stream(self.capture_stream)
         return graph.replay
 
+    def run_network(self, network, tiles, eps_tiles, t) -> None:
+        network(tiles, eps_tiles, t)  # PyTorch or TensorRT enqueue on the current stream
+
+    def identity(self) -> dict:
+        torch = self.torch
+        properties = torch.cuda.get_device_properties(self.device)
+        return {"gpu": properties.name, "compute_capability": f"{properties.major}.{properties.minor}",
+                "driver": self.kernels.driver_version, "cuda_runtime": torch.version.cuda, "arch": self.kernels.arch}
+
     def pointer(self, buffer) -> ctypes.c_void_p:
         return ctypes.c_void_p(buffer.data_ptr())
 
