@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ import numpy as np
 
 from . import __version__
 from .backends import Backend, open_backend
+from .device_check import DeviceCheckError, Verdict, trusted_verdict
 from .device_loop import DeviceSampler
 from .device_loop import supports as supports_device_loop
 from .files import sha256_of
@@ -101,6 +103,7 @@ class Restorer:
         threads: int | None = None,
         report: Callable[[str], None] | None = None,
         gpu_memory_gb: float | None = None,
+        strict_gpu: bool = False,
     ):
         self.options = TaskOptions(
             task, scale=scale, blur_sigma=parse_blur_sigma(blur_sigma), mask=mask,
@@ -141,6 +144,8 @@ class Restorer:
         layout((max_region, max_region), 1, tile, max_region)  # validates max_region early
         self._lock = threading.Lock()
         self._device_samplers: dict = {}
+        self.strict_gpu = strict_gpu
+        self._device_verdict: Verdict | None = None
 
     @property
     def schedule(self):
@@ -306,7 +311,7 @@ class Restorer:
         on [0, 1]. On the backend's device when it has a device loop for this operator (the
         walk is queued and the collector waits for it, reporting steps as the device finishes
         them), else with the host loop (run now)."""
-        device = getattr(self.backend, "device_api", None)
+        device = self._trusted_device()
         if device is None or not supports_device_loop(op):
             result = restore_group(y, op, self.schedule, settings, self.denoiser, key, self.samples, tracker)
             return lambda: result
@@ -315,6 +320,24 @@ class Restorer:
         run = sampler.start(y, self.backend.device_network, key)
         on_step = tracker.step_reporter(self.denoiser.tiles_per_call(states, *op.shape), len(sampler.ddrm.timesteps))
         return lambda: run.result(on_step).reshape(len(y), self.samples, *op.shape)
+
+    def _trusted_device(self):
+        """The backend's device for the on-device loop, once it has passed its self-check
+        (device_check): a device that failed runs the host loop, with one warning, or is an
+        error with ``strict_gpu``."""
+        device = getattr(self.backend, "device_api", None)
+        if device is None:
+            return None
+        if self._device_verdict is None:
+            self._device_verdict = trusted_verdict(device)
+            if not self._device_verdict.passed:
+                message = (f"the on-device loop failed its self-check on {device.identity().get('gpu', 'this device')} "
+                           f"({self._device_verdict.summary}); details in {self._device_verdict.details}")
+                if self.strict_gpu:
+                    raise DeviceCheckError(message)
+                warnings.warn(message + ". This GPU runs the host loop (the network stays on it) until the package "
+                              "or the driver changes", stacklevel=4)
+        return device if self._device_verdict.passed else None
 
     def _device_sampler(self, device, op, settings: SamplerSettings, states: int) -> DeviceSampler:
         """Device buffers are allocated once per operator shape and group size, and reused for

@@ -60,10 +60,11 @@ def _refused_errors() -> tuple[type[BaseException], ...]:
 def _failures() -> tuple[type[BaseException], ...]:
     """Exception types of a run that could not finish (exit status 1), told in one line."""
     from .backends import BackendUnavailable
+    from .device_check import DeviceCheckError
     from .planes import RestorationCancelled
     from .tiling import NetworkOutputError
 
-    return (BackendUnavailable, RestorationCancelled, NetworkOutputError, OSError)
+    return (BackendUnavailable, DeviceCheckError, RestorationCancelled, NetworkOutputError, OSError)
 
 
 @contextlib.contextmanager
@@ -162,6 +163,8 @@ _restore_options = _options(
     click.option("--threads", type=int, default=None, help="CPU threads. Default: all cores."),
     click.option("--gpu-memory", type=float, default=None,
                  help="GB of GPU memory this process may take through PyTorch (per GPU)."),
+    click.option("--strict-gpu", is_flag=True,
+                 help="A GPU that fails the device loop's self-check is an error (default: host loop, warned)."),
     click.option("--quiet", is_flag=True, help="No progress bar."),
 )
 
@@ -202,7 +205,7 @@ def _read_mask(mask: str | None):
 @click.option("--break-lock", is_flag=True, help="Take over the output's lock left by a run that is gone.")
 def restore_command(input_path, output, task, sigma0, noise_std, seed, scale, blur_sigma, mask, min_hole,
                     z_factor, series, model, steps, eta, eta_b, overlap, batch, max_region, samples, backend, device, threads,
-                    gpu_memory, quiet, uncertainty, resume, break_lock):
+                    gpu_memory, strict_gpu, quiet, uncertainty, resume, break_lock):
     """Restore an EM image, stack or volume with DDRM and a DF5T model."""
     from .api import Restorer
     from .models import default_model_path
@@ -220,7 +223,7 @@ def restore_command(input_path, output, task, sigma0, noise_std, seed, scale, bl
                 scale=scale, blur_sigma=blur_sigma, mask=_read_mask(mask), min_hole=min_hole, z_factor=z_factor,
                 overlap=overlap, batch=batch, max_region=max_region, samples=samples, backend=backend, device=one,
                 threads=threads, report=None if quiet else lambda message: click.echo(message, err=True),
-                gpu_memory_gb=gpu_memory,
+                gpu_memory_gb=gpu_memory, strict_gpu=strict_gpu,
             )
             for one in parse_devices(device)
         ]
@@ -328,13 +331,16 @@ def degrade_command(input_path, output, task, sigma0, noise_std, seed, scale, bl
 
 @main.command("doctor")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def doctor_command(as_json: bool) -> None:
+@click.option("--selftest", is_flag=True, help="Also run the device loop's self-check on every GPU, afresh.")
+def doctor_command(as_json: bool, selftest: bool) -> None:
     """What this machine can run, and what is missing for the rest."""
     import json
 
-    from .doctor import collect, render
+    from .doctor import collect, render, selftests
 
     facts = collect()
+    if selftest:
+        facts["selftest"] = selftests()
     click.echo(json.dumps(facts, indent=2) if as_json else render(facts))
 
 

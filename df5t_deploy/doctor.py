@@ -130,4 +130,30 @@ def render(facts: dict) -> str:
     lines += [f"  {name:<18} {state}" for name, state in facts["backends"].items()]
     lines.append(f"on-device loop: {facts['device_loop']}")
     lines.append("CUDA kernels (NVRTC): " + ", ".join(f"{arch} {state}" for arch, state in facts["kernels"].items()))
+    if "selftest" in facts:
+        lines.append("device loop self-check: " + ("; ".join(facts["selftest"]) or "no CUDA GPU to check"))
     return "\n".join(lines)
+
+
+def selftests() -> list[str]:
+    """The device loop's self-check, run afresh on every visible GPU: one verdict per GPU."""
+    try:
+        import torch
+    except ImportError:
+        return []
+    if not torch.cuda.is_available():
+        return []
+    from .backends.base import open_device_loop
+    from .device_check import self_check
+
+    verdicts = []
+    for index in range(torch.cuda.device_count()):
+        name = torch.cuda.get_device_name(index)
+        device = open_device_loop(index)
+        if device is None:
+            verdicts.append(f"cuda:{index} {name}: not run (the device loop cannot start; see the warning)")
+            continue
+        verdict = self_check(device)
+        state = "pass" if verdict.passed else "FAIL"
+        verdicts.append(f"cuda:{index} {name}: {state}, {verdict.summary} ({verdict.details})")
+    return verdicts

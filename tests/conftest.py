@@ -27,6 +27,18 @@ def shared_root() -> Path | None:
     return None
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Caches (kernels, engines, device verdicts) of this session only, never the user's."""
+    previous = os.environ.get("DF5T_CACHE")
+    os.environ["DF5T_CACHE"] = str(tmp_path_factory.mktemp("df5t-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("DF5T_CACHE", None)
+    else:
+        os.environ["DF5T_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     root = shared_root()

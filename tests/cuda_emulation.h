@@ -19,7 +19,10 @@ extern "C" void df5t_emu_set_thread(u64 first, u64 stride) {
     df5t_emu_first = first;
     df5t_emu_stride = stride;
 }
-#define DF5T_FIRST_INDEX df5t_emu_first
+#ifndef DF5T_EMU_SKEW  // tests plant an off-by-one with -DDF5T_EMU_SKEW=1
+#define DF5T_EMU_SKEW 0
+#endif
+#define DF5T_FIRST_INDEX (df5t_emu_first + DF5T_EMU_SKEW)
 #define DF5T_STRIDE df5t_emu_stride
 
 static inline float df5t_half_to_float(f16bits h) {

@@ -8,6 +8,7 @@ import pytest
 from kernel_emulation import EmulatedDevice, build_library
 
 from df5t_deploy.artifact import Schedule
+from df5t_deploy.device_check import trusted_verdict
 from df5t_deploy.device_loop import DeviceSampler
 from df5t_deploy.operators import BlockMean, GaussianBlur, Identity, Inpainting
 from df5t_deploy.planes import NoiseKey, ProgressTracker, restore_group
@@ -168,6 +169,8 @@ def test_the_next_group_is_queued_before_the_host_waits_for_this_one(tmp_path):
     from df5t_deploy.api import Restorer
 
     device = LoggingDevice(build_library(tmp_path))
+    assert trusted_verdict(device).passed  # the self-check's own walks, before the log starts
+    device.log.clear()
     model = tile_mean_model(tmp_path / "mean.onnx", TILE)
     stack = np.random.default_rng(1).integers(0, 255, (3, 40, 40), dtype=np.uint8)
     settings = dict(sigma0=0.1, steps=3, batch=2)  # four tiles a plane: one plane a group
