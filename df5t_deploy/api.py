@@ -183,8 +183,9 @@ class Restorer:
         """The result's shape; options that cannot work on this input are refused here."""
         self.options.check_plane(source.shape[-2:])
         if self.options.task == "isotropic":
+            k = self.z_factor_for(source)  # refuses a 2D image first
             z, y, x = source.shape
-            return z * self.z_factor_for(source), y, x
+            return z * k, y, x
         grid = self.options.grid_shape(source.shape[-2:])
         return (*source.shape[:-2], *grid)
 

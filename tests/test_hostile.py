@@ -314,6 +314,11 @@ def test_bad_options_are_refused_before_compute_with_their_range(work, model, ar
     assert snapshot(work) == before
 
 
+def test_isotropic_restoration_of_a_2d_image_is_refused_in_words(work, model):
+    code, output = restore(work, model, "-o", work / "iso.tif", "--task", "isotropic", "--z-factor", "2")
+    assert code == 2 and "restores ZYX volumes" in output and "is a 2D image" in output, output
+
+
 def test_an_absurd_z_factor_is_refused(work, model):
     code, output = restore(work, model, "-o", work / "iso.tif", "--task", "isotropic", "--z-factor", "1000",
                            source="stack.tif")
