@@ -159,9 +159,14 @@ class Restorer:
 
     def restore_full(self, image: np.ndarray, progress: ProgressCallback | None = None) -> Restoration:
         """Like ``restore``, with the intensity map, sigma0, provenance and sample std."""
+        if not isinstance(image, (np.ndarray, list, tuple)):
+            raise TypeError(f"image must be a numpy array (YX or ZYX), got {type(image).__name__}")
         image = np.asarray(image)
-        check_dtype(image)
-        source = ArraySource(image)
+        try:
+            check_dtype(image)
+            source = ArraySource(image)
+        except ValueError as err:
+            raise ValueError(f"image: {err}") from None
         intensity = intensity_map_for_source(source)
         means, stds = {}, {}
 

@@ -521,3 +521,13 @@ def test_an_mrc_header_with_negative_or_huge_sizes_is_refused(work, model, size)
     (work / "in.mrc").write_bytes(bytes(raw))
     code, output = restore(work, model, "-o", work / "out.tif", source="in.mrc")
     assert code == 2 and "not a valid MRC file" in output and output.count("\n") == 1, output
+
+
+@pytest.mark.parametrize("image, error, message", [
+    ("image.tif", TypeError, "image must be a numpy array"), (None, TypeError, "image must be a numpy array"),
+    (np.zeros((2, 2, 16, 16), np.uint8), ValueError, "image: expected a YX image or a ZYX stack"),
+    (np.ones((16, 16), np.int64), ValueError, "image: unsupported pixel type int64"),
+])
+def test_the_python_api_names_a_bad_image(model, image, error, message):
+    with pytest.raises(error, match=message):
+        Restorer(model, sigma0=0.1, steps=2).restore(image)
