@@ -22,8 +22,8 @@ from .intensity import IntensityMap, check_dtype, intensity_map_for
 from .models import default_model_path
 from .operators import Inpainting
 from .parameters import real_number, whole_number
+from .noise import ORIENTATION_XY, NoiseKey
 from .planes import (
-    NoiseKey,
     ProgressCallback,
     ProgressTracker,
     RestorationCancelled,
@@ -292,7 +292,7 @@ class Restorer:
         def start(region):
             shape = (region.height * f, region.width * f)
             op = self.options.operator(shape, None if missing is None else region.measurement(missing))
-            key = NoiseKey(self.seed, 0, plane_ids, region.y * f, region.x * f)
+            key = NoiseKey(self.seed, ORIENTATION_XY, plane_ids, region.y * f, region.x * f)
             return self.start_group(region.measurement(y), op, settings, key, tracker)
 
         if len(regions) == 1:

@@ -31,7 +31,8 @@ from .cuda import kernel_source
 from .device_loop import Device, DeviceSampler
 from .files import atomic_path, cache_root
 from .operators import BlockMean, GaussianBlur, Identity, Inpainting, SpatialOperator
-from .planes import NoiseKey, ProgressTracker, restore_group
+from .noise import ORIENTATION_XZ, NoiseKey
+from .planes import ProgressTracker, restore_group
 from .sampler import SamplerSettings
 from .tiling import BlendedDenoiser, TileGrid
 
@@ -41,7 +42,7 @@ _SHAPE = (24, 20)
 _TILE, _OVERLAP = 16, 4
 _SETTINGS = SamplerSettings(sigma0=0.1, steps=4)
 _SCHEDULE = Schedule(1000)
-_KEY = NoiseKey(2**40 + 3, 1, range(7, 8), y0=5, x0=9)  # a 64-bit seed, an orientation and offsets
+_KEY = NoiseKey(2**40 + 3, ORIENTATION_XZ, range(7, 8), y0=5, x0=9)  # a 64-bit seed, an orientation and offsets
 
 
 class DeviceCheckError(RuntimeError):

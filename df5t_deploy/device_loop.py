@@ -34,7 +34,7 @@ import numpy as np
 
 from .artifact import Schedule
 from .operators import BlockMean, GaussianBlur, Identity, Inpainting, SpatialOperator
-from .planes import NoiseKey
+from .noise import NoiseKey
 from .sampler import DDRM, SamplerSettings, StepPlan
 from .tiling import TileGrid, axis_window, check_network_output
 

@@ -10,6 +10,9 @@ c3 = step | draw << 16 | orientation << 24. The key is the 64-bit seed (low word
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import numpy as np
 
 PHILOX_M0 = np.uint64(0xD2511F53)
@@ -96,3 +99,27 @@ def gaussian_field(
     counter[..., 3] = np.uint32(step | draw << 16 | orientation << 24)
     normals = uniforms_to_normals(philox4x32(counter, seed_key(seed)))
     return np.moveaxis(normals, -1, 0)
+
+
+#: Which planes of a volume a walk restores (the counter's orientation field).
+ORIENTATION_XY, ORIENTATION_XZ, ORIENTATION_YZ = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class NoiseKey:
+    """Where a group's noise comes from in the counter space (DESIGN.md, Noise)."""
+
+    seed: int
+    orientation: int  # ORIENTATION_XY, _XZ or _YZ
+    plane_ids: Sequence[int]
+    y0: int = 0  # global position of the region's first row and column in its plane
+    x0: int = 0
+
+
+def group_noise(key: NoiseKey, samples: int, shape: tuple[int, int], step: int) -> np.ndarray:
+    """Pixel normals [G * samples, 3, H, W] of a group at a noise step (plane-major)."""
+    return np.stack([
+        gaussian_field(key.seed, step=step, draw=sample, orientation=key.orientation, plane=plane,
+                       y0=key.y0, x0=key.x0, height=shape[0], width=shape[1])
+        for plane in key.plane_ids for sample in range(samples)
+    ])

@@ -7,14 +7,14 @@ its own counter-based noise, so grouping never changes a result.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
 
 from .artifact import Schedule
-from .noise import gaussian_field
+from .noise import NoiseKey, group_noise
 from .operators import SpatialOperator
 from .sampler import DDRM, SamplerSettings, StepPlan, Timesteps, run_ddrm, state_to_image
 from .tiling import BlendedDenoiser
@@ -72,17 +72,6 @@ class ProgressTracker:
         self.report()
 
 
-@dataclass(frozen=True)
-class NoiseKey:
-    """Where a group's noise comes from in the counter space (DESIGN.md, Noise)."""
-
-    seed: int
-    orientation: int  # 0: XY planes, 1: XZ planes, 2: YZ planes
-    plane_ids: Sequence[int]
-    y0: int = 0  # global position of the region's first row and column in its plane
-    x0: int = 0
-
-
 def restore_group(
     y: np.ndarray,
     op: SpatialOperator,
@@ -101,15 +90,6 @@ def restore_group(
     on_step = tracker.step_reporter(denoiser.tiles_per_call(groups * samples, height, width), len(ddrm.timesteps))
     state = run_ddrm(ddrm, y_all, denoiser, lambda step: group_noise(key, samples, op.shape, step), on_step)
     return state_to_image(state).reshape(groups, samples, height, width)
-
-
-def group_noise(key: NoiseKey, samples: int, shape: tuple[int, int], step: int) -> np.ndarray:
-    """Pixel normals [G * samples, 3, H, W] of a group at a noise step (plane-major)."""
-    return np.stack([
-        gaussian_field(key.seed, step=step, draw=sample, orientation=key.orientation, plane=plane,
-                       y0=key.y0, x0=key.x0, height=shape[0], width=shape[1])
-        for plane in key.plane_ids for sample in range(samples)
-    ])
 
 
 def tiles_per_plane(

@@ -18,7 +18,8 @@ import numpy as np
 from .formats.base import Source
 from .intensity import IntensityMap
 from .operators import BlockMean
-from .planes import NoiseKey, ProgressTracker, labelled, overlapped, tiles_per_plane
+from .noise import ORIENTATION_XZ, ORIENTATION_YZ, NoiseKey
+from .planes import ProgressTracker, labelled, overlapped, tiles_per_plane
 from .sampler import SamplerSettings
 from .tasks import MAX_Z_FACTOR, MIN_Z_FACTOR, TaskError
 
@@ -27,7 +28,6 @@ if TYPE_CHECKING:
 
 #: Bytes of input held per slab (rows for XZ planes, columns for YZ planes).
 SLAB_BYTES = 64 * 2**20
-ORIENTATION_XZ, ORIENTATION_YZ = 1, 2
 
 
 def z_factor_of(source: Source, given: int | None) -> int:

@@ -15,7 +15,7 @@ from df5t_deploy.artifact import Schedule
 from df5t_deploy.device_loop import covering_tiles, step_table, walk_table
 from df5t_deploy.noise import gaussian_field
 from df5t_deploy.operators import BlockMean, GaussianBlur, Identity, Inpainting
-from df5t_deploy.planes import NoiseKey
+from df5t_deploy.noise import NoiseKey
 from df5t_deploy.sampler import DDRM, SamplerSettings, state_to_image
 from df5t_deploy.tiling import TileGrid, axis_window, blend_tiles, finalize_blend, gather_tiles
 

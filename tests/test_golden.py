@@ -15,7 +15,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import pytest
 import tifffile
 
 HERE = Path(__file__).parent
