@@ -18,7 +18,7 @@ from .device_loop import DeviceSampler
 from .device_loop import supports as supports_device_loop
 from .files import sha256_of
 from .formats.base import Source
-from .intensity import IntensityMap, check_dtype, intensity_map_for
+from .intensity import IntensityMap, check_dtype, check_finite, intensity_map_for_source, mean_and_std
 from .models import default_model_path
 from .operators import Inpainting
 from .parameters import real_number, whole_number
@@ -404,39 +404,3 @@ def _sigma0_rule(sigma0, noise_std) -> str:
     if sigma0 == "auto":
         return RULE
     return "given (--sigma0)" if sigma0 is not None else "from --noise-std"
-
-
-def intensity_map_for_source(source: Source) -> IntensityMap:
-    """One map per image or volume; a volume's percentiles come from sampled planes."""
-    from .intensity import SAMPLE_PLANES
-
-    if source.planes == 1:
-        return intensity_map_for(source.plane(0))
-    chosen = np.unique(np.linspace(0, source.planes - 1, SAMPLE_PLANES).round().astype(int))
-    return intensity_map_for(np.stack([source.plane(int(z)) for z in chosen]))
-
-
-def mean_and_std(unit: np.ndarray, intensity: IntensityMap) -> tuple[np.ndarray, np.ndarray | None]:
-    """Samples [S, H, W] on [0, 1] -> mean in the input dtype, std in input units."""
-    mean = intensity.from_unit(unit.mean(axis=0))
-    std = (unit.std(axis=0) * np.float32(intensity.high - intensity.low)) if len(unit) > 1 else None
-    return mean, std
-
-
-def check_finite(planes: np.ndarray, missing: np.ndarray | None, first_plane: int | None = None) -> None:
-    """Refuse NaN or Inf where pixels are observed; ``first_plane``: the stack index of
-    ``planes[0]``, so the message names the plane."""
-    if planes.dtype.kind != "f":
-        return
-    bad = ~np.isfinite(planes)
-    if missing is not None:
-        bad &= ~missing
-    if bad.any():
-        where = "the image has"
-        if first_plane is not None and planes.ndim == 3:
-            z = first_plane + int(np.flatnonzero(bad.any(axis=(1, 2)))[0])
-            where = f"plane {z} has"
-        raise ValueError(
-            f"{where} {int(bad.sum())} NaN or Inf pixels; clean them, or restore them "
-            "with --task inpaint (NaN pixels count as missing)"
-        )

@@ -8,8 +8,12 @@ same map and clipped to the input's dtype; the map is recorded in the output's m
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .formats.base import Source
 
 SUPPORTED_DTYPES = (np.uint8, np.uint16, np.float32, np.float64)
 PERCENTILES = (0.1, 99.9)
@@ -74,3 +78,37 @@ def intensity_map_for(array: np.ndarray) -> IntensityMap:
             f"the image is nearly constant (0.1 and 99.9 percentiles both {low:g}): nothing to restore"
         )
     return IntensityMap(float(low), float(high), array.dtype.name, "percentiles 0.1/99.9")
+
+
+def intensity_map_for_source(source: Source) -> IntensityMap:
+    """One map per image or volume; a volume's percentiles come from sampled planes."""
+    if source.planes == 1:
+        return intensity_map_for(source.plane(0))
+    chosen = np.unique(np.linspace(0, source.planes - 1, SAMPLE_PLANES).round().astype(int))
+    return intensity_map_for(np.stack([source.plane(int(z)) for z in chosen]))
+
+
+def mean_and_std(unit: np.ndarray, intensity: IntensityMap) -> tuple[np.ndarray, np.ndarray | None]:
+    """Samples [S, H, W] on [0, 1] -> mean in the input dtype, std in input units."""
+    mean = intensity.from_unit(unit.mean(axis=0))
+    std = (unit.std(axis=0) * np.float32(intensity.high - intensity.low)) if len(unit) > 1 else None
+    return mean, std
+
+
+def check_finite(planes: np.ndarray, missing: np.ndarray | None, first_plane: int | None = None) -> None:
+    """Refuse NaN or Inf where pixels are observed; ``first_plane``: the stack index of
+    ``planes[0]``, so the message names the plane."""
+    if planes.dtype.kind != "f":
+        return
+    bad = ~np.isfinite(planes)
+    if missing is not None:
+        bad &= ~missing
+    if bad.any():
+        where = "the image has"
+        if first_plane is not None and planes.ndim == 3:
+            z = first_plane + int(np.flatnonzero(bad.any(axis=(1, 2)))[0])
+            where = f"plane {z} has"
+        raise ValueError(
+            f"{where} {int(bad.sum())} NaN or Inf pixels; clean them, or restore them "
+            "with --task inpaint (NaN pixels count as missing)"
+        )

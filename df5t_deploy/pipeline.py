@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .api import Emit, Restorer, intensity_map_for_source, mean_and_std
+from .api import Emit, Restorer
+from .intensity import intensity_map_for_source, mean_and_std
 from .formats import check_writable, create_sink, open_source
 from .formats.zarr_format import partial_store
 from .output_safety import OutputLock, check_outputs, recorded_provenance

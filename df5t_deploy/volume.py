@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .formats.base import Source
-from .intensity import IntensityMap
+from .intensity import IntensityMap, check_finite
 from .operators import BlockMean
 from .noise import ORIENTATION_XZ, ORIENTATION_YZ, NoiseKey
 from .planes import ProgressTracker, labelled, overlapped, tiles_per_plane
@@ -95,8 +95,6 @@ class _OrientationPass:
 
     def run(self, planes: np.ndarray, orientation: int, offset: int):
         """planes [N, Z, L] (acquired) -> yields (first index, samples [G, S, Z*k, L])."""
-        from .api import check_finite
-
         check_finite(planes, None)
         grid = (planes.shape[1] * self.k, planes.shape[2])
         op = BlockMean(grid, (self.k, 1))

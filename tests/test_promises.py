@@ -17,7 +17,8 @@ from click.testing import CliRunner
 from onnx_models import tile_mean_model
 from test_sampler import N, DenseDDRM, _measure, dense_operator
 
-from df5t_deploy.api import Restorer, intensity_map_for_source
+from df5t_deploy.api import Restorer
+from df5t_deploy.intensity import intensity_map_for_source
 from df5t_deploy.artifact import Schedule
 from df5t_deploy.cli import main
 from df5t_deploy.formats import read_provenance
