@@ -15,6 +15,7 @@ import numpy as np
 
 from ..artifact import ArtifactInfo
 from ..backends.base import BackendUnavailable, open_device_loop
+from ..cuda.status import checked
 from .build import artifact_facts, build_engine, choose_profile
 from .cache import EngineCache
 
@@ -28,13 +29,7 @@ class TensorRTError(RuntimeError):
 
 
 def _ok(result, what: str):
-    """Unpack a cuda-python result tuple, raising on any status but cudaSuccess."""
-    from cuda.bindings import runtime as cudart
-
-    err, *values = result if isinstance(result, tuple) else (result,)
-    if err != cudart.cudaError_t.cudaSuccess:
-        raise TensorRTError(f"{what} failed: {err.name}")
-    return values[0] if len(values) == 1 else values
+    return checked(result, what, TensorRTError)
 
 
 class TensorRTBackend:

@@ -301,3 +301,18 @@ def test_an_nvrtc_library_that_cannot_be_loaded_is_reported_not_raised(monkeypat
         cuda.kernel_status.cache_clear()
     assert set(status) == set(cuda.ARCHITECTURES)
     assert all(state.startswith("NVRTC cannot be loaded") for state in status.values())
+
+
+def test_one_status_check_serves_driver_runtime_and_nvrtc_calls():
+    _require_nvrtc()
+    from cuda.bindings import driver, nvrtc, runtime
+
+    from df5t_deploy.cuda.status import checked
+
+    assert checked((nvrtc.nvrtcResult.NVRTC_SUCCESS, 5), "version", RuntimeError) == 5
+    assert checked((driver.CUresult.CUDA_SUCCESS, 1, 2), "two values", RuntimeError) == (1, 2)
+    assert checked(runtime.cudaError_t.cudaSuccess, "no value", RuntimeError) is None
+    for failure in (driver.CUresult.CUDA_ERROR_INVALID_VALUE, runtime.cudaError_t.cudaErrorMemoryAllocation,
+                    nvrtc.nvrtcResult.NVRTC_ERROR_COMPILATION):
+        with pytest.raises(KeyError, match=f"call failed: {failure.name}"):
+            checked((failure, 0), "call", KeyError)

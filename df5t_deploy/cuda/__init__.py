@@ -14,6 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from ..files import cache_root
+from .status import checked
 
 SOURCE_PATH = Path(__file__).with_name("kernels.cu")
 #: The architectures ``df5t doctor`` and the tests build for without a GPU (a GPU's kernels are
@@ -58,15 +59,16 @@ def _nvrtc():
 
 
 def _check(nvrtc, result, what: str, program=None) -> None:
-    status = result[0] if isinstance(result, tuple) else result
-    if status != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+    try:
+        checked(result, f"NVRTC {what}", KernelBuildError)
+    except KernelBuildError as err:  # with the compiler's log, where there is one
         log = _log(nvrtc, program) if program is not None else ""
-        raise KernelBuildError(f"NVRTC {what} failed: {status.name}\n{log}")
+        raise KernelBuildError(f"{err}\n{log}") from None
 
 
 def _log(nvrtc, program) -> str:
     status, size = nvrtc.nvrtcGetProgramLogSize(program)
-    if status != nvrtc.nvrtcResult.NVRTC_SUCCESS or size <= 1:
+    if int(status) != 0 or size <= 1:
         return ""
     buffer = b" " * size
     nvrtc.nvrtcGetProgramLog(program, buffer)

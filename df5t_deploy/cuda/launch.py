@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 
 from . import KERNELS, KernelBuildError, compile_cubin
+from .status import checked
 
 THREADS_PER_BLOCK = 256
 BLOCKS_PER_SM = 8
@@ -23,12 +24,7 @@ class CudaError(RuntimeError):
 
 
 def _check(result, what: str):
-    from cuda.bindings import driver
-
-    err, *values = result if isinstance(result, tuple) else (result,)
-    if err != driver.CUresult.CUDA_SUCCESS:
-        raise CudaError(f"{what} failed: {err.name}")
-    return values[0] if len(values) == 1 else values
+    return checked(result, what, CudaError)
 
 
 class CudaKernels:
