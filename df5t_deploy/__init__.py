@@ -4,7 +4,7 @@
 imported on first use so that ``import df5t_deploy`` stays light.
 """
 
-__version__ = "0.1.0"
+from .version import __version__
 __all__ = ["Restorer", "__version__"]
 
 

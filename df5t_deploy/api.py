@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from .version import __version__
 from .backends import Backend, open_backend
 from .device_check import DeviceCheckError, Verdict, trusted_verdict
 from .device_loop import DeviceSampler

@@ -15,7 +15,7 @@ import time
 import click
 import numpy as np
 
-from . import __version__
+from .version import __version__
 from .tasks import TASKS
 
 EXIT_REFUSED = 2

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from .version import __version__
 from .artifact import Schedule
 from .cuda import kernel_source
 from .device_loop import Device, DeviceSampler

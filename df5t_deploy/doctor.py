@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 
-from . import __version__
+from .version import __version__
 
 CPU_FLAGS_OF_INTEREST = ("avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "neon", "asimd")
 

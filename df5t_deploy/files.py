@@ -1,5 +1,5 @@
 """File helpers: atomic outputs (a result appears complete under its final name, or not at
-all), same-file checks and checksums."""
+all), checksums and the cache root."""
 
 from __future__ import annotations
 
@@ -42,14 +42,6 @@ def temporary_sibling(final: str | Path) -> Path:
             return tmp
         except FileExistsError:
             continue
-
-
-def same_file(a: str | Path, b: str | Path) -> bool:
-    """Whether two paths name the same file (also through links), for output-over-input checks."""
-    a, b = Path(a), Path(b)
-    if a.exists() and b.exists():
-        return os.path.samefile(a, b)
-    return a.resolve() == b.resolve()
 
 
 def sha256_of(path: str | Path) -> str:

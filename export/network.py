@@ -32,11 +32,6 @@ class NetworkConfig:
     def out_channels(self) -> int:
         return 6 if self.learn_sigma else 3
 
-    @property
-    def ffn_width(self) -> int:
-        """Hidden width m of the feed-forward at the first level (used by the loader's checks)."""
-        return int(self.num_channels * 2.66)
-
     def to_dict(self) -> dict:
         return asdict(self)
 

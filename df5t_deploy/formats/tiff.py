@@ -20,7 +20,6 @@ import tifffile
 from .base import (
     ImageFormatError,
     ImageMeta,
-    Sink,
     Source,
     TempFileSink,
     check_grey,
@@ -232,11 +231,3 @@ class _Aborted(Exception):
 
 def _nbytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
     return int(np.prod(shape)) * np.dtype(dtype).itemsize
-
-
-def open_tiff(path: Path) -> Source:
-    return TiffSource(path)
-
-
-def tiff_sink(path: Path, shape, dtype, meta: ImageMeta, provenance: dict | None) -> Sink:
-    return TiffSink(path, shape, dtype, meta, provenance)
