@@ -255,7 +255,7 @@ class _TileBench:
 
     def ours_tensorrt(self, image: np.ndarray, scratch: Path) -> dict:
         from df5t_deploy.api import Restorer
-        from df5t_deploy.engines.runtime import TensorRTBackend
+        from df5t_deploy.backends.tensorrt_backend import TensorRTBackend
         from df5t_deploy.export.checkpoint import load_checkpoint
         from df5t_deploy.export.onnx_export import export_checkpoint
 
@@ -335,6 +335,9 @@ class _WithoutNetwork:
 
     def device_network(self, tiles, eps_tiles, t) -> None:
         eps_tiles.zero_()
+
+    def close(self) -> None:
+        pass  # the wrapped backend belongs to the benchmark
 
 
 def _machine(torch) -> dict:

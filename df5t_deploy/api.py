@@ -151,6 +151,18 @@ class Restorer:
     def schedule(self):
         return self.backend.info.schedule
 
+    def close(self) -> None:
+        """Release the backend (model, engine, device buffers); ``with Restorer(...)`` does it."""
+        with self._lock:
+            self._device_samplers = {}
+            self.backend.close()
+
+    def __enter__(self) -> Restorer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # ------------------------------------------------------------------ arrays
 
     def restore(self, image: np.ndarray, progress: ProgressCallback | None = None) -> np.ndarray:

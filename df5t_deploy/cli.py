@@ -16,6 +16,7 @@ import click
 import numpy as np
 
 from .version import __version__
+from .backends import BACKENDS
 from .tasks import TASKS
 
 EXIT_REFUSED = 2
@@ -156,7 +157,7 @@ _restore_options = _options(
     click.option("--max-region", type=int, default=4096, show_default=True,
                  help="Largest plane side restored at once; larger planes go by blended super-tiles."),
     click.option("--samples", type=int, default=1, show_default=True, help="Posterior samples averaged."),
-    click.option("--backend", type=click.Choice(["auto", "tensorrt", "onnxruntime", "torch"]), default="auto",
+    click.option("--backend", type=click.Choice(BACKENDS), default="auto",
                  show_default=True, help="auto: TensorRT, onnxruntime-gpu, PyTorch CUDA, then onnxruntime CPU."),
     click.option("--device", default="cpu", show_default=True,
                  help="cpu, cuda[:N], or several GPUs (cuda:0,1) that share the planes of a stack."),

@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 
+from .backends import AUTO_ORDER
 from .version import __version__
 
 CPU_FLAGS_OF_INTEREST = ("avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "neon", "asimd")
@@ -57,12 +58,13 @@ def _backends(providers: list[str], gpus: list[str]) -> dict[str, str]:
         ort_cuda = "no CUDA provider: install onnxruntime-gpu in place of onnxruntime"
     else:
         ort_cuda = "ok" if gpus else f"CUDA provider present but {no_gpu}"
-    return {
+    states = {
         "tensorrt": tensorrt,
         "onnxruntime-cuda": ort_cuda,
         "torch-cuda": _torch_cuda(),
         "onnxruntime-cpu": "ok" if "CPUExecutionProvider" in providers else "onnxruntime is not installed: pip install onnxruntime",
     }
+    return {name: states[name] for name in AUTO_ORDER}  # every backend of the registry, in its order
 
 
 def _torch_cuda() -> str:

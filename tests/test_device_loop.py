@@ -118,6 +118,9 @@ class EmulatedDeviceBackend:
     def device_network(self, tiles, eps_tiles, t):
         eps_tiles[...] = self.inner(tiles, t)
 
+    def close(self):
+        self.inner.close()
+
 
 @pytest.mark.parametrize("task, options, fused", [
     ("denoise", {}, "df5t_ddrm_step_pointwise"),

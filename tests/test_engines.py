@@ -135,7 +135,7 @@ def _tensorrt_and_gpu():
 @pytest.mark.gpu
 def test_tensorrt_engine_matches_onnxruntime(tmp_path):
     _tensorrt_and_gpu()
-    from df5t_deploy.engines.runtime import TensorRTBackend
+    from df5t_deploy.backends.tensorrt_backend import TensorRTBackend
 
     from df5t_deploy.backends.onnxruntime_backend import OnnxRuntimeBackend
 
@@ -154,7 +154,7 @@ def test_a_fake_plan_is_rebuilt_not_trusted(tmp_path):
     """A plan file whose sidecar matches but whose bytes are not an engine fails clearly."""
     trt = _tensorrt_and_gpu()
     from df5t_deploy.engines.build import artifact_facts, engine_key, gpu_identity
-    from df5t_deploy.engines.runtime import TensorRTBackend, TensorRTError
+    from df5t_deploy.backends.tensorrt_backend import TensorRTBackend, TensorRTError
 
     model = tile_mean_model(tmp_path / "m.onnx", 64)
     cache = EngineCache(tmp_path / "cache")
@@ -197,7 +197,7 @@ def aligned_zeros(torch, shape, dtype):
 
 def test_chunk_contexts_bind_once_and_share_the_scratch():
     torch = pytest.importorskip("torch", reason="the [export] extra (PyTorch) is not installed")
-    from df5t_deploy.engines.runtime import ChunkContexts
+    from df5t_deploy.backends.tensorrt_backend import ChunkContexts
 
     # tiles of 3 x 16 x 16 fp16 (1,536 bytes: every chunk's slice aligned to 256 bytes), while
     # the timesteps of chunks 2 and 3 start 16 and 32 bytes into t: those get buffers of their own
@@ -228,7 +228,7 @@ def test_chunk_contexts_bind_once_and_share_the_scratch():
 
 def test_unaligned_outputs_are_copied_back_after_their_chunk_runs():
     torch = pytest.importorskip("torch", reason="the [export] extra (PyTorch) is not installed")
-    from df5t_deploy.engines.runtime import ChunkContexts
+    from df5t_deploy.backends.tensorrt_backend import ChunkContexts
 
     tiles = aligned_zeros(torch, (6, 3, 2, 2), torch.float32)  # 48 bytes a tile: the second chunk starts unaligned
     eps = aligned_zeros(torch, (6, 3, 2, 2), torch.float32)
@@ -243,7 +243,7 @@ def test_unaligned_outputs_are_copied_back_after_their_chunk_runs():
 
 def test_a_rejected_chunk_shape_is_a_clear_error():
     torch = pytest.importorskip("torch", reason="the [export] extra (PyTorch) is not installed")
-    from df5t_deploy.engines.runtime import ChunkContexts, TensorRTError
+    from df5t_deploy.backends.tensorrt_backend import ChunkContexts, TensorRTError
 
     class Refusing(FakeContext):
         def set_input_shape(self, name, shape):
@@ -260,7 +260,7 @@ def test_tensorrt_device_loop_matches_the_host_loop(tmp_path):
     profile's maximum batch, so several chunk contexts) against onnxruntime on the CPU."""
     _tensorrt_and_gpu()
     pytest.importorskip("torch", reason="the device loop's buffers are PyTorch tensors")
-    from df5t_deploy.engines.runtime import TensorRTBackend
+    from df5t_deploy.backends.tensorrt_backend import TensorRTBackend
 
     from df5t_deploy.api import Restorer
 

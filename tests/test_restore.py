@@ -10,7 +10,7 @@ import tifffile
 from click.testing import CliRunner
 from onnx_models import exact_denoiser, gaussian_prior_denoiser, tile_mean_model
 
-import df5t_deploy.planes
+import df5t_deploy.noise
 from df5t_deploy.api import Restorer
 from df5t_deploy.cli import main
 from df5t_deploy.files import atomic_path
@@ -81,7 +81,7 @@ def _zero_noise_reference(monkeypatch, model, task, image, sigma0, steps, mask_f
         return np.zeros((3, height, width), np.float32)
 
     with monkeypatch.context() as m:
-        m.setattr(df5t_deploy.planes, "gaussian_field", no_noise)
+        m.setattr(df5t_deploy.noise, "gaussian_field", no_noise)
         mask = read_image(mask_file)[0] if mask_file else None
         restorer = Restorer(model, task, sigma0=sigma0, steps=steps, overlap=4, mask=mask, **kwargs)
         return restorer.restore(image)

@@ -1,3 +1,4 @@
+# ruff: noqa  (a vulture whitelist: bare names, not code that runs)
 """Names vulture cannot see used: called by click, pytest, onnxruntime or TensorRT, read from
 dataclasses through asdict or getattr, or signatures that protocols fix. Regenerate with
 ``vulture df5t_deploy engines export tests benchmarks --min-confidence 60 --make-whitelist``

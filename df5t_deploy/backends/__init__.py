@@ -8,20 +8,39 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from .base import Backend, BackendUnavailable
 
-BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
-GPU_ORDER = ("tensorrt", "onnxruntime-cuda", "torch-cuda")
-_EXPLICIT = {"tensorrt": ("tensorrt",), "onnxruntime": ("onnxruntime-cuda",), "torch": ("torch-cuda",)}
+
+@dataclass(frozen=True)
+class BackendKind:
+    """One backend of the registry: its name (as reported), the ``--backend`` choice that
+    asks for it, and whether it runs on a GPU."""
+
+    name: str
+    option: str
+    on_gpu: bool
+
+
+#: Every backend, in the order ``auto`` tries them on a GPU (the CPU one last).
+REGISTRY = (
+    BackendKind("tensorrt", "tensorrt", on_gpu=True),
+    BackendKind("onnxruntime-cuda", "onnxruntime", on_gpu=True),
+    BackendKind("torch-cuda", "torch", on_gpu=True),
+    BackendKind("onnxruntime-cpu", "onnxruntime", on_gpu=False),
+)
+#: The ``--backend`` choices.
+BACKENDS = ("auto", *dict.fromkeys(kind.option for kind in REGISTRY))
+AUTO_ORDER = tuple(kind.name for kind in REGISTRY)
 
 
 def _open_one(kind: str, model: Path, device: str, threads: int | None) -> Backend:
     if kind == "tensorrt":
         if model.suffix.lower() != ".onnx":
             raise BackendUnavailable("TensorRT builds engines from ONNX artifacts; export the checkpoint first")
-        from ..engines.runtime import TensorRTBackend
+        from .tensorrt_backend import TensorRTBackend
 
         return TensorRTBackend(model, device=device)
     if kind == "torch-cuda":
@@ -40,12 +59,12 @@ def candidates(name: str, device: str) -> tuple[str, ...]:
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if device == "cpu":
-        if name not in ("auto", "onnxruntime"):
+        if not any(kind.option == name for kind in REGISTRY if not kind.on_gpu) and name != "auto":
             raise ValueError(f"--backend {name} runs on a GPU; pass --device cuda (or use onnxruntime on the CPU)")
         return ("onnxruntime-cpu",)
     if not re.fullmatch(r"cuda(:\d+)?", device):
         raise ValueError(f"unknown device {device!r}: use cpu, cuda or cuda:N (N a GPU index)")
-    return (*GPU_ORDER, "onnxruntime-cpu") if name == "auto" else _EXPLICIT[name]
+    return AUTO_ORDER if name == "auto" else tuple(k.name for k in REGISTRY if k.option == name and k.on_gpu)
 
 
 def open_backend(
@@ -71,4 +90,5 @@ def open_backend(
     raise BackendUnavailable("no backend can run here: " + "; ".join(reasons))
 
 
-__all__ = ["BACKENDS", "Backend", "BackendUnavailable", "candidates", "open_backend"]
+__all__ = ["AUTO_ORDER", "BACKENDS", "REGISTRY", "Backend", "BackendKind", "BackendUnavailable", "candidates",
+           "open_backend"]

@@ -23,6 +23,23 @@ class Backend(Protocol):
         """eps [B,3,T,T] float32 for x [B,3,T,T] float32 and raw timesteps t [B] float32."""
         ...
 
+    def close(self) -> None:
+        """Release the model and its device memory; closing twice is harmless."""
+        ...
+
+
+class ClosingBackend:
+    """Context-manager use for backends: ``with SomeBackend(...) as backend:`` closes it."""
+
+    def close(self) -> None:  # the backends with something to release override it
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 DEVICE_LOOP_NEEDS = "it needs PyTorch with CUDA, cuda-python and NVRTC: pip install 'df5t-deploy[gpu]'"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..artifact import ArtifactInfo, parse_artifact
-from .base import BackendUnavailable
+from .base import BackendUnavailable, ClosingBackend
 
 #: Tiles per call on the CPU provider, chosen by benchmarks/throughput.py on 2 cores
 #: (df5t-512, tile 256): 1.73 s/tile at batch 1, 1.68 s/tile at batch 4, the same speed within
@@ -17,7 +17,7 @@ CPU_BATCH = 1
 CUDA_BATCH = 8
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(ClosingBackend):
     def __init__(self, model: str | Path, device: str = "cpu", threads: int | None = None):
         import onnxruntime as ort
 
@@ -57,7 +57,12 @@ class OnnxRuntimeBackend:
         device_id = int(device.partition(":")[2] or 0)
         return [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
 
+    def close(self) -> None:
+        self.session = None  # onnxruntime frees the model and its arena with the session
+
     def __call__(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
+        if self.session is None:
+            raise RuntimeError(f"{self.path}: this backend was closed")
         x = np.ascontiguousarray(x, dtype=self._x_dtype)
         t = np.ascontiguousarray(t, dtype=np.float32)
         if not self.on_gpu:

@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from ..artifact import ArtifactInfo
-from .base import BackendUnavailable, open_device_loop
+from .base import BackendUnavailable, ClosingBackend, open_device_loop
 
 CUDA_BATCH = 8
 
 
-class TorchBackend:
+class TorchBackend(ClosingBackend):
     name = "torch-cuda"
 
     def __init__(self, checkpoint: str | Path, device: str = "cuda", tile: int | None = None,
@@ -99,6 +99,10 @@ class TorchBackend:
             for start in range(0, len(tiles), batch):
                 chunk = tiles[start : start + batch].contiguous(memory_format=torch.channels_last)
                 eps_tiles[start : start + len(chunk)] = self.network(chunk, t[start : start + len(chunk)]).to(eps_tiles.dtype)
+
+    def close(self) -> None:
+        """Drop the network; its GPU memory returns to PyTorch's caching allocator."""
+        self.network = None
 
     def __call__(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
         torch = self._torch

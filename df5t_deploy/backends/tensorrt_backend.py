@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 
 from ..artifact import ArtifactInfo
-from ..backends.base import BackendUnavailable, open_device_loop
 from ..cuda.status import checked
-from .build import artifact_facts, build_engine, choose_profile
-from .cache import EngineCache
+from ..engines.build import artifact_facts, build_engine, choose_profile
+from ..engines.cache import EngineCache
+from .base import BackendUnavailable, ClosingBackend, open_device_loop
 
 
 #: Chunk bindings kept for reuse: two walks may be in flight, each with its own buffers.
@@ -32,7 +32,7 @@ def _ok(result, what: str):
     return checked(result, what, TensorRTError)
 
 
-class TensorRTBackend:
+class TensorRTBackend(ClosingBackend):
     name = "tensorrt"
 
     def __init__(self, model: str | Path, device: str = "cuda", max_batch: int | None = None,
@@ -129,11 +129,14 @@ class TensorRTBackend:
         return self._scratch_tensor
 
     def close(self) -> None:
+        """Free the bindings' buffers and the stream (once; the engine goes with the object)."""
+        if self.stream is None:
+            return
         for pointer in self._buffers.values():
             _ok(self._cudart.cudaFree(pointer), "cudaFree")
-        self._buffers = {}
+        self._buffers, self._chunk_contexts = {}, {}
         _ok(self._cudart.cudaStreamDestroy(self.stream), "cudaStreamDestroy")
-
+        self.stream = None
 
 
 #: TensorRT requires every bound tensor address to be aligned to 256 bytes.
