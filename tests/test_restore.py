@@ -259,3 +259,24 @@ def test_gpu_memory_cap_needs_a_gpu_device(workdir, models):
     code, output = cli("restore", workdir / "in.tif", "-o", workdir / "o.tif", "--model", models["mean"],
                        "--sigma0", "0.1", "--gpu-memory", "4")
     assert code != 0 and "--gpu-memory applies to --device cuda" in output
+
+
+def test_a_restorer_closes_its_backend_at_the_end_of_a_with_block(models, em_crop):
+    with Restorer(models["mean"], sigma0=0.1, steps=2) as restorer:
+        restorer.restore(em_crop)
+    with pytest.raises(RuntimeError, match="this backend was closed"):
+        restorer.restore(em_crop)
+    restorer.close()  # closing twice is harmless
+
+
+def test_one_registry_feeds_the_cli_choices_and_doctor():
+    import json
+
+    from click.testing import CliRunner
+
+    from df5t_deploy.backends import AUTO_ORDER, BACKENDS, REGISTRY
+
+    option = next(p for p in main.commands["restore"].params if p.name == "backend")
+    assert tuple(option.type.choices) == BACKENDS == ("auto", *dict.fromkeys(k.option for k in REGISTRY))
+    facts = json.loads(CliRunner().invoke(main, ["doctor", "--json"]).output)
+    assert tuple(facts["backends"]) == AUTO_ORDER == tuple(k.name for k in REGISTRY)
