@@ -21,7 +21,8 @@ from .formats.base import Source
 from .intensity import IntensityMap, check_dtype, check_finite, intensity_map_for_source, mean_and_std
 from .models import default_model_path
 from .operators import Inpainting
-from .parameters import real_number, whole_number
+from .parameters import whole_number
+from .settings import RestoreSettings, setting_fields
 from .noise import ORIENTATION_XY, NoiseKey
 from .planes import (
     ProgressCallback,
@@ -32,10 +33,10 @@ from .planes import (
     restore_group,
     tiles_per_plane,
 )
-from .regions import DEFAULT_MAX_REGION, layout
+from .regions import layout
 from .sampler import SamplerSettings
 from .streaming import ArraySource, prefetch
-from .tasks import TaskError, TaskOptions, missing_pixels, parse_blur_sigma
+from .tasks import TaskError, TaskOptions, missing_pixels
 from .tiling import BlendedDenoiser, NetworkOutputError
 
 #: An overlap that makes the network run this many times as often as without is warned about.
@@ -83,48 +84,30 @@ class Restorer:
         model: str | Path | None = None,
         task: str = "denoise",
         *,
-        sigma0: float | str | None = None,
-        noise_std: float | None = None,
-        steps: int = 50,
-        eta: float = 0.85,
-        eta_b: float = 1.0,
-        seed: int = 0,
-        scale: int | None = None,
-        blur_sigma: float | str | tuple[float, float] | None = None,
         mask: np.ndarray | str | None = None,
-        min_hole: int = 200,
-        z_factor: int | None = None,
-        overlap: int | None = None,
-        batch: int | None = None,
-        max_region: int = DEFAULT_MAX_REGION,
-        samples: int = 1,
         backend: str | Backend = "auto",
         device: str = "cpu",
         threads: int | None = None,
         report: Callable[[str], None] | None = None,
         gpu_memory_gb: float | None = None,
         strict_gpu: bool = False,
+        **settings,
     ):
-        self.options = TaskOptions(
-            task, scale=scale, blur_sigma=parse_blur_sigma(blur_sigma), mask=mask,
-            min_hole=min_hole, z_factor=z_factor,
-        )
-        if (sigma0 is None) == (noise_std is None):
-            raise ValueError("give exactly one of sigma0 (on the [-1,1] scale) or noise_std (in input units)")
-        if sigma0 == "auto":
-            SamplerSettings(sigma0=1.0, steps=steps, eta=eta, eta_b=eta_b)  # validate the rest early
-        elif sigma0 is not None:
-            SamplerSettings(sigma0=sigma0, steps=steps, eta=eta, eta_b=eta_b)
-        whole_number("samples", samples, 1)
-        whole_number("seed", seed, 0, 2**64 - 1)
-        whole_number("max_region", max_region, 1)
-        for name, value in (("overlap", overlap), ("batch", batch), ("threads", threads)):
-            if value is not None:
-                whole_number(name, value, 0 if name == "overlap" else 1)
-        if noise_std is not None:
-            real_number("noise_std", noise_std, 0.0)
-        self.sigma0, self.noise_std = sigma0, noise_std
-        self.steps, self.eta, self.eta_b, self.seed, self.samples = steps, eta, eta_b, seed, samples
+        """``settings``: any of ``RestoreSettings`` (sigma0 or noise_std, steps, eta, eta_b,
+        seed, scale, blur_sigma, min_hole, z_factor, overlap, batch, max_region, samples);
+        ``mask``: inpainting's mask array (True or nonzero = missing) or "auto"."""
+        unknown = sorted(set(settings) - {f.name for f in setting_fields()})
+        if unknown:
+            raise TypeError(f"Restorer got unknown settings {unknown}; the settings are those of RestoreSettings: "
+                            f"{', '.join(f.name for f in setting_fields())}")
+        self.settings = RestoreSettings(task=task, **settings)
+        s = self.settings
+        self.options = TaskOptions(task, scale=s.scale, blur_sigma=s.blur_sigma, mask=mask, min_hole=s.min_hole,
+                                   z_factor=s.z_factor)
+        if threads is not None:
+            whole_number("threads", threads, 1)
+        self.sigma0, self.noise_std = s.sigma0, s.noise_std
+        self.steps, self.eta, self.eta_b, self.seed, self.samples = s.steps, s.eta, s.eta_b, s.seed, s.samples
         self.model_path = Path(model) if model is not None else default_model_path()
         if gpu_memory_gb is not None:
             cap_gpu_memory(device, gpu_memory_gb)
@@ -133,15 +116,15 @@ class Restorer:
         self.backend: Backend = backend
         self.model_sha256 = sha256_of(self.model_path)
         tile = self.backend.info.tile
-        self.overlap = tile // 8 if overlap is None else overlap
-        self.batch = batch or self.backend.preferred_batch
+        self.overlap = tile // 8 if s.overlap is None else s.overlap
+        self.batch = s.batch or self.backend.preferred_batch
         self.denoiser = BlendedDenoiser(self.backend, tile, self.overlap, self.batch)
         work = (tile / max(1, tile - self.overlap)) ** 2
         if work > OVERLAP_WARNING_FACTOR and report is not None:
             report(f"warning: overlap {self.overlap} of tile {tile} runs the network about {work:.1f}x as often "
                    f"as without overlap (default overlap: {tile // 8})")
-        self.max_region = max_region
-        layout((max_region, max_region), 1, tile, max_region)  # validates max_region early
+        self.max_region = s.max_region
+        layout((s.max_region, s.max_region), 1, tile, s.max_region)  # validates max_region early
         self._lock = threading.Lock()
         self._device_samplers: dict = {}
         self.strict_gpu = strict_gpu
@@ -371,24 +354,23 @@ class Restorer:
         return sampler
 
     def provenance(self, intensity: IntensityMap, noise: NoiseLevel) -> dict:
+        """What an output records: the settings (RestoreSettings), as resolved for this call
+        (sigma0 and the noise std used, the overlap and batch the tile gave), the model and
+        the intensity map."""
         return {
             "software": f"df5t-deploy {__version__}",
             "model": str(self.model_path),
             "model_sha256": self.model_sha256,
             "model_info": self.backend.info.to_dict(),
             "backend": self.backend.name,
+            **self.settings.to_dict(),
             **self.options.to_dict(),
             "sigma0": noise.sigma0,
             "sigma0_rule": _sigma0_rule(self.sigma0, self.noise_std),
             "noise_std": self.noise_std if self.sigma0 != "auto" else noise.estimated_noise_std,
-            "steps": self.steps,
-            "eta": self.eta,
-            "eta_b": self.eta_b,
-            "seed": self.seed,
-            "samples": self.samples,
             "tile": self.backend.info.tile,
             "overlap": self.overlap,
-            "max_region": self.max_region,
+            "batch": self.batch,
             "intensity_map": intensity.to_dict(),
         }
 

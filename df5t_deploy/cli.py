@@ -17,6 +17,7 @@ import numpy as np
 
 from .version import __version__
 from .backends import BACKENDS
+from .settings import setting_fields
 from .tasks import TASKS
 
 EXIT_REFUSED = 2
@@ -146,17 +147,27 @@ def _options(*options):
     return decorate
 
 
-_restore_options = _options(
+def _setting_options(*names: str):
+    """click options for these RestoreSettings fields (all by default): names, defaults and
+    help come from RestoreSettings, so the CLI states none of them again."""
+    special = {"task": click.Choice(TASKS), "sigma0": _Sigma0()}
+    return _options(*(
+        click.option("--" + f.name.replace("_", "-"), type=special.get(f.name, f.metadata["type"]), default=f.default,
+                     show_default=f.default is not None, help=f.metadata["help"])
+        for f in setting_fields(*names)))
+
+
+#: The settings of the measurement model, which degrade applies and restore inverts.
+MEASUREMENT_SETTINGS = ("task", "sigma0", "noise_std", "seed", "scale", "blur_sigma", "min_hole", "z_factor")
+
+_input_options = _options(
+    click.option("--mask", default=None, help="inpaint: mask image (nonzero = missing) or 'auto'."),
+    click.option("--series", type=click.IntRange(min=0), default=None,
+                 help="Which image of a TIFF file that holds several (0 first)."),
+)
+_run_options = _options(
     click.option("--model", type=click.Path(exists=True, dir_okay=False), default=None,
                  help="ONNX artifact (or .pt checkpoint for --backend torch). Default: the bundled df5t-tiny-em."),
-    click.option("--steps", type=int, default=50, show_default=True, help="Sampler steps."),
-    click.option("--eta", type=float, default=0.85, show_default=True),
-    click.option("--eta-b", type=float, default=1.0, show_default=True),
-    click.option("--overlap", type=int, default=None, help="Tile overlap in pixels. Default: tile/8."),
-    click.option("--batch", type=int, default=None, help="Tiles per network call. Default: per backend."),
-    click.option("--max-region", type=int, default=4096, show_default=True,
-                 help="Largest plane side restored at once; larger planes go by blended super-tiles."),
-    click.option("--samples", type=int, default=1, show_default=True, help="Posterior samples averaged."),
     click.option("--backend", type=click.Choice(BACKENDS), default="auto",
                  show_default=True, help="auto: TensorRT, onnxruntime-gpu, PyTorch CUDA, then onnxruntime CPU."),
     click.option("--device", default="cpu", show_default=True,
@@ -167,22 +178,6 @@ _restore_options = _options(
     click.option("--strict-gpu", is_flag=True,
                  help="A GPU that fails the device loop's self-check is an error (default: host loop, warned)."),
     click.option("--quiet", is_flag=True, help="No progress bar."),
-)
-
-_task_options = _options(
-    click.option("--task", type=click.Choice(TASKS), default="denoise", show_default=True),
-    click.option("--sigma0", type=_Sigma0(), default=None,
-                 help="Noise std of the measurement on the [-1,1] scale (published runs: 0.2), or 'auto'."),
-    click.option("--noise-std", type=float, default=None, help="The same noise std in input units."),
-    click.option("--seed", type=int, default=0, show_default=True),
-    click.option("--scale", type=int, default=None, help="sr: factor R (2..8, default 2)."),
-    click.option("--blur-sigma", default=None, help="deblur: PSF std in pixels, or SY,SX."),
-    click.option("--mask", default=None, help="inpaint: mask image (nonzero = missing) or 'auto'."),
-    click.option("--min-hole", type=int, default=200, show_default=True,
-                 help="inpaint auto: smallest zero/NaN region counted as missing."),
-    click.option("--z-factor", type=int, default=None, help="isotropic: z spacing / xy spacing."),
-    click.option("--series", type=click.IntRange(min=0), default=None,
-                 help="Which image of a TIFF file that holds several (0 first)."),
 )
 
 
@@ -198,15 +193,15 @@ def _read_mask(mask: str | None):
 @main.command("restore")
 @click.argument("input_path", metavar="INPUT", type=click.Path(exists=True))
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output (.tif, .ome.tif, .png, .mrc, .zarr).")
-@_task_options
-@_restore_options
+@_setting_options()
+@_input_options
+@_run_options
 @click.option("--uncertainty", type=click.Path(), default=None,
               help="Also write the per-pixel std over --samples (input units, float32).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted zarr output of the same run.")
 @click.option("--break-lock", is_flag=True, help="Take over the output's lock left by a run that is gone.")
-def restore_command(input_path, output, task, sigma0, noise_std, seed, scale, blur_sigma, mask, min_hole,
-                    z_factor, series, model, steps, eta, eta_b, overlap, batch, max_region, samples, backend, device, threads,
-                    gpu_memory, strict_gpu, quiet, uncertainty, resume, break_lock):
+def restore_command(input_path, output, mask, series, model, backend, device, threads, gpu_memory, strict_gpu, quiet,
+                    uncertainty, resume, break_lock, **settings):
     """Restore an EM image, stack or volume with DDRM and a DF5T model."""
     from .api import Restorer
     from .models import default_model_path
@@ -220,11 +215,9 @@ def restore_command(input_path, output, task, sigma0, noise_std, seed, scale, bl
         check_outputs({"output": output, "--uncertainty": uncertainty}, reads)  # before loading anything
         restorers = [
             Restorer(
-                model, task, sigma0=sigma0, noise_std=noise_std, steps=steps, eta=eta, eta_b=eta_b, seed=seed,
-                scale=scale, blur_sigma=blur_sigma, mask=_read_mask(mask), min_hole=min_hole, z_factor=z_factor,
-                overlap=overlap, batch=batch, max_region=max_region, samples=samples, backend=backend, device=one,
-                threads=threads, report=None if quiet else lambda message: click.echo(message, err=True),
-                gpu_memory_gb=gpu_memory, strict_gpu=strict_gpu,
+                model, mask=_read_mask(mask), backend=backend, device=one, threads=threads,
+                report=None if quiet else lambda message: click.echo(message, err=True), gpu_memory_gb=gpu_memory,
+                strict_gpu=strict_gpu, **settings,
             )
             for one in parse_devices(device)
         ]
@@ -235,7 +228,8 @@ def restore_command(input_path, output, task, sigma0, noise_std, seed, scale, bl
     seconds = time.perf_counter() - started
     megapixels = float(np.prod(result.output_shape)) / 1e6
     click.echo(
-        f"restored {input_path} {result.input_shape} {result.dtype} -> {result.output_shape} ({task}, {steps} steps, "
+        f"restored {input_path} {result.input_shape} {result.dtype} -> {result.output_shape} "
+        f"({restorer.settings.task}, {restorer.settings.steps} steps, "
         f"sigma0={result.sigma0:.4g}, {restorer.backend.name}) in {seconds:.1f} s, {megapixels / seconds:.3f} MPix/s"
     )
     if result.estimated_noise_std is not None:
@@ -288,12 +282,13 @@ class _ProgressBar:
 @main.command("degrade")
 @click.argument("input_path", metavar="INPUT", type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Degraded image to write.")
-@_task_options
+@_setting_options(*MEASUREMENT_SETTINGS)
+@_input_options
 @click.option("--missing-fraction", type=float, default=0.2, show_default=True,
               help="inpaint with --mask blobs: fraction of pixels removed.")
 @click.option("--save-mask", type=click.Path(dir_okay=False), default=None, help="inpaint: also write the mask.")
-def degrade_command(input_path, output, task, sigma0, noise_std, seed, scale, blur_sigma, mask, min_hole,
-                    z_factor, series, missing_fraction, save_mask):
+def degrade_command(input_path, output, task, sigma0, noise_std, seed, scale, blur_sigma, min_hole, z_factor, mask,
+                    series, missing_fraction, save_mask):
     """Make a known-truth pair: apply the task's degradation and grey noise."""
     import warnings
 

@@ -16,8 +16,9 @@ from pathlib import Path
 from .files import sha256_of
 
 #: Provenance keys that do not change a single output pixel (where the model file lies, how
-#: many GPUs shared the work, which backend ran it within rounding): left out of the digest.
-NOT_PIXEL_SETTINGS = frozenset({"software", "model", "backend", "devices", "run_identity", "model_sha256"})
+#: many GPUs shared the work, which backend ran it within rounding, how many tiles went into
+#: one network call): left out of the digest. The model's content is its own field.
+NOT_PIXEL_SETTINGS = frozenset({"software", "model", "backend", "devices", "run_identity", "model_sha256", "batch"})
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import numpy as np
 from .artifact import Schedule
 from .operators import SpatialOperator
 from .parameters import real_number, whole_number
+from .settings import MAX_SIGMA0, PUBLISHED_ETA, PUBLISHED_ETA_B, PUBLISHED_STEPS
 
 #: Orthonormal channel basis: the grey direction first, then two colour differences.
 CHANNEL_BASIS = np.array(
@@ -30,16 +31,12 @@ CHANNEL_BASIS = np.array(
 GREY_GAIN = 1.0 / np.sqrt(3.0)  # channel mean = GREY_GAIN * grey coordinate
 
 
-#: The largest noise std on the [-1,1] scale: five times the whole intensity range.
-MAX_SIGMA0 = 10.0
-
-
 @dataclass(frozen=True)
 class SamplerSettings:
     sigma0: float  # noise std of the grey measurement on the [-1,1] scale
-    steps: int = 50
-    eta: float = 0.85
-    eta_b: float = 1.0
+    steps: int = PUBLISHED_STEPS
+    eta: float = PUBLISHED_ETA
+    eta_b: float = PUBLISHED_ETA_B
 
     def __post_init__(self):
         try:

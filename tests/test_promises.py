@@ -251,3 +251,18 @@ def test_the_whole_64_bit_seed_keys_the_noise(model, crop):
     low = Restorer(model, sigma0=0.1, steps=3, seed=5).restore(crop)
     high = Restorer(model, sigma0=0.1, steps=3, seed=5 + 2**32).restore(crop)
     assert np.abs(low.astype(int) - high.astype(int)).mean() > 0.5
+
+
+def test_settings_are_declared_once_and_reach_the_cli_the_api_and_the_provenance(model, crop, tmp_path):
+    from dataclasses import fields
+
+    from df5t_deploy.settings import RestoreSettings
+
+    options = {p.name: p for p in main.commands["restore"].params}
+    restorer = Restorer(model, sigma0=0.1, steps=2)
+    result = restorer.restore_full(crop)
+    for field in fields(RestoreSettings):
+        assert options[field.name].default == field.default, f"--{field.name} default differs from RestoreSettings"
+        assert field.name in result.provenance, f"{field.name} missing from the provenance"
+    with pytest.raises(TypeError, match="unknown settings \\['step'\\]"):
+        Restorer(model, sigma0=0.1, step=3)

@@ -1,0 +1,87 @@
+"""The settings of a restoration, declared once.
+
+``RestoreSettings`` holds every setting that changes the result, named as the CLI options,
+with its default and its help. The CLI's options (``cli.py``), the ``Restorer``'s keyword
+arguments and the provenance recorded in every output (``to_dict``) are derived from it;
+a setting is added here and nowhere else. Each default is the one of the module that owns
+the concept (the published sampler defaults, ``tasks.DEFAULT_MIN_HOLE``,
+``regions.DEFAULT_MAX_REGION``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from .parameters import real_number, whole_number
+from .regions import DEFAULT_MAX_REGION
+from .tasks import DEFAULT_MIN_HOLE, TASKS, TaskError, parse_blur_sigma
+
+#: The published DF5T run (REFERENCE.md, section 4).
+PUBLISHED_STEPS, PUBLISHED_ETA, PUBLISHED_ETA_B = 50, 0.85, 1.0
+#: The largest noise std on the [-1,1] scale: five times the whole intensity range.
+MAX_SIGMA0 = 10.0
+
+
+def _setting(default, help: str, kind: type):
+    """A field with what the CLI needs to offer it: its help and the type of its value."""
+    return field(default=default, metadata={"help": help, "type": kind})
+
+
+@dataclass(frozen=True)
+class RestoreSettings:
+    """Everything that changes a restoration's pixels, checked when made (a wrong value is a
+    ValueError, a wrong type a TypeError, each naming the setting)."""
+
+    task: str = _setting("denoise", "Restoration task.", str)
+    sigma0: float | str | None = _setting(
+        None, "Noise std of the measurement on the [-1,1] scale (published runs: 0.2), or 'auto'.", float)
+    noise_std: float | None = _setting(None, "The same noise std in input units.", float)
+    seed: int = _setting(0, "Seed of the counter-based noise (0 to 2^64 - 1).", int)
+    steps: int = _setting(PUBLISHED_STEPS, "Sampler steps.", int)
+    eta: float = _setting(PUBLISHED_ETA, "DDRM eta: noise injected into unobserved coordinates (0..1).", float)
+    eta_b: float = _setting(PUBLISHED_ETA_B, "DDRM eta_b: weight of the measurement (0..1).", float)
+    scale: int | None = _setting(None, "sr: factor R (2..8, default 2).", int)
+    blur_sigma: tuple[float, float] | None = _setting(None, "deblur: PSF std in pixels, or SY,SX.", str)
+    min_hole: int = _setting(DEFAULT_MIN_HOLE, "inpaint auto: smallest zero/NaN region counted as missing.", int)
+    z_factor: int | None = _setting(None, "isotropic: z spacing / xy spacing.", int)
+    overlap: int | None = _setting(None, "Tile overlap in pixels. Default: tile/8.", int)
+    batch: int | None = _setting(None, "Tiles per network call. Default: per backend.", int)
+    max_region: int = _setting(DEFAULT_MAX_REGION,
+                               "Largest plane side restored at once; larger planes go by blended super-tiles.", int)
+    samples: int = _setting(1, "Posterior samples averaged.", int)
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise TaskError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
+        if (self.sigma0 is None) == (self.noise_std is None):
+            raise ValueError("give exactly one of sigma0 (on the [-1,1] scale) or noise_std (in input units)")
+        if self.sigma0 != "auto" and self.sigma0 is not None:
+            real_number("sigma0", self.sigma0, 0.0, MAX_SIGMA0)
+        if self.noise_std is not None:
+            real_number("noise_std", self.noise_std, 0.0)
+        whole_number("seed", self.seed, 0, 2**64 - 1)
+        whole_number("steps", self.steps, 1)
+        for name in ("eta", "eta_b"):
+            real_number(name, getattr(self, name), 0.0, 1.0, low_inclusive=True)
+        whole_number("min_hole", self.min_hole, 1)
+        whole_number("max_region", self.max_region, 1)
+        whole_number("samples", self.samples, 1)
+        for name, minimum in (("overlap", 0), ("batch", 1)):
+            if getattr(self, name) is not None:
+                whole_number(name, getattr(self, name), minimum)
+        object.__setattr__(self, "blur_sigma", parse_blur_sigma(self.blur_sigma))
+
+    def to_dict(self) -> dict:
+        """The settings as recorded in provenance (JSON types)."""
+        record = asdict(self)
+        record["blur_sigma"] = None if self.blur_sigma is None else list(self.blur_sigma)
+        return record
+
+
+def setting_fields(*names: str):
+    """The fields of these settings (all, by default), in declaration order."""
+    chosen = [f for f in fields(RestoreSettings) if not names or f.name in names]
+    unknown = set(names) - {f.name for f in chosen}
+    if unknown:
+        raise ValueError(f"not settings: {sorted(unknown)}")
+    return chosen
