@@ -37,7 +37,7 @@ from .regions import layout
 from .sampler import SamplerSettings
 from .streaming import ArraySource, prefetch
 from .tasks import TaskError, TaskOptions, missing_pixels
-from .tiling import BlendedDenoiser, NetworkOutputError
+from .tiling import BlendedDenoiser, NetworkOutputError, WindowedSum
 
 #: An overlap that makes the network run this many times as often as without is warned about.
 OVERLAP_WARNING_FACTOR = 2.0
@@ -294,15 +294,14 @@ class Restorer:
             return start(regions[0])
 
         def blended() -> np.ndarray:
-            acc = np.zeros((len(y), self.samples, y.shape[-2] * f, y.shape[-1] * f), np.float32)
-            weight = np.zeros(acc.shape[-2:], np.float32)
+            blend = WindowedSum((len(y), self.samples, y.shape[-2] * f, y.shape[-1] * f))
             for region, unit in zip(regions, overlapped(start(region) for region in regions), strict=True):
                 window = np.outer(region.wy, region.wx).astype(np.float32)
                 rows = slice(region.y * f, (region.y + region.height) * f)
                 cols = slice(region.x * f, (region.x + region.width) * f)
-                acc[..., rows, cols] += unit * window
-                weight[rows, cols] += window
-            return acc / weight
+                blend.add(rows, cols, unit, window)
+                blend.cover(rows, cols, window)
+            return blend.mean()
 
         return blended
 

@@ -75,6 +75,15 @@ class TileGrid:
         """Blending weights of the tile at (y, x): ramps only where a neighbour overlaps."""
         return np.outer(*self.axis_windows(y, x)).astype(np.float32)
 
+    def tile_slices(self, y: int, x: int) -> tuple[slice, slice]:
+        """The rows and columns of the padded region that the tile at (y, x) covers."""
+        return slice(y, y + self.tile), slice(x, x + self.tile)
+
+    def crop(self, padded: np.ndarray) -> np.ndarray:
+        """[..., H, W] of the region from [..., Hp, Wp] of its padded grid."""
+        (pt, _), (pl, _) = self.padding
+        return padded[..., pt : pt + self.height, pl : pl + self.width]
+
 
 
 def axis_window(start: int, starts: list[int], size: int) -> np.ndarray:
@@ -99,16 +108,37 @@ def gather_tiles(padded: np.ndarray, jobs: list[Job], tile: int) -> np.ndarray:
     return np.stack([padded[p, :, y : y + tile, x : x + tile] for p, y, x in jobs])
 
 
-def blend_tiles(acc: np.ndarray, eps: np.ndarray, wy: np.ndarray, wx: np.ndarray, jobs: list[Job], tile: int) -> None:
-    """acc [P, 3, Hp, Wp] += each tile's eps times its window (wy[j] outer wx[j])."""
-    for (p, y, x), e, a, b in zip(jobs, eps, wy, wx):
-        acc[p, :, y : y + tile, x : x + tile] += e * np.outer(a, b).astype(np.float32)
+class WindowedSum:
+    """Overlapping pieces blended by their windows: the sum of piece x window over the sum of
+    the windows. The one blend: tiles at every sampler step (``BlendedDenoiser``), super-tile
+    regions at the end (the Restorer), and the numpy twin of the blend kernel."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.total = np.zeros(shape, np.float32)  # [..., H, W]
+        self.weight = np.zeros(shape[-2:], np.float32)  # [H, W]
+
+    def cover(self, rows: slice, cols: slice, window: np.ndarray) -> None:
+        """A piece's window over [rows, cols] (once per position, whatever the leading axes)."""
+        self.weight[rows, cols] += window
+
+    def add(self, rows: slice, cols: slice, values: np.ndarray, window: np.ndarray, lead: tuple = ()) -> None:
+        """values [..., rows, cols] weighted by ``window``, into the leading index ``lead``
+        (e.g. one plane's channels: ``lead=(plane,)``)."""
+        self.total[(*lead, ..., rows, cols)] += values * window
+
+    def mean(self) -> np.ndarray:
+        return self.total / self.weight
 
 
-def finalize_blend(acc: np.ndarray, weight: np.ndarray, grid: "TileGrid") -> np.ndarray:
-    """eps [P, 3, H, W]: the weighted mean, cropped from the padded region."""
-    (pt, _), (pl, _) = grid.padding
-    return (acc / weight)[:, :, pt : pt + grid.height, pl : pl + grid.width]
+def blend_tiles(eps: np.ndarray, jobs: list[Job], grid: TileGrid, planes: int) -> np.ndarray:
+    """eps [P, 3, H, W] from tiles' eps [J, 3, T, T] at ``jobs``: their windowed mean over the
+    padded region, cropped. Twin of the df5t_blend_tiles kernels."""
+    blend = WindowedSum((planes, 3, *grid.padded))
+    for y, x in grid.positions:
+        blend.cover(*grid.tile_slices(y, x), grid.window(y, x))
+    for (p, y, x), e in zip(jobs, eps, strict=True):
+        blend.add(*grid.tile_slices(y, x), e, grid.window(y, x), lead=(p,))
+    return grid.crop(blend.mean())
 
 
 class NetworkOutputError(RuntimeError):
@@ -146,17 +176,15 @@ class BlendedDenoiser:
         (pt, pb), (pl, pr) = grid.padding
         padded = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)), mode="reflect") if pt + pb + pl + pr else x
         jobs = [(p, y, xx) for p in range(planes) for (y, xx) in grid.positions]
-        windows = {pos: grid.axis_windows(*pos) for pos in grid.positions}
-        acc = np.zeros((planes, 3, *grid.padded), dtype=np.float32)
-        weight = np.zeros(grid.padded, dtype=np.float32)
-        for (y, xx), (wy, wx) in windows.items():
-            weight[y : y + self.tile, xx : xx + self.tile] += np.outer(wy, wx).astype(np.float32)
-        for start in range(0, len(jobs), self.batch):
+        windows = {position: grid.window(*position) for position in grid.positions}
+        blend = WindowedSum((planes, 3, *grid.padded))
+        for (y, xx), window in windows.items():
+            blend.cover(*grid.tile_slices(y, xx), window)
+        for start in range(0, len(jobs), self.batch):  # as blend_tiles, a chunk of tiles at a time
             chunk = jobs[start : start + self.batch]
             eps = self.network(gather_tiles(padded, chunk, self.tile), np.full(len(chunk), t, dtype=np.float32))
             check_network_output(eps, t)
-            wy = np.stack([windows[y, xx][0] for _, y, xx in chunk])
-            wx = np.stack([windows[y, xx][1] for _, y, xx in chunk])
-            blend_tiles(acc, eps, wy, wx, chunk, self.tile)
+            for (p, y, xx), e in zip(chunk, eps, strict=True):
+                blend.add(*grid.tile_slices(y, xx), e, windows[y, xx], lead=(p,))
             self.tiles_run += len(chunk)
-        return finalize_blend(acc, weight, grid)
+        return grid.crop(blend.mean())

@@ -17,7 +17,7 @@ from df5t_deploy.noise import gaussian_field
 from df5t_deploy.operators import BlockMean, GaussianBlur, Identity, Inpainting
 from df5t_deploy.noise import NoiseKey
 from df5t_deploy.sampler import DDRM, SamplerSettings, state_to_image
-from df5t_deploy.tiling import TileGrid, axis_window, blend_tiles, finalize_blend, gather_tiles
+from df5t_deploy.tiling import TileGrid, axis_window, blend_tiles, gather_tiles
 
 
 def _require_nvrtc():
@@ -227,21 +227,13 @@ def test_gather_and_blend_match_numpy(run, fp16):
     got = tiles.view(np.float16).astype(np.float32) if fp16 else tiles
     np.testing.assert_allclose(got, expected_tiles, rtol=1e-3 if fp16 else 0, atol=1e-3 if fp16 else 0)
 
-    windows = [grid.axis_windows(y, x) for _, y, x in jobs]
-    wy = np.ascontiguousarray([w[0] for w in windows], dtype=np.float32)
-    wx = np.ascontiguousarray([w[1] for w in windows], dtype=np.float32)
-    expected_acc = np.zeros((planes, 3, *grid.padded), np.float32)
-    blend_tiles(expected_acc, got, wy, wx, jobs, tile)
-    weight = np.zeros(grid.padded, np.float32)
-    for (y, x), (a, b) in zip(grid.positions, windows):
-        weight[y : y + tile, x : x + tile] += np.outer(a, b)
     eps = poisoned((planes, 3, height, width))
     covering = [covering_tiles(starts, n, tile) for starts, n in ((grid.ys, grid.padded[0]), (grid.xs, grid.padded[1]))]
     run(f"df5t_blend_tiles_{kind}", tiles, np.array(grid.ys, np.int32), np.array(grid.xs, np.int32),
         *(np.array([axis_window(s, starts, tile) for s in starts], np.float32) for starts in (grid.ys, grid.xs)),
         *covering[0], *covering[1], U32(len(grid.ys)), U32(len(grid.xs)), eps,
         U32(planes), U32(height), U32(width), INT(pt), INT(pl), U32(tile))
-    np.testing.assert_allclose(eps, finalize_blend(expected_acc, weight, grid), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(eps, blend_tiles(got, jobs, grid, planes), rtol=1e-5, atol=1e-6)
 
 
 def test_covering_tiles_lists_every_tile_over_each_position():
