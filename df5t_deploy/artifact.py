@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -150,3 +151,97 @@ def _precision_of(name: str, dtype: str) -> str:
     if precision is None:
         raise ArtifactError(f"{name}: input x is {dtype}; expected float or float16")
     return precision
+
+
+# --------------------------------------------------------------------------- reading a file
+
+#: ONNX TensorProto element types of the artifacts' ``x``, as onnxruntime names them.
+_ELEMENT_TYPES = {1: "tensor(float)", 10: "tensor(float16)"}
+
+
+def read_artifact(path: str | Path) -> tuple[ArtifactInfo, dict[str, str]]:
+    """An artifact's description and metadata, read from its ONNX ModelProto (protobuf wire
+    format: metadata_props, and the graph's input ``x``) without an inference session or the
+    onnx package: reading what a model is must not cost loading it."""
+    path = Path(path)
+    try:
+        metadata, inputs = _model_proto(memoryview(path.read_bytes()))  # weights over 2 GB live outside it
+    except (OSError, ValueError, IndexError) as err:
+        raise ArtifactError(f"{path}: not a readable ONNX model ({err})") from None
+    if set(inputs) != {"x", "t"}:
+        raise ArtifactError(f"{path}: inputs {sorted(inputs)}; a DF5T artifact has x and t")
+    shape, element_type = inputs["x"]
+    info = parse_artifact(str(path), metadata, shape, _ELEMENT_TYPES.get(element_type, f"element type {element_type}"))
+    return info, metadata
+
+
+def _model_proto(buffer: memoryview) -> tuple[dict[str, str], dict[str, tuple[list, int]]]:
+    metadata, inputs = {}, {}
+    for number, value in _fields(buffer):
+        if number == 14:  # ModelProto.metadata_props: StringStringEntryProto {1: key, 2: value}
+            entry = {n: bytes(v).decode() for n, v in _fields(value)}
+            metadata[entry.get(1, "")] = entry.get(2, "")
+        elif number == 7:  # ModelProto.graph
+            for graph_field, graph_value in _fields(value):
+                if graph_field == 11:  # GraphProto.input: ValueInfoProto {1: name, 2: type}
+                    inputs.update([_value_info(graph_value)])
+    return metadata, inputs
+
+
+def _value_info(buffer: memoryview) -> tuple[str, tuple[list, int]]:
+    name, shape, element_type = "", [], 0
+    for number, value in _fields(buffer):
+        if number == 1:
+            name = bytes(value).decode()
+        elif number == 2:  # TypeProto {1: tensor_type {1: elem_type, 2: shape {1: dim}}}
+            for tensor_field, tensor in _fields(value):
+                if tensor_field != 1:
+                    continue
+                for part, part_value in _fields(tensor):
+                    if part == 1:
+                        element_type = part_value
+                    elif part == 2:
+                        shape = [_dimension(dim) for n, dim in _fields(part_value) if n == 1]
+    return name, (shape, element_type)
+
+
+def _dimension(buffer: memoryview) -> int | str:
+    """A TensorShapeProto.Dimension: dim_value (1) or dim_param (2)."""
+    for number, value in _fields(buffer):
+        return value if number == 1 else bytes(value).decode()
+    return "?"
+
+
+def _fields(buffer: memoryview):
+    """(field number, value) of a protobuf message: ints for varints and fixed-width values,
+    memoryviews for length-delimited fields."""
+    position, end = 0, len(buffer)
+    while position < end:
+        key, position = _varint(buffer, position)
+        number, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            value, position = _varint(buffer, position)
+        elif wire_type == 2:
+            length, position = _varint(buffer, position)
+            if position + length > end:
+                raise ValueError("a field runs past the end of the file (truncated?)")
+            value, position = buffer[position : position + length], position + length
+        elif wire_type in (1, 5):
+            size = 8 if wire_type == 1 else 4
+            value, position = int.from_bytes(buffer[position : position + size], "little"), position + size
+        else:
+            raise ValueError(f"protobuf wire type {wire_type} is not ONNX")
+        yield number, value
+
+
+def _varint(buffer: memoryview, position: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        byte = buffer[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, position
+        shift += 7
+        if shift > 63:
+            raise ValueError("a varint longer than 64 bits")

@@ -4,6 +4,7 @@ all), checksums and the cache root."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import secrets
@@ -45,8 +46,16 @@ def temporary_sibling(final: str | Path) -> Path:
 
 
 def sha256_of(path: str | Path) -> str:
+    """The file's sha256, computed once per version of the file (the same path, inode, size
+    and modification time give the remembered digest: a model is hashed once per process)."""
+    stat = os.stat(path)
+    return _sha256((str(Path(path).resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(version: tuple) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(version[0], "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()

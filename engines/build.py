@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..artifact import ArtifactInfo
+from ..artifact import ArtifactInfo, read_artifact
+from ..cuda.status import checked
 from ..files import atomic_path, sha256_of
 from .cache import BatchProfile, EngineCache, EngineKey
 
@@ -37,11 +38,8 @@ class ArtifactFacts:
 
 
 def artifact_facts(path: str | Path) -> ArtifactFacts:
-    from ..backends.onnxruntime_backend import OnnxRuntimeBackend
-
-    backend = OnnxRuntimeBackend(path, device="cpu", threads=1)
-    metadata = dict(backend.session.get_modelmeta().custom_metadata_map)
-    return ArtifactFacts(Path(path), sha256_of(path), backend.info, metadata)
+    info, metadata = read_artifact(path)
+    return ArtifactFacts(Path(path), sha256_of(path), info, metadata)
 
 
 def choose_profile(max_batch: int | None = None, opt_batch: int | None = None) -> BatchProfile:
@@ -64,9 +62,7 @@ def gpu_identity(device: int = 0) -> tuple[str, str]:
     """(name, compute capability "major.minor") of a CUDA device, via cuda-python."""
     from cuda.bindings import runtime as cudart
 
-    err, props = cudart.cudaGetDeviceProperties(device)
-    if err != cudart.cudaError_t.cudaSuccess:
-        raise EngineBuildError(f"cudaGetDeviceProperties({device}) failed: {err.name}")
+    props = checked(cudart.cudaGetDeviceProperties(device), f"cudaGetDeviceProperties({device})", EngineBuildError)
     name = props.name.decode(errors="replace").rstrip("\x00") if isinstance(props.name, bytes) else str(props.name)
     return name, f"{props.major}.{props.minor}"
 

@@ -531,3 +531,20 @@ def test_an_mrc_header_with_negative_or_huge_sizes_is_refused(work, model, size)
 def test_the_python_api_names_a_bad_image(model, image, error, message):
     with pytest.raises(error, match=message):
         Restorer(model, sigma0=0.1, steps=2).restore(image)
+
+
+def test_an_artifact_is_described_without_an_inference_session(model, tmp_path, monkeypatch):
+    from df5t_deploy.artifact import ArtifactError, read_artifact
+    from df5t_deploy.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+    session_info = OnnxRuntimeBackend(model).info
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", None)  # reading must not need one
+    info, metadata = read_artifact(model)
+    assert info == session_info and metadata["df5t.format"] == "1"
+    data = model.read_bytes()
+    for name, content in (("cut.onnx", data[: len(data) // 2]), ("empty.onnx", b""), ("text.onnx", b"not a model")):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ArtifactError, match=f"{name}: not a readable ONNX model|{name}: inputs"):
+            read_artifact(tmp_path / name)

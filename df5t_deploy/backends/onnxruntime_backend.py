@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifact import ArtifactInfo, parse_artifact
+from ..artifact import ArtifactInfo, read_artifact
 from .base import BackendUnavailable, ClosingBackend
 
 #: Tiles per call on the CPU provider, chosen by benchmarks/throughput.py on 2 cores
@@ -32,11 +32,7 @@ class OnnxRuntimeBackend(ClosingBackend):
             self.session = ort.InferenceSession(str(self.path), options, providers=providers)
         except Exception as err:  # onnxruntime raises its own exception types for bad files
             raise ValueError(f"{self.path}: onnxruntime cannot load it: {err}") from None
-        inputs = {i.name: i for i in self.session.get_inputs()}
-        if set(inputs) != {"x", "t"}:
-            raise ValueError(f"{self.path}: inputs {sorted(inputs)}; a DF5T artifact has x and t")
-        metadata = self.session.get_modelmeta().custom_metadata_map
-        self.info: ArtifactInfo = parse_artifact(str(self.path), metadata, list(inputs["x"].shape), inputs["x"].type)
+        self.info: ArtifactInfo = read_artifact(self.path)[0]
         self._x_dtype = np.float16 if self.info.precision == "fp16" else np.float32
         self.on_gpu = providers[0] == "CUDAExecutionProvider"
         self.name = "onnxruntime-cuda" if self.on_gpu else "onnxruntime-cpu"

@@ -117,11 +117,11 @@ def source_checkpoint(artifact: str | Path) -> tuple[Path, ArtifactInfo]:
     """The checkpoint an ONNX artifact was exported from, and the artifact's description: the
     ``.pt`` of the same name beside it, accepted only if its sha256 is the one the export
     recorded (so the bundled model, for one, runs on PyTorch too)."""
+    from ..artifact import read_artifact
     from ..files import sha256_of
-    from .onnxruntime_backend import OnnxRuntimeBackend
 
     artifact = Path(artifact)
-    info = OnnxRuntimeBackend(artifact, device="cpu", threads=1).info
+    info = read_artifact(artifact)[0]
     checkpoint = artifact.with_suffix(".pt")
     if not checkpoint.is_file():
         raise BackendUnavailable(
