@@ -87,7 +87,7 @@ DeviceNetwork = Callable[[Any, Any, Any], None]
 
 
 def supports(op: SpatialOperator) -> bool:
-    return isinstance(op, (Identity, Inpainting, GaussianBlur)) or (isinstance(op, BlockMean) and max(op.block) <= 8)
+    return type(op) in DEVICE_STEPS
 
 
 def dct_matrix(n: int) -> np.ndarray:
@@ -162,17 +162,13 @@ class DeviceSampler:
             for starts, length in ((grid.ys, grid.padded[0]), (grid.xs, grid.padded[1])))
         self.tp, self.ty, self.tx = (device.upload(np.array([j[i] for j in self.jobs], dtype=np.int32)) for i in range(3))
         self.s = device.upload(np.ascontiguousarray(self.ddrm.s, dtype=np.float32))
-        if isinstance(op, GaussianBlur):  # the blur's V: DCTs by matrix products, between kernels
-            self.dct_y, self.dct_x = (device.upload(dct_matrix(n)) for n in op.shape)
-            self.idct_y, self.idct_x = (device.upload(np.ascontiguousarray(dct_matrix(n).T)) for n in op.shape)
-            self.grey = [device.empty((states, h, w), np.float32) for _ in range(4)]
-            self.diffs = device.empty((states, 2, h, w), np.float32)
+        self.operator_step: DeviceStep = DEVICE_STEPS[type(op)](device, op, states)
         self.steps = device.upload(step_table(self.ddrm))
         self.t_table = device.upload(np.array([plan.t for plan in self.ddrm.timesteps], dtype=np.float32))
         self.t = device.empty((len(self.jobs),), np.float32)
         self.cursor = device.upload(np.zeros(1, np.int32))  # read as u32 by the kernels
         self.walk = device.upload(np.zeros(WALK_WORDS, np.int32))  # read as u32: walk_table
-        self._ybar = None  # allocated for the first walk's measurement shape
+        self.ybar = None  # the measurements as the step's kernel reads them; allocated for the first walk
         self._captured: tuple[DeviceNetwork, Callable[[], None]] | None = None  # (network, its replay)
 
     def start(self, y: np.ndarray, network: DeviceNetwork, key: NoiseKey) -> DeviceRun:
@@ -186,14 +182,12 @@ class DeviceSampler:
         """
         d = self.device
         d.bind_thread()
-        # the block kernel reads ybar on the measurement grid (U = I), the others spectrally
-        kernel_ybar = y if isinstance(self.op, BlockMean) else self.ddrm.spectral_measurement(y)
-        kernel_ybar = np.ascontiguousarray(kernel_ybar, dtype=np.float32)
-        if self._ybar is None:
-            self._ybar = d.empty(kernel_ybar.shape, np.float32)
-        elif tuple(self._ybar.shape) != kernel_ybar.shape:
-            raise ValueError(f"measurements {kernel_ybar.shape} for a sampler made for {tuple(self._ybar.shape)}")
-        d.copy(self._ybar, d.upload(kernel_ybar))
+        kernel_ybar = np.ascontiguousarray(self.operator_step.measurement(self.ddrm, y), dtype=np.float32)
+        if self.ybar is None:
+            self.ybar = d.empty(kernel_ybar.shape, np.float32)
+        elif tuple(self.ybar.shape) != kernel_ybar.shape:
+            raise ValueError(f"measurements {kernel_ybar.shape} for a sampler made for {tuple(self.ybar.shape)}")
+        d.copy(self.ybar, d.upload(kernel_ybar))
         d.copy(self.walk, d.upload(walk_table(key)))
         self._initial_state()
         markers = []
@@ -235,32 +229,7 @@ class DeviceSampler:
         h, w = self.op.shape
         common = (U32(self.states), U32(self.samples), U32(h), U32(w))
         where = (d.pointer(self.walk), d.pointer(self.steps), d.pointer(self.cursor))
-        if isinstance(self.op, BlockMean):
-            by, bx = self.op.block
-            d.launch("df5t_ddrm_step_block", d.pointer(self.x), d.pointer(self.eps), d.pointer(self._ybar),
-                     d.pointer(self.x_next), *common, U32(by), U32(bx), *where)
-        elif isinstance(self.op, GaussianBlur):
-            self._blur_step(common, where)
-        else:
-            d.launch("df5t_ddrm_step_pointwise", d.pointer(self.x), d.pointer(self.eps), d.pointer(self._ybar),
-                     d.pointer(self.s), U64(0), d.pointer(self.x_next), *common, *where)  # s shared
-
-    def _blur_step(self, common: tuple, where: tuple) -> None:
-        """split (x0, eps, noise to grey coordinates; colour differences updated), V^T by DCTs,
-        the spectral update, V by inverse DCTs, merge. Twin: DDRM.step with GaussianBlur."""
-        d = self.device
-        g0, ge, gz, spectral = self.grey
-        h, w = self.op.shape
-        d.launch("df5t_ddrm_split", d.pointer(self.x), d.pointer(self.eps), d.pointer(g0), d.pointer(ge),
-                 d.pointer(gz), d.pointer(self.diffs), *common, *where)
-        d.transform(spectral, g0, self.dct_y, self.dct_x)
-        d.transform(g0, ge, self.dct_y, self.dct_x)
-        d.transform(ge, gz, self.dct_y, self.dct_x)  # v0 in spectral, ve in g0, vz in ge
-        d.launch("df5t_ddrm_update", d.pointer(spectral), d.pointer(g0), d.pointer(ge), d.pointer(self._ybar),
-                 d.pointer(self.s), common[0], common[1], U64(h * w), *where[-2:])
-        d.transform(gz, spectral, self.idct_y, self.idct_x)
-        d.launch("df5t_ddrm_merge", d.pointer(gz), d.pointer(self.diffs), d.pointer(self.x_next), common[0],
-                 U64(h * w), *where[-2:])
+        self.operator_step.update(self, common, where)
 
     def _predict_eps(self, network: DeviceNetwork) -> None:
         d, grid = self.device, self.grid
@@ -306,3 +275,85 @@ class DeviceRun:
             if on_step is not None:
                 on_step(plan)
         return self.download.result()
+
+
+class DeviceStep(Protocol):
+    """An operator's DDRM update on the device: its buffers, its measurement's layout, its
+    launches (between the blend of eps and the copy of x_next into x)."""
+
+    def __init__(self, device: Device, op: SpatialOperator, states: int): ...
+
+    def measurement(self, ddrm: DDRM, y: np.ndarray) -> np.ndarray:
+        """The measurements as its kernel reads them."""
+
+    def update(self, sampler: DeviceSampler, common: tuple, where: tuple) -> None:
+        """Queue x_next = the update of x, eps, the measurement and the noise."""
+
+
+class PointwiseStep:
+    """Identity and inpainting: V is the identity or a permutation, so the spectral layout is
+    the pixel grid. Twin: DDRM.step with Identity / Inpainting."""
+
+    def __init__(self, device: Device, op: SpatialOperator, states: int):
+        pass  # x, eps, ybar and s are the sampler's
+
+    def measurement(self, ddrm: DDRM, y: np.ndarray) -> np.ndarray:
+        return ddrm.spectral_measurement(y)
+
+    def update(self, sampler: DeviceSampler, common: tuple, where: tuple) -> None:
+        d = sampler.device
+        d.launch("df5t_ddrm_step_pointwise", d.pointer(sampler.x), d.pointer(sampler.eps), d.pointer(sampler.ybar),
+                 d.pointer(sampler.s), U64(0), d.pointer(sampler.x_next), *common, *where)  # s shared: stride 0
+
+
+class BlockStep:
+    """Block means (sr R x R, along z k x 1): one thread a block. Twin: DDRM.step with BlockMean."""
+
+    def __init__(self, device: Device, op: SpatialOperator, states: int):
+        self.block = op.block
+
+    def measurement(self, ddrm: DDRM, y: np.ndarray) -> np.ndarray:
+        return y  # on the measurement grid: U is the identity
+
+    def update(self, sampler: DeviceSampler, common: tuple, where: tuple) -> None:
+        d = sampler.device
+        by, bx = self.block
+        d.launch("df5t_ddrm_step_block", d.pointer(sampler.x), d.pointer(sampler.eps), d.pointer(sampler.ybar),
+                 d.pointer(sampler.x_next), *common, U32(by), U32(bx), *where)
+
+
+class BlurStep:
+    """The Gaussian blur: V is the 2D DCT, applied as matrix products between kernels: split
+    (x0, eps, noise to grey coordinates; colour differences updated), V^T by DCTs, the
+    spectral update, V by inverse DCTs, merge. Twin: DDRM.step with GaussianBlur."""
+
+    def __init__(self, device: Device, op: SpatialOperator, states: int):
+        h, w = op.shape
+        self.dct_y, self.dct_x = (device.upload(dct_matrix(n)) for n in op.shape)
+        self.idct_y, self.idct_x = (device.upload(np.ascontiguousarray(dct_matrix(n).T)) for n in op.shape)
+        self.grey = [device.empty((states, h, w), np.float32) for _ in range(4)]
+        self.diffs = device.empty((states, 2, h, w), np.float32)
+
+    def measurement(self, ddrm: DDRM, y: np.ndarray) -> np.ndarray:
+        return ddrm.spectral_measurement(y)
+
+    def update(self, sampler: DeviceSampler, common: tuple, where: tuple) -> None:
+        d = sampler.device
+        g0, ge, gz, spectral = self.grey
+        h, w = sampler.op.shape
+        d.launch("df5t_ddrm_split", d.pointer(sampler.x), d.pointer(sampler.eps), d.pointer(g0), d.pointer(ge),
+                 d.pointer(gz), d.pointer(self.diffs), *common, *where)
+        d.transform(spectral, g0, self.dct_y, self.dct_x)
+        d.transform(g0, ge, self.dct_y, self.dct_x)
+        d.transform(ge, gz, self.dct_y, self.dct_x)  # v0 in spectral, ve in g0, vz in ge
+        d.launch("df5t_ddrm_update", d.pointer(spectral), d.pointer(g0), d.pointer(ge), d.pointer(sampler.ybar),
+                 d.pointer(sampler.s), common[0], common[1], U64(h * w), *where[-2:])
+        d.transform(gz, spectral, self.idct_y, self.idct_x)
+        d.launch("df5t_ddrm_merge", d.pointer(gz), d.pointer(self.diffs), d.pointer(sampler.x_next), common[0],
+                 U64(h * w), *where[-2:])
+
+
+#: Each operator's device step; an operator without one runs the host loop.
+DEVICE_STEPS: dict[type, type[DeviceStep]] = {
+    Identity: PointwiseStep, Inpainting: PointwiseStep, BlockMean: BlockStep, GaussianBlur: BlurStep,
+}

@@ -166,10 +166,10 @@ def test_pointwise_step_matches_numpy(run, task, plan_index):
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=2e-5 * np.abs(expected).max())
 
 
-@pytest.mark.parametrize("block", [(2, 2), (4, 4), (8, 8), (3, 3), (4, 1)])
+@pytest.mark.parametrize("block", [(2, 2), (4, 4), (8, 8), (3, 3), (4, 1), (16, 1)])  # any block size
 def test_block_step_matches_numpy(run, block):
     rng = np.random.default_rng(2)
-    shape, groups, samples, seed = (24, 24), 2, 1, 5
+    shape, groups, samples, seed = (48, 24), 2, 1, 5
     op = BlockMean(shape, block)
     ddrm = DDRM(op, Schedule(1000), SamplerSettings(sigma0=0.05, steps=10))
     plan, step = _step_args(ddrm, 5)
