@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -13,26 +12,16 @@ import numpy as np
 
 from .version import __version__
 from .backends import Backend, open_backend
-from .device_check import DeviceCheckError, Verdict, trusted_verdict
-from .device_loop import DeviceSampler
-from .device_loop import supports as supports_device_loop
 from .files import sha256_of
 from .formats.base import Source
 from .intensity import IntensityMap, check_dtype, check_finite, intensity_map_for_source, mean_and_std
 from .models import default_model_path
-from .operators import Inpainting
 from .parameters import whole_number
 from .settings import RestoreSettings, setting_fields
 from .noise import ORIENTATION_XY, NoiseKey
-from .planes import (
-    ProgressCallback,
-    ProgressTracker,
-    RestorationCancelled,
-    labelled,
-    overlapped,
-    restore_group,
-    tiles_per_plane,
-)
+from .progress import ProgressCallback, ProgressTracker, RestorationCancelled
+from .group_walker import GroupWalker
+from .walks import labelled, overlapped, tiles_per_plane
 from .regions import layout
 from .sampler import SamplerSettings
 from .streaming import ArraySource, prefetch
@@ -126,9 +115,7 @@ class Restorer:
         self.max_region = s.max_region
         layout((s.max_region, s.max_region), 1, tile, s.max_region)  # validates max_region early
         self._lock = threading.Lock()
-        self._device_samplers: dict = {}
-        self.strict_gpu = strict_gpu
-        self._device_verdict: Verdict | None = None
+        self.walker = GroupWalker(self.backend, self.denoiser, self.samples, strict_gpu)
 
     @property
     def schedule(self):
@@ -137,7 +124,7 @@ class Restorer:
     def close(self) -> None:
         """Release the backend (model, engine, device buffers); ``with Restorer(...)`` does it."""
         with self._lock:
-            self._device_samplers = {}
+            self.walker.release()
             self.backend.close()
 
     def __enter__(self) -> Restorer:
@@ -288,7 +275,7 @@ class Restorer:
             shape = (region.height * f, region.width * f)
             op = self.options.operator(shape, None if missing is None else region.measurement(missing))
             key = NoiseKey(self.seed, ORIENTATION_XY, plane_ids, region.y * f, region.x * f)
-            return self.start_group(region.measurement(y), op, settings, key, tracker)
+            return self.walker.start(region.measurement(y), op, settings, key, tracker)
 
         if len(regions) == 1:
             return start(regions[0])
@@ -304,53 +291,6 @@ class Restorer:
             return blend.mean()
 
         return blended
-
-    def start_group(self, y: np.ndarray, op, settings: SamplerSettings, key: NoiseKey,
-                    tracker: ProgressTracker) -> Callable[[], np.ndarray]:
-        """Begin restoring measurements y [G, ...]; the collector returns samples [G, S, H, W]
-        on [0, 1]. On the backend's device when it has a device loop for this operator (the
-        walk is queued and the collector waits for it, reporting steps as the device finishes
-        them), else with the host loop (run now)."""
-        device = self._trusted_device()
-        if device is None or not supports_device_loop(op):
-            result = restore_group(y, op, self.schedule, settings, self.denoiser, key, self.samples, tracker)
-            return lambda: result
-        states = len(y) * self.samples
-        sampler = self._device_sampler(device, op, settings, states)
-        run = sampler.start(y, self.backend.device_network, key)
-        on_step = tracker.step_reporter(self.denoiser.tiles_per_call(states, *op.shape), len(sampler.ddrm.timesteps))
-        return lambda: run.result(on_step).reshape(len(y), self.samples, *op.shape)
-
-    def _trusted_device(self):
-        """The backend's device for the on-device loop, once it has passed its self-check
-        (device_check): a device that failed runs the host loop, with one warning, or is an
-        error with ``strict_gpu``."""
-        device = getattr(self.backend, "device_api", None)
-        if device is None:
-            return None
-        if self._device_verdict is None:
-            self._device_verdict = trusted_verdict(device)
-            if not self._device_verdict.passed:
-                message = (f"the on-device loop failed its self-check on {device.identity().get('gpu', 'this device')} "
-                           f"({self._device_verdict.summary}); details in {self._device_verdict.details}")
-                if self.strict_gpu:
-                    raise DeviceCheckError(message)
-                warnings.warn(message + ". This GPU runs the host loop (the network stays on it) until the package "
-                              "or the driver changes", stacklevel=4)
-        return device if self._device_verdict.passed else None
-
-    def _device_sampler(self, device, op, settings: SamplerSettings, states: int) -> DeviceSampler:
-        """Device buffers are allocated once per operator shape and group size, and reused for
-        every plane; an inpainting mask is part of its operator, so those are not reused."""
-        tile_dtype = np.float16 if self.backend.info.precision == "fp16" else np.float32
-        key = (type(op).__name__, op.shape, getattr(op, "block", None), states, settings)
-        sampler = self._device_samplers.get(key)
-        if sampler is None:
-            sampler = DeviceSampler(device, op, self.schedule, settings, self.denoiser.grid(*op.shape), states,
-                                    self.samples, tile_dtype)
-            if not isinstance(op, Inpainting):
-                self._device_samplers = {key: sampler}  # one shape at a time: earlier buffers are freed
-        return sampler
 
     def provenance(self, intensity: IntensityMap, noise: NoiseLevel) -> dict:
         """What an output records: the settings (RestoreSettings), as resolved for this call

@@ -63,7 +63,7 @@ def _failures() -> tuple[type[BaseException], ...]:
     """Exception types of a run that could not finish (exit status 1), told in one line."""
     from .backends import BackendUnavailable
     from .device_check import DeviceCheckError
-    from .planes import RestorationCancelled
+    from .progress import RestorationCancelled
     from .tiling import NetworkOutputError
 
     return (BackendUnavailable, DeviceCheckError, RestorationCancelled, NetworkOutputError, OSError)

@@ -32,7 +32,8 @@ from .device_loop import Device, DeviceSampler
 from .files import atomic_path, cache_root
 from .operators import BlockMean, GaussianBlur, Identity, Inpainting, SpatialOperator
 from .noise import ORIENTATION_XZ, NoiseKey
-from .planes import ProgressTracker, restore_group
+from .progress import ProgressTracker
+from .walks import restore_group
 from .sampler import SamplerSettings
 from .tiling import BlendedDenoiser, TileGrid
 

@@ -22,7 +22,7 @@ from .intensity import intensity_map_for_source, mean_and_std
 from .formats import check_writable, create_sink, open_source
 from .formats.zarr_format import partial_store
 from .output_safety import OutputLock, check_outputs, recorded_provenance
-from .planes import Progress, ProgressCallback
+from .progress import Progress, ProgressCallback
 from .run_identity import RunIdentity
 
 #: Runs of planes in flight per worker, so memory stays bounded when one worker lags.

@@ -19,7 +19,8 @@ from .formats.base import Source
 from .intensity import IntensityMap, check_finite
 from .operators import BlockMean
 from .noise import ORIENTATION_XZ, ORIENTATION_YZ, NoiseKey
-from .planes import ProgressTracker, labelled, overlapped, tiles_per_plane
+from .progress import ProgressTracker
+from .walks import labelled, overlapped, tiles_per_plane
 from .sampler import SamplerSettings
 from .tasks import MAX_Z_FACTOR, MIN_Z_FACTOR, TaskError
 
@@ -105,7 +106,7 @@ class _OrientationPass:
             for start in range(0, len(planes), group):
                 block = planes[start : start + group]
                 key = NoiseKey(r.seed, orientation, range(offset + start, offset + start + len(block)))
-                collect = r.start_group(self.intensity.to_model(block), op, self.settings, key, self.tracker)
+                collect = r.walker.start(self.intensity.to_model(block), op, self.settings, key, self.tracker)
                 yield labelled(offset + start, collect)
 
         for first, unit in overlapped(started()):

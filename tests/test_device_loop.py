@@ -12,7 +12,8 @@ from df5t_deploy.device_check import trusted_verdict
 from df5t_deploy.device_loop import DeviceSampler
 from df5t_deploy.operators import BlockMean, GaussianBlur, Identity, Inpainting
 from df5t_deploy.noise import NoiseKey
-from df5t_deploy.planes import ProgressTracker, restore_group
+from df5t_deploy.progress import ProgressTracker
+from df5t_deploy.walks import restore_group
 from df5t_deploy.sampler import SamplerSettings
 from df5t_deploy.tiling import BlendedDenoiser
 

@@ -145,7 +145,7 @@ def test_every_output_records_its_run_identity(work, model):
 def _interrupted_zarr(work: Path, model: Path, *args) -> Path:
     """Restore the stack into zarr, cancelled after its first plane (a partial is left)."""
     from df5t_deploy.pipeline import restore_file
-    from df5t_deploy.planes import RestorationCancelled
+    from df5t_deploy.progress import RestorationCancelled
 
     restorer = Restorer(model, sigma0=0.1, steps=2, **dict(args))
     with pytest.raises(RestorationCancelled):

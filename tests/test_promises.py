@@ -25,7 +25,8 @@ from df5t_deploy.formats import read_provenance
 from df5t_deploy.noise import philox4x32
 from df5t_deploy.operators import BlockMean, Identity, Inpainting
 from df5t_deploy.noise import NoiseKey
-from df5t_deploy.planes import ProgressTracker, restore_group
+from df5t_deploy.progress import ProgressTracker
+from df5t_deploy.walks import restore_group
 from df5t_deploy.sampler import DDRM, SamplerSettings, run_ddrm
 from df5t_deploy.streaming import ArraySource
 

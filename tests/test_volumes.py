@@ -15,7 +15,7 @@ from onnx_models import gaussian_prior_denoiser, tile_mean_model
 from df5t_deploy.api import Restorer
 from df5t_deploy.cli import main
 from df5t_deploy.formats import ImageMeta, read_image, write_image
-from df5t_deploy.planes import RestorationCancelled
+from df5t_deploy.progress import RestorationCancelled
 
 
 def cli(*args):

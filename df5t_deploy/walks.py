@@ -1,4 +1,6 @@
-"""Restoring groups of planes: DDRM on several planes and samples at once, with progress.
+"""Walking groups of planes through DDRM on the host: several planes and samples at once, and
+the overlap of one group's walk with the preparation of the next (``group_walker`` chooses
+between this host loop and the device loop).
 
 Every plane of a group shares one operator; planes and samples go along the leading axis of
 the sampler state, so their tiles fill the same backend calls. Each (plane, sample) draws
@@ -8,7 +10,6 @@ its own counter-based noise, so grouping never changes a result.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
@@ -16,60 +17,11 @@ import numpy as np
 from .artifact import Schedule
 from .noise import NoiseKey, group_noise
 from .operators import SpatialOperator
-from .sampler import DDRM, SamplerSettings, StepPlan, Timesteps, run_ddrm, state_to_image
+from .progress import ProgressTracker
+from .sampler import DDRM, SamplerSettings, Timesteps, run_ddrm, state_to_image
 from .tiling import BlendedDenoiser
 
 T = TypeVar("T")
-
-
-class RestorationCancelled(RuntimeError):
-    """The progress callback asked to stop; nothing was returned or written."""
-
-
-@dataclass(frozen=True)
-class Progress:
-    tiles_done: int
-    tiles_total: int
-    planes_done: int
-    planes_total: int
-    step: int  # sampler steps finished in the current group of planes
-    steps: int
-    pixels_done: int  # output pixels finished so far
-    pixels_total: int
-
-
-ProgressCallback = Callable[[Progress], "bool | None"]  # return False to cancel
-
-
-class ProgressTracker:
-    """Counts tiles over a whole job and lets the callback cancel it."""
-
-    def __init__(self, callback: ProgressCallback | None, tiles_total: int, planes_total: int, pixels_total: int):
-        self.callback, self.tiles_total, self.planes_total = callback, tiles_total, planes_total
-        self.pixels_total = pixels_total
-        self.tiles_done = self.planes_done = self.pixels_done = 0
-
-    def report(self, step: int = 0, steps: int = 0) -> None:
-        if self.callback is None:
-            return
-        event = Progress(self.tiles_done, self.tiles_total, self.planes_done, self.planes_total, step, steps,
-                         self.pixels_done, self.pixels_total)
-        if self.callback(event) is False:
-            raise RestorationCancelled("restoration cancelled by the progress callback")
-
-    def step_reporter(self, tiles_per_step: int, steps: int) -> Callable[[StepPlan], None]:
-        """The on_step callback of a sampler loop that runs ``tiles_per_step`` tiles a step."""
-
-        def on_step(plan: StepPlan) -> None:
-            self.tiles_done += tiles_per_step
-            self.report(plan.index + 1, steps)
-
-        return on_step
-
-    def planes_finished(self, count: int, pixels: int) -> None:
-        self.planes_done += count
-        self.pixels_done += pixels
-        self.report()
 
 
 def restore_group(
