@@ -14,19 +14,19 @@ from .version import __version__
 from .backends import Backend, open_backend
 from .files import sha256_of
 from .formats.base import Source
-from .intensity import IntensityMap, check_dtype, check_finite, intensity_map_for_source, mean_and_std
+from .intensity import IntensityMap, check_dtype, intensity_map_for_source, mean_and_std
 from .models import default_model_path
 from .parameters import whole_number
 from .settings import RestoreSettings, setting_fields
-from .noise import ORIENTATION_XY, NoiseKey
-from .progress import ProgressCallback, ProgressTracker, RestorationCancelled
+from .progress import ProgressCallback, RestorationCancelled
 from .group_walker import GroupWalker
-from .walks import labelled, overlapped, tiles_per_plane
+from .stack import restore_planes
+from .volume import restore_isotropic, z_factor_of
 from .regions import layout
 from .sampler import SamplerSettings
-from .streaming import ArraySource, prefetch
-from .tasks import TaskError, TaskOptions, missing_pixels
-from .tiling import BlendedDenoiser, NetworkOutputError, WindowedSum
+from .streaming import ArraySource
+from .tasks import TaskOptions
+from .tiling import BlendedDenoiser, NetworkOutputError
 
 #: An overlap that makes the network run this many times as often as without is warned about.
 OVERLAP_WARNING_FACTOR = 2.0
@@ -177,8 +177,6 @@ class Restorer:
         return (*source.shape[:-2], *grid)
 
     def z_factor_for(self, source: Source) -> int:
-        from .volume import z_factor_of
-
         return z_factor_of(source, self.options.z_factor)
 
     def restore_source(
@@ -195,12 +193,10 @@ class Restorer:
         with self._lock, self._naming_the_model():
             settings = settings or self.sampler_settings(self.noise_level(source, intensity))
             if self.options.task == "isotropic":
-                from .volume import restore_isotropic
-
                 restore_isotropic(self, source, intensity, settings, emit, progress)
             else:
-                planes = range(source.planes) if planes is None else planes
-                self._restore_stack(source, intensity, settings, emit, progress, planes)
+                restore_planes(self, source, intensity, settings, emit, progress,
+                               range(source.planes) if planes is None else planes)
         return settings.sigma0
 
     @contextmanager
@@ -230,67 +226,6 @@ class Restorer:
             return 1
         per_plane = self.denoiser.tiles_per_call(self.samples, *grid)
         return max(1, self.batch // per_plane)
-
-    def _regions(self, measurement_shape: tuple[int, int]):
-        return layout(measurement_shape, self.options.factor, self.backend.info.tile, self.max_region)
-
-    def _restore_stack(self, source, intensity, settings, emit, progress, planes: range) -> None:
-        grid = self.options.grid_shape(source.shape[-2:])
-        regions = self._regions(source.shape[-2:])
-        f = self.options.factor
-        cost = sum(tiles_per_plane(self.denoiser, (r.height * f, r.width * f), self.samples, self.steps, self.schedule)
-                   for r in regions)
-        tracker = ProgressTracker(progress, cost * len(planes), len(planes), len(planes) * grid[0] * grid[1])
-        tracker.report()
-        group = self.group_size((regions[0].height * f, regions[0].width * f))
-
-        def started():
-            for first, block in prefetch(source, planes, group):
-                missing = None
-                where = f"plane {first}: " if source.planes > 1 else ""  # a stack's problems name their plane
-                if self.options.task == "inpaint":
-                    try:
-                        missing = missing_pixels(self.options, block[0])
-                    except TaskError as err:
-                        raise TaskError(f"{where}{err}") from None
-                    check_finite(block[:1], missing, first if where else None)
-                    block = np.where(missing, 0, block)
-                else:
-                    check_finite(block, None, first if where else None)
-                y = intensity.to_model(block)
-                collect = self._start_regions(y, missing, regions, range(first, first + len(block)), settings, tracker)
-                yield labelled(first, collect)
-
-        for first, unit in overlapped(started()):
-            for offset, samples in enumerate(unit):
-                emit(first + offset, samples)
-            tracker.planes_finished(len(unit), len(unit) * grid[0] * grid[1])
-
-    def _start_regions(self, y, missing, regions, plane_ids, settings, tracker) -> Callable[[], np.ndarray]:
-        """Begin restoring planes y [G, h, w]; the collector returns samples [G, S, H, W].
-        A plane over max_region is restored one super-tile after another when collected."""
-        f = self.options.factor
-
-        def start(region):
-            shape = (region.height * f, region.width * f)
-            op = self.options.operator(shape, None if missing is None else region.measurement(missing))
-            key = NoiseKey(self.seed, ORIENTATION_XY, plane_ids, region.y * f, region.x * f)
-            return self.walker.start(region.measurement(y), op, settings, key, tracker)
-
-        if len(regions) == 1:
-            return start(regions[0])
-
-        def blended() -> np.ndarray:
-            blend = WindowedSum((len(y), self.samples, y.shape[-2] * f, y.shape[-1] * f))
-            for region, unit in zip(regions, overlapped(start(region) for region in regions), strict=True):
-                window = np.outer(region.wy, region.wx).astype(np.float32)
-                rows = slice(region.y * f, (region.y + region.height) * f)
-                cols = slice(region.x * f, (region.x + region.width) * f)
-                blend.add(rows, cols, unit, window)
-                blend.cover(rows, cols, window)
-            return blend.mean()
-
-        return blended
 
     def provenance(self, intensity: IntensityMap, noise: NoiseLevel) -> dict:
         """What an output records: the settings (RestoreSettings), as resolved for this call
