@@ -11,6 +11,12 @@ import scipy.ndimage
 from .operators import BlockMean, GaussianBlur, Identity, Inpainting, SpatialOperator
 
 TASKS = ("denoise", "deblur", "sr", "inpaint", "isotropic")
+#: Each task's own options, declared once: an option set for another task is refused, and
+#: a task's provenance records its own.
+TASK_OPTIONS = {"denoise": (), "deblur": ("blur_sigma",), "sr": ("scale",), "inpaint": ("mask", "min_hole"),
+                "isotropic": ("z_factor",)}
+#: The options refused outside their task when given (min_hole has a default everywhere).
+_EXCLUSIVE = ("scale", "blur_sigma", "mask", "z_factor")
 SR_FACTORS = range(2, 9)
 DEFAULT_MIN_HOLE = 200
 #: isotropic: z spacing / xy spacing; beyond 64 there is too little data per restored plane.
@@ -35,10 +41,10 @@ class TaskOptions:
     def __post_init__(self):
         if self.task not in TASKS:
             raise TaskError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
-        self._only_for("sr", scale=self.scale)
-        self._only_for("deblur", blur_sigma=self.blur_sigma)
-        self._only_for("inpaint", mask=self.mask)
-        self._only_for("isotropic", z_factor=self.z_factor)
+        for name in _EXCLUSIVE:
+            owner = next(task for task, options in TASK_OPTIONS.items() if name in options)
+            if getattr(self, name) is not None and self.task != owner:
+                raise TaskError(f"--{name.replace('_', '-')} applies only to --task {owner}, not to --task {self.task}")
         if self.task == "sr" and self.factor not in SR_FACTORS:
             raise TaskError(f"--scale must be an integer from 2 to 8, got {self.scale}")
         if self.task == "deblur":
@@ -59,12 +65,6 @@ class TaskOptions:
             raise TaskError(f"--blur-sigma {max(self.blur_sigma):g} is wider than the {shape[0]} x {shape[1]} image "
                             f"allows (at most 1/{MAX_BLUR_FRACTION:g} of its shorter side, "
                             f"{min(shape) / MAX_BLUR_FRACTION:g} px): nearly nothing would be observed")
-
-    def _only_for(self, task: str, **option) -> None:
-        (name, value), = option.items()
-        if value is not None and self.task != task:
-            flag = "--" + name.replace("_", "-")
-            raise TaskError(f"{flag} applies only to --task {task}, not to --task {self.task}")
 
     @property
     def factor(self) -> int:
@@ -89,17 +89,11 @@ class TaskOptions:
         raise TaskError("--task isotropic restores volumes (ZYX); it has no 2D operator")
 
     def to_dict(self) -> dict:
-        out = {"task": self.task}
-        if self.task == "sr":
-            out["scale"] = self.factor
-        if self.task == "deblur":
-            out["blur_sigma"] = list(self.blur_sigma)
-        if self.task == "inpaint":
-            out["mask"] = "auto" if isinstance(self.mask, str) or self.mask is None else "given"
-            out["min_hole"] = self.min_hole
-        if self.task == "isotropic":
-            out["z_factor"] = self.z_factor
-        return out
+        """The task and its own options as resolved (sr's factor, whether a mask was given)."""
+        resolved = {"scale": self.factor, "blur_sigma": list(self.blur_sigma or ()), "min_hole": self.min_hole,
+                    "mask": "auto" if isinstance(self.mask, str) or self.mask is None else "given",
+                    "z_factor": self.z_factor}
+        return {"task": self.task, **{name: resolved[name] for name in TASK_OPTIONS[self.task]}}
 
 
 def parse_blur_sigma(text: str | float | tuple | None) -> tuple[float, float] | None:
