@@ -11,12 +11,14 @@ import contextlib
 import signal
 import sys
 import time
+from pathlib import Path
 
 import click
 import numpy as np
 
 from .version import __version__
 from .backends import BACKENDS
+from .formats import OUTPUT_FORMATS
 from .settings import setting_fields
 from .tasks import TASKS
 
@@ -191,8 +193,10 @@ def _read_mask(mask: str | None):
 
 
 @main.command("restore")
-@click.argument("input_path", metavar="INPUT", type=click.Path(exists=True))
-@click.option("-o", "--output", required=True, type=click.Path(), help="Output (.tif, .ome.tif, .png, .mrc, .zarr).")
+@click.argument("inputs", metavar="INPUT...", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, type=click.Path(),
+              help="Output file (.tif, .ome.tif, .png, .mrc, .zarr), or a folder for several inputs (or one "
+                   "ending with /).")
 @_setting_options()
 @_input_options
 @_run_options
@@ -200,19 +204,35 @@ def _read_mask(mask: str | None):
               help="Also write the per-pixel std over --samples (input units, float32).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted zarr output of the same run.")
 @click.option("--break-lock", is_flag=True, help="Take over the output's lock left by a run that is gone.")
-def restore_command(input_path, output, mask, series, model, backend, device, threads, gpu_memory, strict_gpu, quiet,
-                    uncertainty, resume, break_lock, **settings):
-    """Restore an EM image, stack or volume with DDRM and a DF5T model."""
+@click.option("--format", "output_format", type=click.Choice(OUTPUT_FORMATS), default=None,
+              help="Folder runs: write every output in this format (default: each input's).")
+@click.option("--overwrite", is_flag=True, help="Folder runs: restore files whose outputs are already there.")
+def restore_command(inputs, output, mask, series, model, backend, device, threads, gpu_memory, strict_gpu, quiet,
+                    uncertainty, resume, break_lock, output_format, overwrite, **settings):
+    """Restore EM images, stacks or volumes with DDRM and a DF5T model: one INPUT into the
+    OUTPUT file, or several (files, folders, glob patterns) into the OUTPUT folder."""
     from .api import Restorer
+    from .batch import expand_inputs, is_folder_run, output_paths
     from .models import default_model_path
     from .output_safety import check_outputs
     from .pipeline import restore_file
 
-    reads = {"input": input_path, "--mask": mask if mask not in (None, "auto") else None,
-             "--model": model or default_model_path()}
+    folder_run = is_folder_run(inputs, output)
+    if folder_run and (uncertainty or resume):
+        raise click.UsageError("--uncertainty and --resume apply to one input; a folder run skips finished files")
+    if not folder_run and (output_format or overwrite):
+        raise click.UsageError("--format and --overwrite apply to folder runs (several inputs, or OUTPUT ending with /)")
+    model_reads = {"--mask": mask if mask not in (None, "auto") else None, "--model": model or default_model_path()}
     started = time.perf_counter()
     with _reported():
-        check_outputs({"output": output, "--uncertainty": uncertainty}, reads)  # before loading anything
+        if folder_run:
+            outputs = output_paths(expand_inputs(inputs), Path(output), output_format)
+            for source, out in outputs.items():  # before loading anything
+                check_outputs({"output": out}, {"input": source, **model_reads})
+        elif not Path(inputs[0]).exists():
+            raise FileNotFoundError(f"{inputs[0]}: no such file")
+        else:
+            check_outputs({"output": output, "--uncertainty": uncertainty}, {"input": inputs[0], **model_reads})
         restorers = [
             Restorer(
                 model, mask=_read_mask(mask), backend=backend, device=one, threads=threads,
@@ -221,11 +241,17 @@ def restore_command(input_path, output, mask, series, model, backend, device, th
             )
             for one in parse_devices(device)
         ]
-        restorer = restorers[0]
-        with _ProgressBar(quiet) as bar:
-            result = restore_file(restorers, input_path, output, uncertainty_path=uncertainty, resume=resume,
-                                  progress=bar.update, reads=reads, break_lock=break_lock, series=series)
-    seconds = time.perf_counter() - started
+    if folder_run:
+        _restore_folder(restorers, outputs, quiet, overwrite, reads=model_reads, break_lock=break_lock, series=series)
+        return
+    with _reported(), _ProgressBar(quiet) as bar:
+        result = restore_file(restorers, inputs[0], output, uncertainty_path=uncertainty, resume=resume,
+                              progress=bar.update, reads=model_reads, break_lock=break_lock, series=series)
+    _report_restoration(restorers[0], inputs[0], result, time.perf_counter() - started)
+    click.echo(f"wrote {output}" + (f" and {uncertainty}" if uncertainty else ""))
+
+
+def _report_restoration(restorer, input_path, result, seconds: float) -> None:
     megapixels = float(np.prod(result.output_shape)) / 1e6
     click.echo(
         f"restored {input_path} {result.input_shape} {result.dtype} -> {result.output_shape} "
@@ -235,7 +261,38 @@ def restore_command(input_path, output, mask, series, model, backend, device, th
     if result.estimated_noise_std is not None:
         click.echo(f"sigma0 auto: estimated noise std {result.estimated_noise_std:.4g} (input units) "
                    f"-> sigma0 {result.sigma0:.4g} on the [-1,1] scale")
-    click.echo(f"wrote {output}" + (f" and {uncertainty}" if uncertainty else ""))
+
+
+def _restore_folder(restorers, outputs: dict, quiet: bool, overwrite: bool, **restore_options) -> None:
+    """A folder run: a bar over the files, one over the current file's tiles, a line per file,
+    the summary last; exit status 1 if any file failed."""
+    from tqdm import tqdm
+
+    from .batch import restore_many
+
+    files = tqdm(total=len(outputs), unit="file", desc="files", disable=quiet, position=0, dynamic_ncols=True)
+    current: list[_ProgressBar] = []
+
+    def progress(source):
+        if current:
+            current.pop().__exit__(None, None, None)
+        current.append(_ProgressBar(quiet))
+        return current[-1].update
+
+    def report(line: str) -> None:
+        files.update(1)
+        (files.write if not quiet else click.echo)(line)
+
+    try:
+        summary = restore_many(restorers, outputs, overwrite=overwrite, progress=progress, report=report,
+                               **restore_options)
+    finally:
+        for bar in current:
+            bar.__exit__(None, None, None)
+        files.close()
+    click.echo(summary.line())
+    if summary.failed:
+        raise SystemExit(1)
 
 
 def parse_devices(text: str) -> list[str]:

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .api import Emit, Restorer
-from .intensity import intensity_map_for_source, mean_and_std
+from .api import Emit, NoiseLevel, Restorer
+from .formats.base import Source
+from .intensity import IntensityMap, intensity_map_for_source, mean_and_std
 from .formats import check_writable, create_sink, open_source
 from .formats.zarr_format import partial_store
 from .output_safety import OutputLock, check_outputs, recorded_provenance
@@ -73,14 +74,10 @@ def restore_file(
             if first.samples < 2:
                 raise ValueError("--uncertainty needs --samples 2 or more (it is the std over samples)")
             check_writable(uncertainty_path, np.float32, len(out_shape))
-        intensity = intensity_map_for_source(source)
-        noise = first.noise_level(source, intensity)
+        plan = _plan(first, source, input_path, series)
+        intensity, noise, provenance, identity = plan.intensity, plan.noise, plan.provenance, plan.identity
         settings = first.sampler_settings(noise)
-        provenance = first.provenance(intensity, noise) | {"devices": len(restorers)}
-        if series is not None:
-            provenance["series"] = series
-        identity = RunIdentity.of(input_path, first.model_sha256, provenance)
-        provenance["run_identity"] = identity.to_dict()
+        provenance["devices"] = len(restorers)
         meta = _output_meta(first, source)
         with contextlib.ExitStack() as stack:
             stack.enter_context(OutputLock(output_path, identity.to_dict(), break_lock))
@@ -104,6 +101,33 @@ def restore_file(
             else:
                 _restore_in_parallel(restorers, Path(input_path), series, planes, emit, intensity, settings, progress)
     return FileResult(source.shape, out_shape, source.dtype, noise.sigma0, provenance, noise.estimated_noise_std)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What a run of a restorer on an input will be, decided before any compute."""
+
+    intensity: IntensityMap
+    noise: NoiseLevel
+    provenance: dict
+    identity: RunIdentity
+
+
+def _plan(restorer: Restorer, source: Source, input_path: str | Path, series: int | None) -> _Plan:
+    intensity = intensity_map_for_source(source)
+    noise = restorer.noise_level(source, intensity)
+    provenance = restorer.provenance(intensity, noise) | ({"series": series} if series is not None else {})
+    identity = RunIdentity.of(input_path, restorer.model_sha256, provenance)
+    provenance["run_identity"] = identity.to_dict()
+    return _Plan(intensity, noise, provenance, identity)
+
+
+def run_identity_of(restorer: Restorer, input_path: str | Path, series: int | None = None) -> RunIdentity:
+    """The identity ``restore_file`` would record for this input, without restoring it (an
+    estimate of the noise, for sigma0 auto, is all the work it does)."""
+    with open_source(input_path, series) as source:
+        restorer.output_shape(source)  # refuses what restore_file would refuse
+        return _plan(restorer, source, input_path, series).identity
 
 
 def _check_same_run(output: Path, identity: RunIdentity) -> None:

@@ -20,6 +20,8 @@ _FORMATS = (
     (zarr_format.SUFFIXES, zarr_format.ZarrSource, zarr_format.ZarrSink),
 )
 SUPPORTED = tuple(s for suffixes, _, _ in _FORMATS for s in suffixes)
+#: What an output may be written as (folder runs' --format).
+OUTPUT_FORMATS = ("tif", "ome.tif", "png", "mrc", "zarr")
 
 
 def _format_of(path: Path):
@@ -84,5 +86,5 @@ def write_image(path: str | Path, array: np.ndarray, meta: ImageMeta, provenance
             sink.write_plane(plane)
 
 
-__all__ = ["ImageFormatError", "ImageMeta", "Sink", "Source", "SUPPORTED", "check_writable",
+__all__ = ["ImageFormatError", "ImageMeta", "OUTPUT_FORMATS", "Sink", "Source", "SUPPORTED", "check_writable",
            "create_sink", "open_source", "read_image", "read_provenance", "write_image"]
