@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 
-from .backends import AUTO_ORDER
+from .backends import diagnose
 from .version import __version__
 
 CPU_FLAGS_OF_INTEREST = ("avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "neon", "asimd")
@@ -46,37 +46,6 @@ def _gpus() -> list[str]:
     return [line.strip() for line in out.stdout.splitlines() if line.strip()]
 
 
-def _backends(providers: list[str], gpus: list[str]) -> dict[str, str]:
-    """Each backend of ``--backend auto``'s order: "ok", or what it is missing."""
-    no_gpu = "no NVIDIA GPU seen (nvidia-smi)"
-    missing = [name for name in ("tensorrt", "cuda.bindings") if _version(name) is None]
-    if missing:
-        tensorrt = f"{' and '.join(missing)} not installed: pip install 'df5t-deploy[gpu]' (needs an NVIDIA driver)"
-    else:
-        tensorrt = "ok" if gpus else no_gpu
-    if "CUDAExecutionProvider" not in providers:
-        ort_cuda = "no CUDA provider: install onnxruntime-gpu in place of onnxruntime"
-    else:
-        ort_cuda = "ok" if gpus else f"CUDA provider present but {no_gpu}"
-    states = {
-        "tensorrt": tensorrt,
-        "onnxruntime-cuda": ort_cuda,
-        "torch-cuda": _torch_cuda(),
-        "onnxruntime-cpu": "ok" if "CPUExecutionProvider" in providers else "onnxruntime is not installed: pip install onnxruntime",
-    }
-    return {name: states[name] for name in AUTO_ORDER}  # every backend of the registry, in its order
-
-
-def _torch_cuda() -> str:
-    try:
-        import torch
-    except ImportError:
-        return "PyTorch is not installed: pip install 'df5t-deploy[export]' (a CUDA build)"
-    if not torch.cuda.is_available():
-        return f"PyTorch {torch.__version__} sees no CUDA GPU (a CPU-only build, or no GPU/driver)"
-    return "ok (runs .pt checkpoints, or an artifact with its .pt beside it)"
-
-
 def _device_loop(backends: dict[str, str], kernels: dict[str, str]) -> str:
     """Whether GPU backends can run the on-device loop, or why they fall back to host copies."""
     if _version("cuda.bindings") is None:
@@ -96,7 +65,7 @@ def collect() -> dict:
     except ImportError:
         providers, ort_version = [], None
     gpus = _gpus()
-    backends, kernels = _backends(providers, gpus), _kernels()
+    backends, kernels = diagnose(gpus), _kernels()
     return {
         "df5t_deploy": __version__,
         "python": sys.version.split()[0],

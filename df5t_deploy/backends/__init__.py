@@ -6,6 +6,7 @@ and falls back to onnxruntime on the CPU; each skipped backend is reported with 
 
 from __future__ import annotations
 
+import importlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,41 +18,39 @@ from .base import Backend, BackendUnavailable
 @dataclass(frozen=True)
 class BackendKind:
     """One backend of the registry: its name (as reported), the ``--backend`` choice that
-    asks for it, and whether it runs on a GPU."""
+    asks for it, whether it runs on a GPU, and its module, which provides
+    ``open_kind(name, model, device, threads)`` and ``diagnose(name, gpus)`` ("ok" or what is
+    missing, for ``df5t doctor``). A new backend is its module and one line here."""
 
     name: str
     option: str
     on_gpu: bool
+    module: str
+
+    def implementation(self):
+        return importlib.import_module(f"{__name__}.{self.module}")
 
 
 #: Every backend, in the order ``auto`` tries them on a GPU (the CPU one last).
 REGISTRY = (
-    BackendKind("tensorrt", "tensorrt", on_gpu=True),
-    BackendKind("onnxruntime-cuda", "onnxruntime", on_gpu=True),
-    BackendKind("torch-cuda", "torch", on_gpu=True),
-    BackendKind("onnxruntime-cpu", "onnxruntime", on_gpu=False),
+    BackendKind("tensorrt", "tensorrt", on_gpu=True, module="tensorrt_backend"),
+    BackendKind("onnxruntime-cuda", "onnxruntime", on_gpu=True, module="onnxruntime_backend"),
+    BackendKind("torch-cuda", "torch", on_gpu=True, module="torch_backend"),
+    BackendKind("onnxruntime-cpu", "onnxruntime", on_gpu=False, module="onnxruntime_backend"),
 )
 #: The ``--backend`` choices.
 BACKENDS = ("auto", *dict.fromkeys(kind.option for kind in REGISTRY))
 AUTO_ORDER = tuple(kind.name for kind in REGISTRY)
+_KINDS = {kind.name: kind for kind in REGISTRY}
 
 
 def _open_one(kind: str, model: Path, device: str, threads: int | None) -> Backend:
-    if kind == "tensorrt":
-        if model.suffix.lower() != ".onnx":
-            raise BackendUnavailable("TensorRT builds engines from ONNX artifacts; export the checkpoint first")
-        from .tensorrt_backend import TensorRTBackend
+    return _KINDS[kind].implementation().open_kind(kind, model, device, threads)
 
-        return TensorRTBackend(model, device=device)
-    if kind == "torch-cuda":
-        from .torch_backend import TorchBackend
 
-        return TorchBackend(model, device=device)
-    from .onnxruntime_backend import OnnxRuntimeBackend
-
-    if model.suffix.lower() != ".onnx":
-        raise BackendUnavailable("onnxruntime runs ONNX artifacts; export the checkpoint with `df5t export` first")
-    return OnnxRuntimeBackend(model, device="cpu" if kind == "onnxruntime-cpu" else device, threads=threads)
+def diagnose(gpus: list[str]) -> dict[str, str]:
+    """Each backend, in the auto order: "ok", or what it is missing here (``df5t doctor``)."""
+    return {kind.name: kind.implementation().diagnose(kind.name, gpus) for kind in REGISTRY}
 
 
 def candidates(name: str, device: str) -> tuple[str, ...]:
@@ -91,4 +90,4 @@ def open_backend(
 
 
 __all__ = ["AUTO_ORDER", "BACKENDS", "REGISTRY", "Backend", "BackendKind", "BackendUnavailable", "candidates",
-           "open_backend"]
+           "diagnose", "open_backend"]

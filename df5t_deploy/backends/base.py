@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from typing import Any, Protocol
 
@@ -12,6 +13,19 @@ from ..artifact import ArtifactInfo
 
 class BackendUnavailable(RuntimeError):
     """The requested backend cannot run here; the message says what is missing."""
+
+
+#: What a GPU backend says when nvidia-smi lists no GPU.
+NO_GPU_SEEN = "no NVIDIA GPU seen (nvidia-smi)"
+
+
+def installed(module: str) -> bool:
+    """Whether ``module`` imports here (any failure to import means: not usable)."""
+    try:
+        importlib.import_module(module)
+    except Exception:
+        return False
+    return True
 
 
 class Backend(Protocol):

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..artifact import ArtifactInfo, read_artifact
-from .base import BackendUnavailable, ClosingBackend
+from .base import NO_GPU_SEEN, BackendUnavailable, ClosingBackend
 
 #: Tiles per call on the CPU provider, chosen by benchmarks/throughput.py on 2 cores
 #: (df5t-512, tile 256): 1.73 s/tile at batch 1, 1.68 s/tile at batch 4, the same speed within
@@ -69,3 +69,22 @@ class OnnxRuntimeBackend(ClosingBackend):
         binding.bind_output("eps", "cuda", self._device_id)
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0].astype(np.float32, copy=False)
+
+
+def open_kind(kind: str, model: Path, device: str, threads: int | None) -> OnnxRuntimeBackend:
+    if model.suffix.lower() != ".onnx":
+        raise BackendUnavailable("onnxruntime runs ONNX artifacts; export the checkpoint with `df5t export` first")
+    return OnnxRuntimeBackend(model, device="cpu" if kind == "onnxruntime-cpu" else device, threads=threads)
+
+
+def diagnose(kind: str, gpus: list[str]) -> str:
+    try:
+        import onnxruntime
+    except ImportError:
+        return "onnxruntime is not installed: pip install onnxruntime"
+    providers = onnxruntime.get_available_providers()
+    if kind == "onnxruntime-cpu":
+        return "ok" if "CPUExecutionProvider" in providers else "onnxruntime has no CPU provider"
+    if "CUDAExecutionProvider" not in providers:
+        return "no CUDA provider: install onnxruntime-gpu in place of onnxruntime"
+    return "ok" if gpus else f"CUDA provider present but {NO_GPU_SEEN}"

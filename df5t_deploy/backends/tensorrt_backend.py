@@ -17,7 +17,7 @@ from ..artifact import ArtifactInfo
 from ..cuda.status import checked
 from ..engines.build import artifact_facts, build_engine, choose_profile
 from ..engines.cache import EngineCache
-from .base import BackendUnavailable, ClosingBackend, open_device_loop
+from .base import NO_GPU_SEEN, BackendUnavailable, ClosingBackend, installed, open_device_loop
 
 
 #: Chunk bindings kept for reuse: two walks may be in flight, each with its own buffers.
@@ -196,3 +196,16 @@ def _aligned(view, copies: list, outgoing: bool):
     own = torch.empty_like(view, memory_format=torch.contiguous_format)
     copies.append((view, own) if outgoing else (own, view))
     return own
+
+
+def open_kind(kind: str, model: Path, device: str, threads: int | None) -> TensorRTBackend:
+    if model.suffix.lower() != ".onnx":
+        raise BackendUnavailable("TensorRT builds engines from ONNX artifacts; export the checkpoint first")
+    return TensorRTBackend(model, device=device)
+
+
+def diagnose(kind: str, gpus: list[str]) -> str:
+    missing = [name for name in ("tensorrt", "cuda.bindings") if not installed(name)]
+    if missing:
+        return f"{' and '.join(missing)} not installed: pip install 'df5t-deploy[gpu]' (needs an NVIDIA driver)"
+    return "ok" if gpus else NO_GPU_SEEN

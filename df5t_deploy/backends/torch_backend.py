@@ -131,3 +131,17 @@ def source_checkpoint(artifact: str | Path) -> tuple[Path, ArtifactInfo]:
     if not info.source_sha256 or sha256_of(checkpoint) != info.source_sha256:
         raise BackendUnavailable(f"{checkpoint} is not the checkpoint {artifact.name} was exported from (sha256 differs)")
     return checkpoint, info
+
+
+def open_kind(kind: str, model: Path, device: str, threads: int | None) -> TorchBackend:
+    return TorchBackend(model, device=device)
+
+
+def diagnose(kind: str, gpus: list[str]) -> str:
+    try:
+        import torch
+    except ImportError:
+        return "PyTorch is not installed: pip install 'df5t-deploy[export]' (a CUDA build)"
+    if not torch.cuda.is_available():
+        return f"PyTorch {torch.__version__} sees no CUDA GPU (a CPU-only build, or no GPU/driver)"
+    return "ok (runs .pt checkpoints, or an artifact with its .pt beside it)"
