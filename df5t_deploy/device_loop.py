@@ -338,18 +338,24 @@ class BlurStep:
         return ddrm.spectral_measurement(y)
 
     def update(self, sampler: DeviceSampler, common: tuple, where: tuple) -> None:
+        """Four [states, H, W] buffers serve six roles in turn (a region can hold 2 GB of
+        them): each is renamed for its new role once its old content is spent."""
         d = sampler.device
-        g0, ge, gz, spectral = self.grey
+        x0_pixels, eps_pixels, noise_pixels, free = self.grey
         h, w = sampler.op.shape
-        d.launch("df5t_ddrm_split", d.pointer(sampler.x), d.pointer(sampler.eps), d.pointer(g0), d.pointer(ge),
-                 d.pointer(gz), d.pointer(self.diffs), *common, *where)
-        d.transform(spectral, g0, self.dct_y, self.dct_x)
-        d.transform(g0, ge, self.dct_y, self.dct_x)
-        d.transform(ge, gz, self.dct_y, self.dct_x)  # v0 in spectral, ve in g0, vz in ge
-        d.launch("df5t_ddrm_update", d.pointer(spectral), d.pointer(g0), d.pointer(ge), d.pointer(sampler.ybar),
-                 d.pointer(sampler.s), common[0], common[1], U64(h * w), *where[-2:])
-        d.transform(gz, spectral, self.idct_y, self.idct_x)
-        d.launch("df5t_ddrm_merge", d.pointer(gz), d.pointer(self.diffs), d.pointer(sampler.x_next), common[0],
+        d.launch("df5t_ddrm_split", d.pointer(sampler.x), d.pointer(sampler.eps), d.pointer(x0_pixels),
+                 d.pointer(eps_pixels), d.pointer(noise_pixels), d.pointer(self.diffs), *common, *where)
+        x0_spectral = free
+        d.transform(x0_spectral, x0_pixels, self.dct_y, self.dct_x)
+        eps_spectral = x0_pixels  # x0 in pixels is spent
+        d.transform(eps_spectral, eps_pixels, self.dct_y, self.dct_x)
+        noise_spectral = eps_pixels  # eps in pixels is spent
+        d.transform(noise_spectral, noise_pixels, self.dct_y, self.dct_x)
+        d.launch("df5t_ddrm_update", d.pointer(x0_spectral), d.pointer(eps_spectral), d.pointer(noise_spectral),
+                 d.pointer(sampler.ybar), d.pointer(sampler.s), common[0], common[1], U64(h * w), *where[-2:])
+        grey_next = noise_pixels  # the noise in pixels is spent; x0_spectral now holds the update
+        d.transform(grey_next, x0_spectral, self.idct_y, self.idct_x)
+        d.launch("df5t_ddrm_merge", d.pointer(grey_next), d.pointer(self.diffs), d.pointer(sampler.x_next), common[0],
                  U64(h * w), *where[-2:])
 
 
