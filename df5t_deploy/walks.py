@@ -18,7 +18,7 @@ from .artifact import Schedule
 from .noise import NoiseKey, group_noise
 from .operators import SpatialOperator
 from .progress import ProgressTracker
-from .sampler import DDRM, SamplerSettings, Timesteps, run_ddrm, state_to_image
+from .sampler import DDRM, NoiseSource, SamplerSettings, Timesteps, run_ddrm, state_to_image
 from .tiling import BlendedDenoiser
 
 T = TypeVar("T")
@@ -33,14 +33,17 @@ def restore_group(
     key: NoiseKey,
     samples: int,
     tracker: ProgressTracker,
+    noise: NoiseSource | None = None,
 ) -> np.ndarray:
-    """Samples [G, samples, H, W] on the [0, 1] scale for measurements y [G, h, w] (model scale)."""
+    """Samples [G, samples, H, W] on the [0, 1] scale for measurements y [G, h, w] (model scale).
+    ``noise``: the normals of each step (default: the group's counter-based noise, ``key``)."""
     groups = len(y)
     height, width = op.shape
     ddrm = DDRM(op, schedule, settings)
     y_all = np.repeat(y, samples, axis=0)
     on_step = tracker.step_reporter(denoiser.tiles_per_call(groups * samples, height, width), len(ddrm.timesteps))
-    state = run_ddrm(ddrm, y_all, denoiser, lambda step: group_noise(key, samples, op.shape, step), on_step)
+    noise = noise or (lambda step: group_noise(key, samples, op.shape, step))
+    state = run_ddrm(ddrm, y_all, denoiser, noise, on_step)
     return state_to_image(state).reshape(groups, samples, height, width)
 
 
