@@ -72,10 +72,10 @@ def _seed_high_word_dropped(mp: pytest.MonkeyPatch) -> None:
 
 def _noise_per_batch(mp: pytest.MonkeyPatch) -> None:
     """Noise drawn per call from a generator (the batch layout then changes the result)."""
-    from df5t_deploy import planes
+    from df5t_deploy import walks
 
     rng = np.random.default_rng(0)
-    mp.setattr(planes, "group_noise",
+    mp.setattr(walks, "group_noise",
                lambda key, samples, shape, step: rng.standard_normal((len(key.plane_ids) * samples, 3, *shape))
                .astype(np.float32))
 
