@@ -107,7 +107,8 @@ def restore_many(
         folder.mkdir(parents=True, exist_ok=True)
     for source, out in outputs.items():
         try:
-            if not overwrite and _done_by_this_run(restorers[0], source, out, restore_options.get("series")):
+            if not overwrite and _done_by_this_run(restorers[0], source, out, restore_options.get("series"),
+                                                   restore_options.get("roi")):
                 summary.skipped.append(source)
                 report(f"skipped {source}: {out} is its restoration by these settings and model")
                 continue
@@ -120,7 +121,7 @@ def restore_many(
     return summary
 
 
-def _done_by_this_run(restorer: Restorer, source: Path, out: Path, series: int | None) -> bool:
+def _done_by_this_run(restorer: Restorer, source: Path, out: Path, series: int | None, roi: str | None) -> bool:
     """Whether ``out`` holds this input's restoration by these settings and model; an
     existing output that is not one of ours is never replaced (an error for this file)."""
     if not out.exists():
@@ -132,4 +133,4 @@ def _done_by_this_run(restorer: Restorer, source: Path, out: Path, series: int |
     if recorded is None:
         raise ValueError(f"{out} exists and is not an output of df5t-deploy; move it, or pass --overwrite")
     earlier = RunIdentity.from_dict(recorded.get("run_identity") or {})
-    return earlier == run_identity_of(restorer, source, series)
+    return earlier == run_identity_of(restorer, source, series, roi)

@@ -207,12 +207,18 @@ def _read_mask(mask: str | None):
 @click.option("--format", "output_format", type=click.Choice(OUTPUT_FORMATS), default=None,
               help="Folder runs: write every output in this format (default: each input's).")
 @click.option("--overwrite", is_flag=True, help="Folder runs: restore files whose outputs are already there.")
+@click.option("--roi", default=None, help="Restore a box of the input: z0:z1,y0:y1,x0:x1 (y0:y1,x0:x1 for an image), "
+                                          "half-open, in input coordinates; its origin is recorded.")
+@click.option("--chunks", default=None, help="zarr output: chunk shape, e.g. 1,512,512 (default: one plane).")
+@click.option("--pyramid", type=int, default=0, show_default=True,
+              help="zarr output: downsampled levels (2 x 2 block means each) for viewers.")
 def restore_command(inputs, output, mask, series, model, backend, device, threads, gpu_memory, strict_gpu, quiet,
-                    uncertainty, resume, break_lock, output_format, overwrite, **settings):
+                    uncertainty, resume, break_lock, output_format, overwrite, roi, chunks, pyramid, **settings):
     """Restore EM images, stacks or volumes with DDRM and a DF5T model: one INPUT into the
     OUTPUT file, or several (files, folders, glob patterns) into the OUTPUT folder."""
     from .api import Restorer
     from .batch import expand_inputs, is_folder_run, output_paths
+    from .formats import ZarrLayout
     from .models import default_model_path
     from .output_safety import check_outputs
     from .pipeline import restore_file
@@ -225,6 +231,7 @@ def restore_command(inputs, output, mask, series, model, backend, device, thread
     model_reads = {"--mask": mask if mask not in (None, "auto") else None, "--model": model or default_model_path()}
     started = time.perf_counter()
     with _reported():
+        layout = ZarrLayout(_chunk_shape(chunks), pyramid)
         if folder_run:
             outputs = output_paths(expand_inputs(inputs), Path(output), output_format)
             for source, out in outputs.items():  # before loading anything
@@ -242,13 +249,24 @@ def restore_command(inputs, output, mask, series, model, backend, device, thread
             for one in parse_devices(device)
         ]
     if folder_run:
-        _restore_folder(restorers, outputs, quiet, overwrite, reads=model_reads, break_lock=break_lock, series=series)
+        _restore_folder(restorers, outputs, quiet, overwrite, reads=model_reads, break_lock=break_lock, series=series,
+                        roi=roi, layout=layout)
         return
     with _reported(), _ProgressBar(quiet) as bar:
         result = restore_file(restorers, inputs[0], output, uncertainty_path=uncertainty, resume=resume,
-                              progress=bar.update, reads=model_reads, break_lock=break_lock, series=series)
+                              progress=bar.update, reads=model_reads, break_lock=break_lock, series=series, roi=roi,
+                              layout=layout)
     _report_restoration(restorers[0], inputs[0], result, time.perf_counter() - started)
     click.echo(f"wrote {output}" + (f" and {uncertainty}" if uncertainty else ""))
+
+
+def _chunk_shape(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(size) for size in text.split(","))
+    except ValueError:
+        raise ValueError(f"--chunks {text!r}: give whole numbers separated by commas, e.g. 1,512,512") from None
 
 
 def _report_restoration(restorer, input_path, result, seconds: float) -> None:

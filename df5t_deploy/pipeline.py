@@ -20,11 +20,12 @@ import numpy as np
 from .api import Emit, NoiseLevel, Restorer
 from .formats.base import Source
 from .intensity import IntensityMap, intensity_map_for_source, mean_and_std
-from .formats import check_writable, create_sink, open_source
+from .formats import ZarrLayout, check_writable, create_sink, open_source
 from .formats.zarr_format import partial_store
 from .output_safety import OutputLock, check_outputs, recorded_provenance
 from .progress import Progress, ProgressCallback
 from .run_identity import RunIdentity
+from .streaming import RoiSource
 
 #: Runs of planes in flight per worker, so memory stays bounded when one worker lags.
 RUNS_IN_FLIGHT_PER_WORKER = 2
@@ -51,6 +52,8 @@ def restore_file(
     reads: Mapping[str, str | Path | None] | None = None,
     break_lock: bool = False,
     series: int | None = None,
+    roi: str | None = None,
+    layout: ZarrLayout | None = None,
 ) -> FileResult:
     """Restore ``input_path`` into ``output_path`` (and the sample std into ``uncertainty_path``).
 
@@ -59,7 +62,8 @@ def restore_file(
     output is locked against a second process. Outputs appear only when complete; on any
     error or Ctrl-C they are removed (a zarr output is kept hidden for ``resume``, which
     continues only the same run: the same run identity). ``series``: which image of a
-    multi-series TIFF input.
+    multi-series TIFF input; ``roi``: the box of the input to restore ("z0:z1,y0:y1,x0:x1",
+    recorded with its origin); ``layout``: chunks and pyramid levels of a zarr output.
     """
     restorers = [restorer] if isinstance(restorer, Restorer) else list(restorer)
     first = restorers[0]
@@ -67,7 +71,7 @@ def restore_file(
         raise ValueError("--resume continues 2D restorations into zarr, without --uncertainty")
     check_outputs({"output": output_path, "--uncertainty": uncertainty_path},
                   {"input": input_path, "model": first.model_path, **(reads or {})})
-    with open_source(input_path, series) as source:
+    with open_input(input_path, series, roi) as source:
         out_shape = first.output_shape(source)
         check_writable(output_path, source.dtype, len(out_shape))
         if uncertainty_path is not None:
@@ -83,7 +87,8 @@ def restore_file(
             stack.enter_context(OutputLock(output_path, identity.to_dict(), break_lock))
             if resume:
                 _check_same_run(Path(output_path), identity)
-            sink = stack.enter_context(create_sink(output_path, out_shape, source.dtype, meta, provenance, resume=resume))
+            sink = stack.enter_context(create_sink(output_path, out_shape, source.dtype, meta, provenance, resume=resume,
+                                                   layout=layout))
             std_sink = None
             if uncertainty_path is not None:
                 std_meta = {**provenance, "quantity": f"per-pixel std over {first.samples} samples, input units"}
@@ -99,7 +104,8 @@ def restore_file(
             if len(restorers) == 1 or first.options.task == "isotropic" or len(planes) < 2:
                 first.restore_source(source, emit, intensity, progress, planes=planes, settings=settings)
             else:
-                _restore_in_parallel(restorers, Path(input_path), series, planes, emit, intensity, settings, progress)
+                _restore_in_parallel(restorers, Path(input_path), series, roi, planes, emit, intensity, settings,
+                                     progress)
     return FileResult(source.shape, out_shape, source.dtype, noise.sigma0, provenance, noise.estimated_noise_std)
 
 
@@ -113,19 +119,34 @@ class _Plan:
     identity: RunIdentity
 
 
+def open_input(input_path: str | Path, series: int | None = None, roi: str | None = None) -> Source:
+    """The input as a run reads it: one series of a TIFF, a box of it with ``roi``."""
+    source = open_source(input_path, series)
+    if roi is None:
+        return source
+    try:
+        return RoiSource(source, roi)
+    except ValueError:
+        source.close()
+        raise
+
+
 def _plan(restorer: Restorer, source: Source, input_path: str | Path, series: int | None) -> _Plan:
     intensity = intensity_map_for_source(source)
     noise = restorer.noise_level(source, intensity)
     provenance = restorer.provenance(intensity, noise) | ({"series": series} if series is not None else {})
+    if isinstance(source, RoiSource):
+        provenance["roi"] = {"origin": list(source.origin), "shape": list(source.shape)}
     identity = RunIdentity.of(input_path, restorer.model_sha256, provenance)
     provenance["run_identity"] = identity.to_dict()
     return _Plan(intensity, noise, provenance, identity)
 
 
-def run_identity_of(restorer: Restorer, input_path: str | Path, series: int | None = None) -> RunIdentity:
+def run_identity_of(restorer: Restorer, input_path: str | Path, series: int | None = None,
+                    roi: str | None = None) -> RunIdentity:
     """The identity ``restore_file`` would record for this input, without restoring it (an
     estimate of the noise, for sigma0 auto, is all the work it does)."""
-    with open_source(input_path, series) as source:
+    with open_input(input_path, series, roi) as source:
         restorer.output_shape(source)  # refuses what restore_file would refuse
         return _plan(restorer, source, input_path, series).identity
 
@@ -142,9 +163,9 @@ def _check_same_run(output: Path, identity: RunIdentity) -> None:
                          f"run without --resume to start afresh, or `df5t clean {output} --yes` to remove it")
 
 
-def _restore_in_parallel(restorers, input_path: Path, series: int | None, planes: range, emit: Emit, intensity,
-                         settings, progress: ProgressCallback | None) -> None:
-    run = max(1, min(r.group_size(r.options.grid_shape(_plane_shape(input_path, series))) for r in restorers))
+def _restore_in_parallel(restorers, input_path: Path, series: int | None, roi: str | None, planes: range, emit: Emit,
+                         intensity, settings, progress: ProgressCallback | None) -> None:
+    run = max(1, min(r.group_size(r.options.grid_shape(_plane_shape(input_path, series, roi))) for r in restorers))
     runs = [planes[i : i + run] for i in range(0, len(planes), run)]
     todo: queue.Queue = queue.Queue()
     for item in runs:
@@ -157,7 +178,7 @@ def _restore_in_parallel(restorers, input_path: Path, series: int | None, planes
 
     def work(restorer: Restorer, worker: int) -> None:
         try:
-            with open_source(input_path, series) as source:
+            with open_input(input_path, series, roi) as source:
                 while not failure:
                     try:
                         item = todo.get_nowait()
@@ -196,8 +217,8 @@ def _restore_in_parallel(restorers, input_path: Path, series: int | None, planes
         thread.join()
 
 
-def _plane_shape(path: Path, series: int | None) -> tuple[int, int]:
-    with open_source(path, series) as source:
+def _plane_shape(path: Path, series: int | None, roi: str | None) -> tuple[int, int]:
+    with open_input(path, series, roi) as source:
         return source.shape[-2:]
 
 

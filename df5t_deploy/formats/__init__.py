@@ -12,6 +12,7 @@ import numpy as np
 
 from . import mrc, png, tiff, zarr_format
 from .base import ImageFormatError, ImageMeta, Sink, Source
+from .zarr_format import ZarrLayout
 
 _FORMATS = (
     (tiff.SUFFIXES, tiff.TiffSource, tiff.TiffSink),
@@ -49,14 +50,17 @@ def open_source(path: str | Path, series: int | None = None) -> Source:
 
 
 def create_sink(path: str | Path, shape, dtype, meta: ImageMeta, provenance: dict | None = None,
-                resume: bool = False) -> Sink:
+                resume: bool = False, layout: ZarrLayout | None = None) -> Sink:
+    """``layout``: chunks and pyramid levels of a zarr output (others take none)."""
     path = Path(path)
     _, sink = _format_of(path)
-    if resume:
-        if sink is not zarr_format.ZarrSink:
+    if sink is not zarr_format.ZarrSink:
+        if resume:
             raise ImageFormatError(f"{path}: --resume works for zarr outputs only")
-        return sink(path, shape, dtype, meta, provenance, resume=True)
-    return sink(path, shape, dtype, meta, provenance)
+        if layout is not None and layout != ZarrLayout():
+            raise ImageFormatError(f"{path}: --chunks and --pyramid lay out zarr outputs only; write a .zarr")
+        return sink(path, shape, dtype, meta, provenance)
+    return sink(path, shape, dtype, meta, provenance, resume=resume, layout=layout)
 
 
 def check_writable(path: str | Path, dtype, ndim: int) -> None:
@@ -86,5 +90,5 @@ def write_image(path: str | Path, array: np.ndarray, meta: ImageMeta, provenance
             sink.write_plane(plane)
 
 
-__all__ = ["ImageFormatError", "ImageMeta", "OUTPUT_FORMATS", "Sink", "Source", "SUPPORTED", "check_writable",
+__all__ = ["ImageFormatError", "ImageMeta", "OUTPUT_FORMATS", "Sink", "Source", "SUPPORTED", "ZarrLayout", "check_writable",
            "create_sink", "open_source", "read_image", "read_provenance", "write_image"]

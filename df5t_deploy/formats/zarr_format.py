@@ -8,6 +8,7 @@ folder's attributes) are skipped by the caller.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,8 @@ from .base import (
 
 SUFFIXES = (".zarr",)
 PROGRESS_ATTR = "df5t_planes_written"
+#: The most pyramid levels an output may have (each halves y and x).
+MAX_LEVELS = 8
 
 
 def _array(group_or_array):
@@ -83,24 +86,61 @@ def partial_store(path: Path) -> Path | None:
     return candidates[-1] if candidates else None
 
 
+@dataclass(frozen=True)
+class ZarrLayout:
+    """How an OME-Zarr output is laid out: its chunks (default: one plane), and ``levels``
+    downsampled copies (2 x 2 block means in y and x per level, z kept: the multiscale
+    pyramid napari and neuroglancer read), each computed from a plane as it is written."""
+
+    chunks: tuple[int, ...] | None = None
+    levels: int = 0
+
+    def __post_init__(self):
+        if not 0 <= self.levels <= MAX_LEVELS:
+            raise ImageFormatError(f"--pyramid must be from 0 to {MAX_LEVELS}, got {self.levels}")
+        if self.chunks is not None and (not self.chunks or min(self.chunks) < 1):
+            raise ImageFormatError(f"--chunks must be positive sizes, got {self.chunks}")
+
+    def level_shapes(self, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+        shapes = [tuple(shape)]
+        for _ in range(self.levels):
+            *lead, h, w = shapes[-1]
+            if h < 2 or w < 2:
+                raise ImageFormatError(f"--pyramid {self.levels}: a {shape[-2]} x {shape[-1]} plane halves only "
+                                       f"{len(shapes) - 1} times")
+            shapes.append((*lead, h // 2, w // 2))
+        return shapes
+
+    def chunks_for(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        if self.chunks is None:
+            return (1, *shape[1:]) if len(shape) == 3 else tuple(shape)
+        if len(self.chunks) != len(shape):
+            raise ImageFormatError(f"--chunks {','.join(map(str, self.chunks))} has {len(self.chunks)} sizes for a "
+                                   f"{len(shape)}-D output")
+        return tuple(min(c, n) for c, n in zip(self.chunks, shape, strict=True))
+
+
 class ZarrSink(TempDirSink):
-    def __init__(self, path, shape, dtype, meta, provenance, resume: bool = False):
+    def __init__(self, path, shape, dtype, meta, provenance, resume: bool = False, layout: ZarrLayout | None = None):
         import zarr
 
+        self.layout = layout or ZarrLayout()
         partial = partial_store(path) if resume else None
         super().__init__(path, shape, dtype, meta, provenance, partial=partial)
         if partial is not None:
             self._group = zarr.open_group(str(self.tmp), mode="r+")
-            self._array = self._group["0"]
-            if tuple(self._array.shape) != self.shape or np.dtype(self._array.dtype) != self.dtype:
-                raise ImageFormatError(f"{partial}: cannot resume, it holds {self._array.shape} {self._array.dtype}")
+            self._levels = [self._group[str(i)] for i in range(len(self._group.attrs["multiscales"][0]["datasets"]))]
+            if tuple(self._levels[0].shape) != self.shape or np.dtype(self._levels[0].dtype) != self.dtype:
+                raise ImageFormatError(f"{partial}: cannot resume, it holds {self._levels[0].shape} "
+                                       f"{self._levels[0].dtype}")
             self.written = int(self._group.attrs.get(PROGRESS_ATTR, 0))
             return
         self._group = zarr.open_group(str(self.tmp), mode="w")
-        chunks = (1, *self.shape[1:]) if len(self.shape) == 3 else self.shape
         # every chunk written, even one of fill values, so that readers can tell data from absence
-        self._array = self._group.create_array("0", shape=self.shape, dtype=self.dtype, chunks=chunks,
-                                               config={"write_empty_chunks": True})
+        self._levels = [self._group.create_array(str(i), shape=level, dtype=self.dtype,
+                                                 chunks=self.layout.chunks_for(level),
+                                                 config={"write_empty_chunks": True})
+                        for i, level in enumerate(self.layout.level_shapes(self.shape))]
         self._group.attrs.update(self._ome_attrs())
         self._group.attrs[PROGRESS_ATTR] = 0
 
@@ -108,20 +148,40 @@ class ZarrSink(TempDirSink):
         axes = [{"name": a.lower(), "type": "space", "unit": "nanometer"} for a in self.meta.axes]
         voxel = self.meta.voxel_size_nm or (1.0, 1.0, 1.0)
         scale = [voxel[1], voxel[0]] if len(self.shape) == 2 else [voxel[2] or 1.0, voxel[1], voxel[0]]
-        attrs = {"multiscales": [{"version": "0.4", "axes": axes, "datasets": [
-            {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}]}]}
+        origin = (self.provenance or {}).get("roi", {}).get("origin")
+        datasets = []
+        start = [float(o) for o in origin[-len(scale):]] if origin is not None else [0.0] * len(scale)
+        for level in range(self.layout.levels + 1):
+            factor = [1.0] * (len(scale) - 2) + [2.0**level] * 2
+            transforms = [{"type": "scale", "scale": [s * f for s, f in zip(scale, factor, strict=True)]}]
+            # a block mean's centre lies (factor - 1) / 2 pixels in; a --roi box starts at its origin
+            shift = [(o + (f - 1) / 2) * s for o, f, s in zip(start, factor, scale, strict=True)]
+            if any(shift):
+                transforms.append({"type": "translation", "translation": shift})
+            datasets.append({"path": str(level), "coordinateTransformations": transforms})
+        attrs = {"multiscales": [{"version": "0.4", "axes": axes, "datasets": datasets}]}
         if self.provenance:
             attrs["df5t"] = self.provenance
         return attrs
 
     def _write(self, plane: np.ndarray) -> None:
-        if len(self.shape) == 2:
-            self._array[...] = plane
-        else:
-            self._array[self.written] = plane
+        for level in self._levels:
+            if len(self.shape) == 2:
+                level[...] = plane
+            else:
+                level[self.written] = plane
+            plane = _half(plane, level.dtype)
         self._group.attrs[PROGRESS_ATTR] = self.written + 1
 
     def _abort(self) -> None:
         """Keep the partial store for ``--resume`` (hidden, named as partial), and say so."""
         warnings.warn(f"the unfinished output is kept as {self.tmp} for --resume; `df5t clean {self.path} --yes` "
                       "removes it", stacklevel=2)
+
+
+def _half(plane: np.ndarray, dtype) -> np.ndarray:
+    """The next pyramid level of a plane: means of 2 x 2 blocks (a last odd row or column
+    dropped), rounded back to integers for integer data."""
+    h, w = (plane.shape[0] // 2) * 2, (plane.shape[1] // 2) * 2
+    mean = plane[:h, :w].reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3), dtype=np.float64)
+    return np.rint(mean).astype(dtype) if np.dtype(dtype).kind in "iu" else mean.astype(dtype)
