@@ -62,7 +62,8 @@ def test_a_zarr_output_has_the_chunks_and_the_pyramid_asked_for(model, stack, tm
     expected_half = np.rint(full.reshape(5, 34, 2, 45, 2).mean(axis=(2, 4))).astype(np.uint8)
     np.testing.assert_array_equal(half, expected_half)
     assert quarter.shape == (5, 17, 22)
-    datasets = group.attrs["multiscales"][0]["datasets"]
+    assert group.attrs["ome"]["version"] == "0.5"  # NGFF 0.5 on zarr v3
+    datasets = group.attrs["ome"]["multiscales"][0]["datasets"]
     assert [d["path"] for d in datasets] == ["0", "1", "2"]
     assert datasets[1]["coordinateTransformations"][0]["scale"] == [1.0, 2.0, 2.0]
     assert datasets[0]["coordinateTransformations"][1]["translation"] == [0.0, 2.0, 0.0]  # the roi's origin

@@ -1,4 +1,5 @@
-"""zarr and OME-Zarr (NGFF 0.4 single-scale) with one chunk per plane.
+"""zarr and OME-Zarr: NGFF 0.5 on zarr v3 (0.4 on zarr v2), a multiscale image whose level 0
+is the full resolution, one plane a chunk unless asked otherwise.
 
 The output is built in a hidden folder beside the target and renamed when complete. With
 ``resume=True`` an interrupted output is continued: planes already written (recorded in the
@@ -71,9 +72,15 @@ class ZarrSource(Source):
             raise ImageFormatError(f"{self.path}: plane {z} cannot be read, a chunk is damaged ({err})") from None
 
 
+def multiscales(attrs: dict) -> list:
+    """The NGFF multiscales of a group's attributes: under "ome" (0.5) or at the top (0.4)."""
+    ome = attrs.get("ome")
+    return (ome if isinstance(ome, dict) else attrs).get("multiscales") or []
+
+
 def _ome_voxel_size(attrs: dict, ndim: int):
     try:
-        transform = attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"]
+        transform = multiscales(attrs)[0]["datasets"][0]["coordinateTransformations"][0]["scale"]
     except (KeyError, IndexError, TypeError):
         return None
     scale = [float(v) for v in transform[-ndim:]]
@@ -129,7 +136,7 @@ class ZarrSink(TempDirSink):
         super().__init__(path, shape, dtype, meta, provenance, partial=partial)
         if partial is not None:
             self._group = zarr.open_group(str(self.tmp), mode="r+")
-            self._levels = [self._group[str(i)] for i in range(len(self._group.attrs["multiscales"][0]["datasets"]))]
+            self._levels = [self._group[str(i)] for i in range(len(multiscales(dict(self._group.attrs))[0]["datasets"]))]
             if tuple(self._levels[0].shape) != self.shape or np.dtype(self._levels[0].dtype) != self.dtype:
                 raise ImageFormatError(f"{partial}: cannot resume, it holds {self._levels[0].shape} "
                                        f"{self._levels[0].dtype}")
@@ -159,7 +166,10 @@ class ZarrSink(TempDirSink):
             if any(shift):
                 transforms.append({"type": "translation", "translation": shift})
             datasets.append({"path": str(level), "coordinateTransformations": transforms})
-        attrs = {"multiscales": [{"version": "0.4", "axes": axes, "datasets": datasets}]}
+        if self._group.metadata.zarr_format >= 3:
+            attrs = {"ome": {"version": "0.5", "multiscales": [{"axes": axes, "datasets": datasets}]}}
+        else:
+            attrs = {"multiscales": [{"version": "0.4", "axes": axes, "datasets": datasets}]}
         if self.provenance:
             attrs["df5t"] = self.provenance
         return attrs
