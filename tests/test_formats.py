@@ -127,3 +127,14 @@ def test_zarr_resume_continues_where_it_stopped(tmp_path):
             sink.write_plane(plane)
     np.testing.assert_array_equal(read_image(tmp_path / "v.zarr")[0], volume)
     assert [p.name for p in tmp_path.iterdir()] == ["v.zarr"]
+
+
+def test_mrc_header_statistics_are_gathered_plane_by_plane(tmp_path):
+    import mrcfile
+
+    volume = (np.random.default_rng(3).random((3, 20, 30)) * 200).astype(np.float32)
+    write_image(tmp_path / "v.mrc", volume, ImageMeta("ZYX"))
+    with mrcfile.open(tmp_path / "v.mrc") as mrc:
+        header = mrc.header
+        np.testing.assert_allclose([header.dmin, header.dmax, header.dmean, header.rms],
+                                   [volume.min(), volume.max(), volume.mean(), volume.std()], rtol=1e-5)

@@ -9,6 +9,7 @@ type ``DF5T``.
 from __future__ import annotations
 
 import json
+import mmap
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,7 @@ class MrcSource(Source):
     def plane(self, z: int) -> np.ndarray:
         data = self._mrc.data
         plane = np.array(data if data.ndim == 2 else data[z])
+        _release(data)
         return plane.astype(np.uint8) if self._narrow else plane
 
     def close(self) -> None:
@@ -77,6 +79,7 @@ class MrcSink(TempFileSink):
         voxel = self.meta.voxel_size_nm
         if voxel is not None:
             self._mrc.voxel_size = tuple(10.0 * (v if v is not None else 0.0) for v in voxel)
+        self._stats = _RunningStats()
 
     def _write(self, plane: np.ndarray) -> None:
         data = self._mrc.data
@@ -84,10 +87,43 @@ class MrcSink(TempFileSink):
             data[...] = plane
         else:
             data[self.written] = plane
+        self._stats.add(plane)
+        data.flush()  # on disk, then out of this process's memory
+        _release(data)
 
     def _close(self) -> None:
-        self._mrc.update_header_stats()
+        if self._stats.count:  # the header's statistics, gathered plane by plane (not by re-reading it all)
+            header = self._mrc.header
+            header.dmin, header.dmax, header.dmean, header.rms = self._stats.header_values()
         self._mrc.close()
+
+
+class _RunningStats:
+    """Minimum, maximum, mean and rms deviation of the planes written, as MRC's header wants."""
+
+    def __init__(self):
+        self.count, self.total, self.squares = 0, 0.0, 0.0
+        self.low, self.high = np.inf, -np.inf
+
+    def add(self, plane: np.ndarray) -> None:
+        values = plane.astype(np.float64)
+        self.count += values.size
+        self.total += float(values.sum())
+        self.squares += float(np.square(values).sum())
+        self.low, self.high = min(self.low, float(values.min())), max(self.high, float(values.max()))
+
+    def header_values(self) -> tuple[float, float, float, float]:
+        mean = self.total / self.count
+        return self.low, self.high, mean, float(np.sqrt(max(self.squares / self.count - mean * mean, 0.0)))
+
+
+def _release(data: np.memmap) -> None:
+    """Unmap the pages of a memory-mapped volume that this process has touched: they stay in
+    the page cache (and on disk), but no longer count as this process's memory, which would
+    otherwise grow with every plane read or written."""
+    mapping = getattr(data, "_mmap", None)
+    if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)
 
 
 def _provenance(mrc) -> dict | None:
