@@ -21,8 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from df5t_deploy.artifact import Schedule
 from df5t_deploy.export.train import TrainConfig, TrainingRun, crop_sampler
 from df5t_deploy.export.train_data import (
     FLYEM_HELDOUT_PLANES,
@@ -31,6 +29,8 @@ from df5t_deploy.export.train_data import (
     CropSampler,
     to_model_scale,
 )
+
+from df5t_deploy.artifact import Schedule
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"

@@ -10,23 +10,23 @@ from pathlib import Path
 
 import numpy as np
 
-from .version import __version__
 from .backends import Backend, open_backend
 from .files import sha256_of
 from .formats.base import Source
+from .group_walker import GroupWalker
 from .intensity import IntensityMap, check_dtype, intensity_map_for_source, mean_and_std
 from .models import default_model_path
 from .parameters import whole_number
-from .settings import RestoreSettings, setting_fields
 from .progress import ProgressCallback, RestorationCancelled
-from .group_walker import GroupWalker
-from .stack import restore_planes
-from .volume import restore_isotropic, z_factor_of
 from .regions import layout
 from .sampler import SamplerSettings
+from .settings import RestoreSettings, setting_fields
+from .stack import restore_planes
 from .streaming import ArraySource
 from .tasks import TaskOptions
 from .tiling import BlendedDenoiser, NetworkOutputError
+from .version import __version__
+from .volume import restore_isotropic, z_factor_of
 
 #: An overlap that makes the network run this many times as often as without is warned about.
 OVERLAP_WARNING_FACTOR = 2.0

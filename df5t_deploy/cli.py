@@ -16,11 +16,11 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .version import __version__
 from .backends import BACKENDS
 from .formats import OUTPUT_FORMATS
 from .settings import setting_fields
 from .tasks import TASKS
+from .version import __version__
 
 EXIT_REFUSED = 2
 EXIT_SIGINT = 130

@@ -25,17 +25,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .version import __version__
 from .artifact import Schedule
 from .cuda import kernel_source
 from .device_loop import Device, DeviceSampler
 from .files import atomic_path, cache_root
-from .operators import BlockMean, GaussianBlur, Identity, Inpainting, SpatialOperator
 from .noise import ORIENTATION_XZ, NoiseKey
+from .operators import BlockMean, GaussianBlur, Identity, Inpainting, SpatialOperator
 from .progress import ProgressTracker
-from .walks import restore_group
 from .sampler import SamplerSettings
 from .tiling import BlendedDenoiser, TileGrid
+from .version import __version__
+from .walks import restore_group
 
 #: Largest difference from the host loop, on the [0, 1] scale, that passes (fp32, fp16 tiles).
 TOLERANCE = {np.dtype(np.float32): 1e-5, np.dtype(np.float16): 1e-3}

@@ -33,8 +33,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from .artifact import Schedule
-from .operators import BlockMean, GaussianBlur, Identity, Inpainting, SpatialOperator
 from .noise import NoiseKey
+from .operators import BlockMean, GaussianBlur, Identity, Inpainting, SpatialOperator
 from .sampler import DDRM, SamplerSettings, StepPlan
 from .tiling import TileGrid, axis_window, check_network_output
 

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from .api import Emit, NoiseLevel, Restorer
-from .formats.base import Source
-from .intensity import IntensityMap, intensity_map_for_source, mean_and_std
 from .formats import ZarrLayout, check_writable, create_sink, open_source
+from .formats.base import Source
 from .formats.zarr_format import partial_store
+from .intensity import IntensityMap, intensity_map_for_source, mean_and_std
 from .output_safety import OutputLock, check_outputs, recorded_provenance
 from .progress import Progress, ProgressCallback
 from .run_identity import RunIdentity

@@ -17,12 +17,12 @@ import numpy as np
 
 from .formats.base import Source
 from .intensity import IntensityMap, check_finite
-from .operators import BlockMean
 from .noise import ORIENTATION_XZ, ORIENTATION_YZ, NoiseKey
+from .operators import BlockMean
 from .progress import ProgressTracker
-from .walks import labelled, overlapped, tiles_per_plane
 from .sampler import SamplerSettings
 from .tasks import MAX_Z_FACTOR, MIN_Z_FACTOR, TaskError
+from .walks import labelled, overlapped, tiles_per_plane
 
 if TYPE_CHECKING:
     from .api import Emit, Restorer

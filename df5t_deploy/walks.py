@@ -18,7 +18,14 @@ from .artifact import Schedule
 from .noise import NoiseKey, group_noise
 from .operators import SpatialOperator
 from .progress import ProgressTracker
-from .sampler import DDRM, NoiseSource, SamplerSettings, Timesteps, run_ddrm, state_to_image
+from .sampler import (
+    DDRM,
+    NoiseSource,
+    SamplerSettings,
+    Timesteps,
+    run_ddrm,
+    state_to_image,
+)
 from .tiling import BlendedDenoiser
 
 T = TypeVar("T")

@@ -42,6 +42,7 @@ ABOVE_THE_LINE = {"api", "pipeline", "batch", "cli", "gpu_verify", "doctor", "ex
 def test_every_runtime_module_is_under_the_layer_contract():
     """A new module must be placed: below the Restorer (listed in the contract) or above it."""
     import pkgutil
+
     import tomllib
 
     import df5t_deploy

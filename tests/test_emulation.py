@@ -11,7 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from kernel_emulation import ASAN, CaptureError, EmulatedDevice, EmulatedKernels, build_library
+from kernel_emulation import (
+    ASAN,
+    CaptureError,
+    EmulatedDevice,
+    EmulatedKernels,
+    build_library,
+)
 
 U32, U64 = ctypes.c_uint32, ctypes.c_uint64
 TESTS = Path(__file__).parent

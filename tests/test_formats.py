@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import tifffile
 
-from df5t_deploy.formats import ImageFormatError, ImageMeta, create_sink, open_source, read_image, write_image
+from df5t_deploy.formats import (
+    ImageFormatError,
+    ImageMeta,
+    create_sink,
+    open_source,
+    read_image,
+    write_image,
+)
 
 VOXEL_3D = (4.0, 4.0, 40.0)
 VOXEL_2D = (2.5, 3.5, None)

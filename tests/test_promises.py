@@ -15,20 +15,19 @@ import pytest
 import tifffile
 from click.testing import CliRunner
 from onnx_models import tile_mean_model
-from test_sampler import N, DenseDDRM, _measure, dense_operator
+from test_sampler import DenseDDRM, N, _measure, dense_operator
 
 from df5t_deploy.api import Restorer
-from df5t_deploy.intensity import intensity_map_for_source
 from df5t_deploy.artifact import Schedule
 from df5t_deploy.cli import main
 from df5t_deploy.formats import read_provenance
-from df5t_deploy.noise import philox4x32
+from df5t_deploy.intensity import intensity_map_for_source
+from df5t_deploy.noise import NoiseKey, philox4x32
 from df5t_deploy.operators import BlockMean, Identity, Inpainting
-from df5t_deploy.noise import NoiseKey
 from df5t_deploy.progress import ProgressTracker
-from df5t_deploy.walks import restore_group
 from df5t_deploy.sampler import DDRM, SamplerSettings, run_ddrm
 from df5t_deploy.streaming import ArraySource
+from df5t_deploy.walks import restore_group
 
 TILE = 32
 REPO = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ from onnx_models import gaussian_prior_denoiser, tile_mean_model
 
 from df5t_deploy.api import Restorer
 from df5t_deploy.cli import main
-from df5t_deploy.formats import open_source, ImageMeta, read_image, write_image
+from df5t_deploy.formats import ImageMeta, open_source, read_image, write_image
 from df5t_deploy.progress import RestorationCancelled
 
 

@@ -17,8 +17,13 @@ from ..artifact import ArtifactInfo
 from ..cuda.status import checked
 from ..engines.build import artifact_facts, build_engine, choose_profile
 from ..engines.cache import EngineCache
-from .base import NO_GPU_SEEN, BackendUnavailable, ClosingBackend, installed, open_device_loop
-
+from .base import (
+    NO_GPU_SEEN,
+    BackendUnavailable,
+    ClosingBackend,
+    installed,
+    open_device_loop,
+)
 
 #: Chunk bindings kept for reuse: two walks may be in flight, each with its own buffers.
 KEPT_BINDINGS = 4
