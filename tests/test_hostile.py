@@ -229,7 +229,7 @@ def test_a_failed_final_rename_leaves_nothing_partial_and_says_so_in_one_line(wo
 
 def _running_restore(work: Path, model: Path, scratch: Path, *args: str) -> subprocess.Popen:
     """A restore that runs for minutes (the signal comes long before it could finish)."""
-    env = {**os.environ, "TMPDIR": str(scratch)}
+    env = {**os.environ, "TMPDIR": str(scratch), "PYTHONFAULTHANDLER": "1"}  # a hang dumps its threads on SIGABRT
     return subprocess.Popen([sys.executable, "-m", "df5t_deploy.cli", "restore", str(work / "long.tif"), "-o",
                              str(work / "out.tif"), "--model", str(model), "--sigma0", "0.1", "--steps", "1000",
                              "--quiet", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -258,7 +258,12 @@ def test_a_real_signal_to_a_running_restore_leaves_nothing_partial(work, model, 
     assert started(), "the restore never got going"
     time.sleep(0.5)
     process.send_signal(signum)
-    output, _ = process.communicate(timeout=60)
+    try:
+        output, _ = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGABRT)  # where every thread is, to see why it did not stop
+        output, _ = process.communicate(timeout=30)
+        pytest.fail(f"the restore did not stop within 120 s of the signal; its threads:\n{output[-6000:]}")
     assert process.returncode == status, output
     assert "nothing was written under the output's name" in output
     assert snapshot(work) == before and set(scratch.iterdir()) == theirs
