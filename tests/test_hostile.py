@@ -232,7 +232,14 @@ def _running_restore(work: Path, model: Path, scratch: Path, *args: str) -> subp
     env = {**os.environ, "TMPDIR": str(scratch), "PYTHONFAULTHANDLER": "1"}  # a hang dumps its threads on SIGABRT
     return subprocess.Popen([sys.executable, "-m", "df5t_deploy.cli", "restore", str(work / "long.tif"), "-o",
                              str(work / "out.tif"), "--model", str(model), "--sigma0", "0.1", "--steps", "1000",
-                             "--quiet", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--quiet", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    """A shell starts background jobs with SIGINT ignored, and Python keeps an ignored SIGINT
+    ignored: as a user's terminal would, give the restore the default disposition."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.mark.slow
