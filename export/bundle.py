@@ -1,10 +1,10 @@
 """Turn a finished training run into the bundled model: checkpoint, ONNX artifact, model card.
 
-    python -m df5t_deploy.export.bundle runs/df5t-tiny-em
+    python -m df5t_deploy.export.bundle runs/df5t-tiny-em [--name df5t-tiny-em]
 
 reads ``ema.pt`` and ``training.json`` from the run folder (see ``train``), exports the
-artifact at the training crop size, and writes ``df5t-tiny-em.{pt,onnx,md}`` into
-``df5t_deploy/models``.
+artifact at the training crop size, and writes ``NAME.{pt,onnx,md}`` into
+``df5t_deploy/models`` (the default name is the bundled model's, ``models.DEFAULT_MODEL``).
 """
 
 from __future__ import annotations
@@ -100,7 +100,9 @@ HeracleBT/vEMstitch).
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path, help="training run folder with ema.pt and training.json")
-    bundle(parser.parse_args(argv).run)
+    parser.add_argument("--name", default=DEFAULT_MODEL, help=f"the bundled model's name (default {DEFAULT_MODEL})")
+    args = parser.parse_args(argv)
+    bundle(args.run, name=args.name)
 
 
 if __name__ == "__main__":
