@@ -293,7 +293,7 @@ def _restore_folder(restorers, outputs: dict, quiet: bool, overwrite: bool, **re
 
     def progress(source):
         if current:
-            current.pop().__exit__(None, None, None)
+            current.pop().close()
         current.append(_ProgressBar(quiet))
         return current[-1].update
 
@@ -306,7 +306,7 @@ def _restore_folder(restorers, outputs: dict, quiet: bool, overwrite: bool, **re
                                **restore_options)
     finally:
         for bar in current:
-            bar.__exit__(None, None, None)
+            bar.close()
         files.close()
     click.echo(summary.line())
     if summary.failed:
@@ -335,6 +335,9 @@ class _ProgressBar:
         return self
 
     def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import time
 import warnings
@@ -153,11 +154,7 @@ class OutputLock:
             self.path.unlink(missing_ok=True)
 
     def _holder(self) -> dict | None:
-        try:
-            holder = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return None
-        return holder if isinstance(holder, dict) else None
+        return _lock_holder(self.path)
 
     def _may_take_over(self) -> bool:
         holder = self._holder()
@@ -173,6 +170,15 @@ class OutputLock:
     def _held_message(self) -> str:
         return (f"{self.output} is being written by another run ({_describe(self._holder())}, lock {self.path}); "
                 "wait for it, or pass --break-lock if that run is gone")
+
+
+def _lock_holder(lock: Path) -> dict | None:
+    """What a lock file says of the run holding it (None: gone or unreadable)."""
+    try:
+        holder = json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) else None
 
 
 def _describe(holder: dict | None) -> str:
@@ -205,15 +211,13 @@ def stale_partials(output: str | Path) -> list[Path]:
     found += sorted(output.parent.glob(f".{output.name}.replaced-*"))
     lock = lock_path(output)
     if lock.exists():
-        holder = OutputLock(output, None)._holder()
+        holder = _lock_holder(lock)
         if not holder or (holder.get("host") == socket.gethostname() and not _alive(holder.get("pid"))):
             found.append(lock)
     return list(dict.fromkeys(found))
 
 
 def remove(paths: list[Path]) -> None:
-    import shutil
-
     for path in paths:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)

@@ -104,8 +104,8 @@ def restore_file(
             if len(restorers) == 1 or first.options.task == "isotropic" or len(planes) < 2:
                 first.restore_source(source, emit, intensity, progress, planes=planes, settings=settings)
             else:
-                _restore_in_parallel(restorers, Path(input_path), series, roi, planes, emit, intensity, settings,
-                                     progress)
+                _restore_in_parallel(restorers, Path(input_path), series, roi, source.shape[-2:], planes, emit,
+                                     intensity, settings, progress)
     return FileResult(source.shape, out_shape, source.dtype, noise.sigma0, provenance, noise.estimated_noise_std)
 
 
@@ -163,9 +163,9 @@ def _check_same_run(output: Path, identity: RunIdentity) -> None:
                          f"run without --resume to start afresh, or `df5t clean {output} --yes` to remove it")
 
 
-def _restore_in_parallel(restorers, input_path: Path, series: int | None, roi: str | None, planes: range, emit: Emit,
-                         intensity, settings, progress: ProgressCallback | None) -> None:
-    run = max(1, min(r.group_size(r.options.grid_shape(_plane_shape(input_path, series, roi))) for r in restorers))
+def _restore_in_parallel(restorers, input_path: Path, series: int | None, roi: str | None, plane_shape: tuple[int, int],
+                         planes: range, emit: Emit, intensity, settings, progress: ProgressCallback | None) -> None:
+    run = max(1, min(r.group_size(r.options.grid_shape(plane_shape)) for r in restorers))
     runs = [planes[i : i + run] for i in range(0, len(planes), run)]
     todo: queue.Queue = queue.Queue()
     for item in runs:
@@ -215,11 +215,6 @@ def _restore_in_parallel(restorers, input_path: Path, series: int | None, roi: s
             slots.release()
     for thread in threads:
         thread.join()
-
-
-def _plane_shape(path: Path, series: int | None, roi: str | None) -> tuple[int, int]:
-    with open_input(path, series, roi) as source:
-        return source.shape[-2:]
 
 
 class _CombinedProgress:
