@@ -59,6 +59,15 @@ def em_dir(shared_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def model(tmp_path_factory) -> Path:
+    """The test model most tests restore with: tile 32, eps = 0.5 (x - the tile's mean), which
+    depends on the whole tile (tests/onnx_models.py)."""
+    from onnx_models import tile_mean_model
+
+    return tile_mean_model(tmp_path_factory.mktemp("model") / "mean.onnx", 32, gain=0.5)
+
+
+@pytest.fixture(scope="session")
 def mussel_tile3() -> np.ndarray:
     """Held-out real EM (mussel tile 3): the whole tile from shared/, else its travelling
     crop (rows 0-900, columns 0-300), which holds every region the GPU tests use."""

@@ -7,17 +7,9 @@ import numpy as np
 import pytest
 import tifffile
 from click.testing import CliRunner
-from onnx_models import tile_mean_model
 
 from df5t_deploy.cli import main
 from df5t_deploy.formats import read_provenance
-
-TILE = 32
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return tile_mean_model(tmp_path_factory.mktemp("model") / "mean.onnx", TILE, gain=0.5)
 
 
 @pytest.fixture

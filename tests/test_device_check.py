@@ -9,15 +9,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from kernel_emulation import EmulatedDevice, build_library
-from onnx_models import tile_mean_model
 from test_device_loop import EmulatedDeviceBackend
 
 from df5t_deploy import device_check
 from df5t_deploy.api import Restorer
 from df5t_deploy.cli import main
 from df5t_deploy.device_check import DeviceCheckError
-
-TILE = 32
 
 
 @pytest.fixture(autouse=True)
@@ -33,11 +30,6 @@ def good(tmp_path_factory):
 @pytest.fixture(scope="module")
 def off_by_one(tmp_path_factory):
     return build_library(tmp_path_factory.mktemp("bad"), defines=("DF5T_EMU_SKEW=1",))
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return tile_mean_model(tmp_path_factory.mktemp("model") / "mean.onnx", TILE, gain=0.5)
 
 
 def test_the_emulated_device_passes_every_walk(good):

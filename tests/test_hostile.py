@@ -29,11 +29,6 @@ from df5t_deploy.output_safety import lock_path
 TILE = 32
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    return tile_mean_model(tmp_path_factory.mktemp("model") / "mean.onnx", TILE, gain=0.5)
-
-
 @pytest.fixture
 def work(tmp_path, mussel_tile3) -> Path:
     """A folder with a real EM crop ``in.tif`` and a 3-plane stack ``stack.tif``."""

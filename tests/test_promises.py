@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import tifffile
 from click.testing import CliRunner
-from onnx_models import tile_mean_model
 from test_sampler import DenseDDRM, N, _measure, dense_operator
 
 from df5t_deploy.api import Restorer
@@ -31,11 +30,6 @@ from df5t_deploy.walks import restore_group
 
 TILE = 32
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    return tile_mean_model(tmp_path_factory.mktemp("model") / "mean.onnx", TILE, gain=0.5)
 
 
 @pytest.fixture(scope="module")
