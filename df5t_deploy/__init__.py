@@ -7,7 +7,7 @@ df5t_deploy`` stays light.
 
 from .version import __version__
 
-__all__ = ["RestoreSettings", "Restorer", "__version__"]
+__all__ = ["QueueFull", "RestoreSettings", "Restorer", "__version__"]
 
 
 def __getattr__(name: str):
@@ -15,6 +15,10 @@ def __getattr__(name: str):
         from .api import Restorer
 
         return Restorer
+    if name == "QueueFull":
+        from .frames import QueueFull
+
+        return QueueFull
     if name == "RestoreSettings":
         from .settings import RestoreSettings
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +16,7 @@ import numpy as np
 from .backends import Backend, open_backend
 from .files import sha256_of
 from .formats.base import Source
+from .frames import DEFAULT_MAX_PENDING, FrameQueue, QueueFull
 from .group_walker import GroupWalker
 from .intensity import IntensityMap, check_dtype, intensity_map_for_source, mean_and_std
 from .models import default_model_path
@@ -27,6 +31,7 @@ from .tasks import TaskOptions
 from .tiling import BlendedDenoiser, NetworkOutputError
 from .version import __version__
 from .volume import restore_isotropic, z_factor_of
+from .work import TaskStore
 
 #: An overlap that makes the network run this many times as often as without is warned about.
 OVERLAP_WARNING_FACTOR = 2.0
@@ -34,7 +39,10 @@ OVERLAP_WARNING_FACTOR = 2.0
 #: Called with (output plane index, samples [S, H, W] on the [0, 1] scale), in plane order.
 Emit = Callable[[int, np.ndarray], None]
 
-__all__ = ["NoiseLevel", "Restoration", "RestorationCancelled", "Restorer"]
+#: Settings a single call (``restore``, ``submit``) may give in place of the Restorer's.
+PER_CALL_SETTINGS = ("seed", "sigma0", "noise_std", "samples")
+
+__all__ = ["NoiseLevel", "PER_CALL_SETTINGS", "QueueFull", "Restoration", "RestorationCancelled", "Restorer"]
 
 
 @dataclass
@@ -59,6 +67,15 @@ class NoiseLevel:
     estimated_noise_std: float | None = None
 
 
+@dataclass(frozen=True)
+class _PreparedFrame:
+    restorer: Restorer  # with the call's settings
+    source: ArraySource
+    intensity: IntensityMap
+    noise: NoiseLevel
+    progress: ProgressCallback | None
+
+
 class Restorer:
     """Restores YX images and ZYX stacks with DDRM and a DF5T model.
 
@@ -80,23 +97,27 @@ class Restorer:
         report: Callable[[str], None] | None = None,
         gpu_memory_gb: float | None = None,
         strict_gpu: bool = False,
+        max_pending: int = DEFAULT_MAX_PENDING,
         **settings,
     ):
         """``settings``: any of ``RestoreSettings`` (sigma0 or noise_std, steps, eta, eta_b,
         seed, scale, blur_sigma, min_hole, z_factor, overlap, batch, max_region, samples);
-        ``mask``: inpainting's mask array (True or nonzero = missing) or "auto"."""
+        ``mask``: inpainting's mask array (True or nonzero = missing) or "auto";
+        ``max_pending``: frames ``submit`` holds before it blocks."""
         unknown = sorted(set(settings) - {f.name for f in setting_fields()})
         if unknown:
             raise TypeError(f"Restorer got unknown settings {unknown}; the settings are those of RestoreSettings: "
                             f"{', '.join(f.name for f in setting_fields())}")
-        self.settings = RestoreSettings(task=task, **settings)
-        s = self.settings
+        s = RestoreSettings(task=task, **settings)
+        self._adopt(s)
         self.options = TaskOptions(task, scale=s.scale, blur_sigma=s.blur_sigma, mask=mask, min_hole=s.min_hole,
                                    z_factor=s.z_factor)
         if threads is not None:
             whole_number("threads", threads, 1)
-        self.sigma0, self.noise_std = s.sigma0, s.noise_std
-        self.steps, self.eta, self.eta_b, self.seed, self.samples = s.steps, s.eta, s.eta_b, s.seed, s.samples
+        whole_number("max_pending", max_pending, 1)
+        self.max_pending = max_pending
+        self._frames: FrameQueue | None = None
+        self._frames_lock = threading.Lock()  # not the restoring lock: submit must not wait for a restore
         self.model_path = Path(model) if model is not None else default_model_path()
         if gpu_memory_gb is not None:
             cap_gpu_memory(device, gpu_memory_gb)
@@ -121,8 +142,17 @@ class Restorer:
     def schedule(self):
         return self.backend.info.schedule
 
-    def close(self) -> None:
-        """Release the backend (model, engine, device buffers); ``with Restorer(...)`` does it."""
+    def _adopt(self, s: RestoreSettings) -> None:
+        self.settings = s
+        self.sigma0, self.noise_std = s.sigma0, s.noise_std
+        self.steps, self.eta, self.eta_b, self.seed, self.samples = s.steps, s.eta, s.eta_b, s.seed, s.samples
+
+    def close(self, cancel_pending: bool = False) -> None:
+        """Finish the submitted frames (or cancel those not started, with ``cancel_pending``),
+        then release the backend (model, engine, device buffers). ``with Restorer(...)``
+        does it, cancelling if the block ends by an exception."""
+        if self._frames is not None:
+            self._frames.close(cancel_pending)
         with self._lock:
             self.walker.release()
             self.backend.close()
@@ -130,17 +160,57 @@ class Restorer:
     def __enter__(self) -> Restorer:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(cancel_pending=exc_type is not None)
 
     # ------------------------------------------------------------------ arrays
 
-    def restore(self, image: np.ndarray, progress: ProgressCallback | None = None) -> np.ndarray:
-        """The restored YX image or ZYX stack (same dtype; sr grows YX, isotropic grows Z)."""
-        return self.restore_full(image, progress).image
+    def restore(self, image: np.ndarray, progress: ProgressCallback | None = None, **options) -> np.ndarray:
+        """The restored YX image or ZYX stack (same dtype; sr grows YX, isotropic grows Z).
+        ``options``: per-call settings (``PER_CALL_SETTINGS``: seed, sigma0 or noise_std,
+        samples) in place of the Restorer's."""
+        return self.restore_full(image, progress, **options).image
 
-    def restore_full(self, image: np.ndarray, progress: ProgressCallback | None = None) -> Restoration:
+    def restore_full(self, image: np.ndarray, progress: ProgressCallback | None = None, **options) -> Restoration:
         """Like ``restore``, with the intensity map, sigma0, provenance and sample std."""
+        return self._restore_prepared(self._prepare(image, {**options, "progress": progress}))
+
+    def submit(self, image: np.ndarray, *, block: bool = True, timeout: float | None = None,
+               progress: ProgressCallback | None = None, **options) -> Future:
+        """Queue ``image`` for restoration; the future's result is its ``Restoration``, the same
+        as ``restore_full(image, **options)`` gives. Frames finish in submission order; the
+        next is prepared while one is restored. With ``max_pending`` frames queued this
+        blocks (up to ``timeout`` seconds), or raises ``QueueFull`` if ``block`` is False.
+        ``cancel()`` works for a frame not yet started; errors arrive through the future."""
+        self._call(options)  # a wrong option is the caller's error, raised here
+        with self._frames_lock:
+            if self._frames is None:
+                self._frames = FrameQueue(self._prepare, self._restore_prepared, self.max_pending)
+        return self._frames.submit(image, {**options, "progress": progress}, block, timeout)
+
+    def _call(self, options: dict) -> Restorer:
+        """This Restorer with the per-call settings ``options`` in place of its own, sharing its
+        backend, lock and device buffers."""
+        unknown = sorted(set(options) - set(PER_CALL_SETTINGS))
+        if unknown:
+            raise TypeError(f"per-call options are {', '.join(PER_CALL_SETTINGS)}; got {unknown}")
+        if not options:
+            return self
+        changes = dict(options)
+        if "sigma0" in changes or "noise_std" in changes:  # one replaces the other
+            changes = {"sigma0": None, "noise_std": None, **changes}
+        call = copy.copy(self)
+        call._adopt(dataclasses.replace(self.settings, **changes))
+        if call.samples != self.samples:
+            call.walker = GroupWalker(self.backend, self.denoiser, call.samples, self.walker.strict_gpu)
+        return call
+
+    def _prepare(self, image: np.ndarray, options: dict) -> _PreparedFrame:
+        """What restoring one array needs, worked out before the walk: checks, the intensity
+        map and the noise level."""
+        options = dict(options)
+        progress = options.pop("progress", None)
+        restorer = self._call(options)
         if not isinstance(image, (np.ndarray, list, tuple)):
             raise TypeError(f"image must be a numpy array (YX or ZYX), got {type(image).__name__}")
         image = np.asarray(image)
@@ -150,18 +220,22 @@ class Restorer:
         except ValueError as err:
             raise ValueError(f"image: {err}") from None
         intensity = intensity_map_for_source(source)
+        return _PreparedFrame(restorer, source, intensity, restorer.noise_level(source, intensity), progress)
+
+    @staticmethod
+    def _restore_prepared(frame: _PreparedFrame) -> Restoration:
+        restorer, source, intensity, noise = frame.restorer, frame.source, frame.intensity, frame.noise
         means, stds = {}, {}
 
         def collect(z: int, unit: np.ndarray) -> None:
             means[z], stds[z] = mean_and_std(unit, intensity)
 
-        noise = self.noise_level(source, intensity)
-        self.restore_source(source, collect, intensity, progress, settings=self.sampler_settings(noise))
+        restorer.restore_source(source, collect, intensity, frame.progress, settings=restorer.sampler_settings(noise))
         mean = np.stack([means[z] for z in sorted(means)])
-        std = np.stack([stds[z] for z in sorted(stds)]) if self.samples > 1 else None
-        if image.ndim == 2:
+        std = np.stack([stds[z] for z in sorted(stds)]) if restorer.samples > 1 else None
+        if source.array.ndim == 2:
             mean, std = mean[0], None if std is None else std[0]
-        return Restoration(mean, intensity, noise.sigma0, self.provenance(intensity, noise), std,
+        return Restoration(mean, intensity, noise.sigma0, restorer.provenance(intensity, noise), std,
                            noise.estimated_noise_std)
 
     # ------------------------------------------------------------------ streaming
@@ -181,22 +255,24 @@ class Restorer:
 
     def restore_source(
         self, source: Source, emit: Emit, intensity: IntensityMap, progress: ProgressCallback | None = None,
-        planes: range | None = None, settings: SamplerSettings | None = None,
+        planes: range | None = None, settings: SamplerSettings | None = None, store: TaskStore | None = None,
     ) -> float:
         """Restore ``source`` plane by plane, emitting output planes in order.
 
-        ``planes`` (2D tasks): the consecutive planes to restore, all by default; their noise
-        is that of their place in the whole stack. Returns the sigma0 used. Memory is bounded
-        by a group of planes (or, for isotropic restoration, by a slab of the volume),
-        whatever the stack's length.
+        ``planes``: the consecutive output planes to emit, all by default; their noise is that
+        of their place in the whole result. ``store``: where the run's tasks leave their
+        done-markers and intermediate results (``work``); a store kept from an interrupted run
+        of the same settings lets this one skip what that one finished. Returns the sigma0
+        used. Memory is bounded by a group of planes (or, for isotropic restoration, by a slab
+        of the volume), whatever the stack's length.
         """
         with self._lock, self._naming_the_model():
             settings = settings or self.sampler_settings(self.noise_level(source, intensity))
             if self.options.task == "isotropic":
-                restore_isotropic(self, source, intensity, settings, emit, progress)
+                restore_isotropic(self, source, intensity, settings, emit, progress, planes, store)
             else:
                 restore_planes(self, source, intensity, settings, emit, progress,
-                               range(source.planes) if planes is None else planes)
+                               range(source.planes) if planes is None else planes, store)
         return settings.sigma0
 
     @contextmanager

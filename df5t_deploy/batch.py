@@ -95,24 +95,27 @@ def restore_many(
     outputs: dict[Path, Path],
     *,
     overwrite: bool = False,
+    resume: bool = False,
     progress: Callable[[Path], ProgressCallback | None] = lambda source: None,
     report: Callable[[str], None] = print,
     **restore_options,
 ) -> BatchSummary:
     """Restore each input into its output; skip those done by this very run (unless
-    ``overwrite``); report and go on past a file that fails. ``progress(source)`` gives the
+    ``overwrite``); report and go on past a file that fails. ``resume``: a zarr output this
+    run left unfinished is continued, not begun again. ``progress(source)`` gives the
     progress callback of one file."""
     summary = BatchSummary()
     for folder in {out.parent for out in outputs.values()}:
         folder.mkdir(parents=True, exist_ok=True)
     for source, out in outputs.items():
         try:
-            if not overwrite and _done_by_this_run(restorers[0], source, out, restore_options.get("series"),
+            if not overwrite and done_by_this_run(restorers[0], source, out, restore_options.get("series"),
                                                    restore_options.get("roi")):
                 summary.skipped.append(source)
                 report(f"skipped {source}: {out} is its restoration by these settings and model")
                 continue
-            result: FileResult = restore_file(restorers, source, out, progress=progress(source), **restore_options)
+            result: FileResult = restore_file(restorers, source, out, progress=progress(source),
+                                              resume=resume and out.suffix.lower() == ".zarr", **restore_options)
             summary.restored.append(source)
             report(f"restored {source} -> {out} {result.output_shape} {result.dtype}")
         except Exception as err:  # one bad file is reported and the batch goes on
@@ -121,7 +124,7 @@ def restore_many(
     return summary
 
 
-def _done_by_this_run(restorer: Restorer, source: Path, out: Path, series: int | None, roi: str | None) -> bool:
+def done_by_this_run(restorer: Restorer, source: Path, out: Path, series: int | None, roi: str | None) -> bool:
     """Whether ``out`` holds this input's restoration by these settings and model; an
     existing output that is not one of ours is never replaced (an error for this file)."""
     if not out.exists():

@@ -202,7 +202,8 @@ def _read_mask(mask: str | None):
 @_run_options
 @click.option("--uncertainty", type=click.Path(), default=None,
               help="Also write the per-pixel std over --samples (input units, float32).")
-@click.option("--resume", is_flag=True, help="Continue an interrupted zarr output of the same run.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted zarr output of the same run: only the tasks "
+                                             "it had not finished are done (folder runs: every zarr output).")
 @click.option("--break-lock", is_flag=True, help="Take over the output's lock left by a run that is gone.")
 @click.option("--format", "output_format", type=click.Choice(OUTPUT_FORMATS), default=None,
               help="Folder runs: write every output in this format (default: each input's).")
@@ -216,7 +217,6 @@ def restore_command(inputs, output, mask, series, model, backend, device, thread
                     uncertainty, resume, break_lock, output_format, overwrite, roi, chunks, pyramid, **settings):
     """Restore EM images, stacks or volumes with DDRM and a DF5T model: one INPUT into the
     OUTPUT file, or several (files, folders, glob patterns) into the OUTPUT folder."""
-    from .api import Restorer
     from .batch import expand_inputs, is_folder_run, output_paths
     from .formats import ZarrLayout
     from .models import default_model_path
@@ -224,8 +224,8 @@ def restore_command(inputs, output, mask, series, model, backend, device, thread
     from .pipeline import restore_file
 
     folder_run = is_folder_run(inputs, output)
-    if folder_run and (uncertainty or resume):
-        raise click.UsageError("--uncertainty and --resume apply to one input; a folder run skips finished files")
+    if folder_run and uncertainty:
+        raise click.UsageError("--uncertainty applies to one input")
     if not folder_run and (output_format or overwrite):
         raise click.UsageError("--format and --overwrite apply to folder runs (several inputs, or OUTPUT ending with /)")
     model_reads = {"--mask": mask if mask not in (None, "auto") else None, "--model": model or default_model_path()}
@@ -240,17 +240,10 @@ def restore_command(inputs, output, mask, series, model, backend, device, thread
             raise FileNotFoundError(f"{inputs[0]}: no such file")
         else:
             check_outputs({"output": output, "--uncertainty": uncertainty}, {"input": inputs[0], **model_reads})
-        restorers = [
-            Restorer(
-                model, mask=_read_mask(mask), backend=backend, device=one, threads=threads,
-                report=None if quiet else lambda message: click.echo(message, err=True), gpu_memory_gb=gpu_memory,
-                strict_gpu=strict_gpu, **settings,
-            )
-            for one in parse_devices(device)
-        ]
+        restorers = _restorers(model, mask, backend, device, threads, gpu_memory, strict_gpu, quiet, settings)
     if folder_run:
         _restore_folder(restorers, outputs, quiet, overwrite, reads=model_reads, break_lock=break_lock, series=series,
-                        roi=roi, layout=layout)
+                        roi=roi, layout=layout, resume=resume)
         return
     with _reported(), _ProgressBar(quiet) as bar:
         result = restore_file(restorers, inputs[0], output, uncertainty_path=uncertainty, resume=resume,
@@ -258,6 +251,60 @@ def restore_command(inputs, output, mask, series, model, backend, device, thread
                               layout=layout)
     _report_restoration(restorers[0], inputs[0], result, time.perf_counter() - started)
     click.echo(f"wrote {output}" + (f" and {uncertainty}" if uncertainty else ""))
+
+
+def _restorers(model, mask, backend, device, threads, gpu_memory, strict_gpu, quiet, settings) -> list:
+    """One Restorer per device of --device, from the options every restoring command takes."""
+    from .api import Restorer
+
+    return [
+        Restorer(
+            model, mask=_read_mask(mask), backend=backend, device=one, threads=threads,
+            report=None if quiet else lambda message: click.echo(message, err=True), gpu_memory_gb=gpu_memory,
+            strict_gpu=strict_gpu, **settings,
+        )
+        for one in parse_devices(device)
+    ]
+
+
+@main.command("watch")
+@click.argument("in_dir", type=click.Path(file_okay=False))
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder the restorations are written to (outside IN_DIR), under the inputs' names.")
+@_setting_options()
+@_input_options
+@_run_options
+@click.option("--pattern", "patterns", multiple=True,
+              help="Names to restore (glob, repeatable). Default: the image formats df5t reads.")
+@click.option("--settle", type=float, default=None,
+              help="Seconds a file's size must stay the same before it is taken.  [default: 2]")
+@click.option("--poll", type=float, default=None,
+              help="Scan the folder every SECONDS instead of waiting for file-system events (network shares).")
+@click.option("--once", is_flag=True, help="Restore what is there, then exit (status 1 if any failed).")
+def watch_command(in_dir, out_dir, mask, series, model, backend, device, threads, gpu_memory, strict_gpu, quiet,
+                  patterns, settle, poll, once, **settings):
+    """Restore the image files that appear in IN_DIR (as an acquisition program writes them)
+    into OUTPUT, each once: complete files only, atomic outputs, failures logged to
+    OUTPUT/failed.log. Runs until Ctrl-C or SIGTERM, or with --once until IN_DIR is done."""
+    from .models import default_model_path
+    from .watch import DEFAULT_PATTERNS, DEFAULT_SETTLE_S, FolderWatcher, check_folders
+
+    if poll is not None and not poll > 0:
+        raise Refused(f"--poll must be a positive number of seconds, got {poll}")
+    reads = {"--mask": mask if mask not in (None, "auto") else None, "--model": model or default_model_path()}
+    with _reported():
+        watcher_options = {"patterns": patterns or DEFAULT_PATTERNS,
+                           "settle": DEFAULT_SETTLE_S if settle is None else settle}
+        check_folders(Path(in_dir), Path(out_dir))  # before loading the model
+        restorers = _restorers(model, mask, backend, device, threads, gpu_memory, strict_gpu, quiet, settings)
+        watcher = FolderWatcher(restorers, in_dir, out_dir, report=click.echo, reads=reads, series=series,
+                                **watcher_options)
+        if not once:
+            click.echo(f"watching {in_dir} (Ctrl-C to stop)")
+        summary = watcher.run(once=once, poll=poll)
+    click.echo(summary.line())
+    if summary.failed:
+        raise click.exceptions.Exit(1)
 
 
 def _chunk_shape(text: str | None) -> tuple[int, ...] | None:
@@ -310,7 +357,7 @@ def _restore_folder(restorers, outputs: dict, quiet: bool, overwrite: bool, **re
         files.close()
     click.echo(summary.line())
     if summary.failed:
-        raise SystemExit(1)
+        raise click.exceptions.Exit(1)
 
 
 def parse_devices(text: str) -> list[str]:

@@ -19,13 +19,14 @@ import numpy as np
 
 from .api import Emit, NoiseLevel, Restorer
 from .formats import ZarrLayout, check_writable, create_sink, open_source
-from .formats.base import Source
+from .formats.base import Sink, Source
 from .formats.zarr_format import partial_store
 from .intensity import IntensityMap, intensity_map_for_source, mean_and_std
 from .output_safety import OutputLock, check_outputs, recorded_provenance
 from .progress import Progress, ProgressCallback
 from .run_identity import RunIdentity
 from .streaming import RoiSource
+from .work import TaskStore
 
 #: Runs of planes in flight per worker, so memory stays bounded when one worker lags.
 RUNS_IN_FLIGHT_PER_WORKER = 2
@@ -67,8 +68,8 @@ def restore_file(
     """
     restorers = [restorer] if isinstance(restorer, Restorer) else list(restorer)
     first = restorers[0]
-    if resume and (first.options.task == "isotropic" or uncertainty_path is not None):
-        raise ValueError("--resume continues 2D restorations into zarr, without --uncertainty")
+    if resume and uncertainty_path is not None:
+        raise ValueError("--resume continues a zarr output without --uncertainty (its std output is not resumable)")
     check_outputs({"output": output_path, "--uncertainty": uncertainty_path},
                   {"input": input_path, "model": first.model_path, **(reads or {})})
     with open_input(input_path, series, roi) as source:
@@ -96,16 +97,17 @@ def restore_file(
 
             def emit(z: int, unit: np.ndarray) -> None:
                 mean, std = mean_and_std(unit, intensity)
-                sink.write_plane(mean)
+                sink.write_plane(mean, z)
                 if std_sink is not None:
-                    std_sink.write_plane(std)
+                    std_sink.write_plane(std, z)
 
-            planes = range(sink.written, source.planes)
-            if len(restorers) == 1 or first.options.task == "isotropic" or len(planes) < 2:
-                first.restore_source(source, emit, intensity, progress, planes=planes, settings=settings)
-            else:
-                _restore_in_parallel(restorers, Path(input_path), series, roi, source.shape[-2:], planes, emit,
-                                     intensity, settings, progress)
+            for planes in _runs_to_do(sink):
+                if len(restorers) == 1 or first.options.task == "isotropic" or len(planes) < 2:
+                    first.restore_source(source, emit, intensity, progress, planes=planes, settings=settings,
+                                         store=sink.tasks)
+                else:
+                    _restore_in_parallel(restorers, Path(input_path), series, roi, source.shape[-2:], planes, emit,
+                                         intensity, settings, progress, sink.tasks)
     return FileResult(source.shape, out_shape, source.dtype, noise.sigma0, provenance, noise.estimated_noise_std)
 
 
@@ -151,6 +153,18 @@ def run_identity_of(restorer: Restorer, input_path: str | Path, series: int | No
         return _plan(restorer, source, input_path, series).identity
 
 
+def _runs_to_do(sink: Sink) -> list[range]:
+    """The output planes still to write, as runs of consecutive planes (all of them, unless a
+    resumed sink has some already)."""
+    runs: list[range] = []
+    for z in sink.missing_planes():
+        if runs and runs[-1].stop == z:
+            runs[-1] = range(runs[-1].start, z + 1)
+        else:
+            runs.append(range(z, z + 1))
+    return runs
+
+
 def _check_same_run(output: Path, identity: RunIdentity) -> None:
     """``--resume`` continues an interrupted output of this very run, nothing else."""
     partial = partial_store(output)
@@ -164,7 +178,8 @@ def _check_same_run(output: Path, identity: RunIdentity) -> None:
 
 
 def _restore_in_parallel(restorers, input_path: Path, series: int | None, roi: str | None, plane_shape: tuple[int, int],
-                         planes: range, emit: Emit, intensity, settings, progress: ProgressCallback | None) -> None:
+                         planes: range, emit: Emit, intensity, settings, progress: ProgressCallback | None,
+                         store: TaskStore | None) -> None:
     run = max(1, min(r.group_size(r.options.grid_shape(plane_shape)) for r in restorers))
     runs = [planes[i : i + run] for i in range(0, len(planes), run)]
     todo: queue.Queue = queue.Queue()
@@ -194,7 +209,7 @@ def _restore_in_parallel(restorers, input_path: Path, series: int | None, roi: s
                             ready.notify_all()
 
                     restorer.restore_source(source, collect, intensity, combined.for_worker(worker),
-                                            planes=item, settings=settings)
+                                            planes=item, settings=settings, store=store)
         except BaseException as err:  # handed to the writing thread
             with ready:
                 failure.append(err)

@@ -53,6 +53,11 @@ class ProgressTracker:
 
         return on_step
 
+    def already_done(self, tiles: int) -> None:
+        """Work a resumed run found finished counts as done."""
+        self.tiles_done += tiles
+        self.report()
+
     def planes_finished(self, count: int, pixels: int) -> None:
         self.planes_done += count
         self.pixels_done += pixels

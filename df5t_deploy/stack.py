@@ -1,6 +1,7 @@
 """Restoring the planes of an image or stack with a 2D task: planes in groups, each plane in
-super-tile regions when it is larger than ``max_region``, blended at the end. The isotropic
-task has its own module (``volume``)."""
+super-tile regions when it is larger than ``max_region``, blended at the end. With a task
+store (``work``), each region's samples are kept there as they finish, so a resumed run
+restores only the regions it lacks. The isotropic task has its own module (``volume``)."""
 
 from __future__ import annotations
 
@@ -19,16 +20,17 @@ from .streaming import prefetch
 from .tasks import TaskError, missing_pixels
 from .tiling import WindowedSum
 from .walks import labelled, overlapped, tiles_per_plane
+from .work import TaskStore, region_task
 
 if TYPE_CHECKING:
     from .api import Emit, Restorer
 
 
 def restore_planes(restorer: "Restorer", source: Source, intensity: IntensityMap, settings: SamplerSettings,
-                   emit: "Emit", progress: ProgressCallback | None, planes: range) -> None:
+                   emit: "Emit", progress: ProgressCallback | None, planes: range, store: TaskStore | None) -> None:
     """Restore ``planes`` of ``source`` with a 2D task, emitting samples [S, H, W] per plane in
     order; groups of planes share network calls, and the next group is read and started
-    before the host waits for this one."""
+    before the host waits for this one. ``store``: where finished regions are kept and found."""
     r = restorer
     grid = r.options.grid_shape(source.shape[-2:])
     regions = layout(source.shape[-2:], r.options.factor, r.backend.info.tile, r.max_region)
@@ -53,7 +55,8 @@ def restore_planes(restorer: "Restorer", source: Source, intensity: IntensityMap
             else:
                 check_finite(block, None, first if where else None)
             y = intensity.to_model(block)
-            collect = _start_regions(r, y, missing, regions, range(first, first + len(block)), settings, tracker)
+            collect = _start_regions(r, y, missing, regions, range(first, first + len(block)), settings, tracker,
+                                     store)
             yield labelled(first, collect)
 
     for first, unit in overlapped(started()):
@@ -63,10 +66,10 @@ def restore_planes(restorer: "Restorer", source: Source, intensity: IntensityMap
 
 
 def _start_regions(r: "Restorer", y, missing, regions: list[Region], plane_ids: range, settings: SamplerSettings,
-                   tracker: ProgressTracker) -> Callable[[], np.ndarray]:
+                   tracker: ProgressTracker, store: TaskStore | None) -> Callable[[], np.ndarray]:
     """Begin restoring planes y [G, h, w]; the collector returns samples [G, S, H, W]. A
-    plane over max_region is restored one super-tile after another when collected, and the
-    super-tiles blended (the one WindowedSum)."""
+    plane over max_region is restored one super-tile after another when collected (or found
+    in ``store``), and the super-tiles blended (the one WindowedSum)."""
     f = r.options.factor
 
     def start(region):
@@ -78,9 +81,21 @@ def _start_regions(r: "Restorer", y, missing, regions: list[Region], plane_ids: 
     if len(regions) == 1:
         return start(regions[0])
 
+    def started():
+        for index, region in enumerate(regions):
+            tasks = [region_task(z, index) for z in plane_ids]
+            if store is None:
+                yield start(region)
+            elif all(store.is_done(task) for task in tasks):
+                tracker.already_done(len(plane_ids) * tiles_per_plane(
+                    r.denoiser, (region.height * f, region.width * f), r.samples, r.steps, r.schedule))
+                yield lambda tasks=tasks: np.stack([store.load(task) for task in tasks])
+            else:
+                yield _kept(start(region), store, tasks)
+
     def blended() -> np.ndarray:
         blend = WindowedSum((len(y), r.samples, y.shape[-2] * f, y.shape[-1] * f))
-        for region, unit in zip(regions, overlapped(start(region) for region in regions), strict=True):
+        for region, unit in zip(regions, overlapped(started()), strict=True):
             window = np.outer(region.wy, region.wx).astype(np.float32)
             rows = slice(region.y * f, (region.y + region.height) * f)
             cols = slice(region.x * f, (region.x + region.width) * f)
@@ -89,3 +104,15 @@ def _start_regions(r: "Restorer", y, missing, regions: list[Region], plane_ids: 
         return blend.mean()
 
     return blended
+
+
+def _kept(collect: Callable[[], np.ndarray], store: TaskStore, tasks: list[str]) -> Callable[[], np.ndarray]:
+    """A collector that also keeps each plane's samples in ``store`` under its task."""
+
+    def collect_and_keep() -> np.ndarray:
+        unit = collect()
+        for task, samples in zip(tasks, unit, strict=True):
+            store.save(task, samples)
+        return unit
+
+    return collect_and_keep

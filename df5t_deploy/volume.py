@@ -3,14 +3,13 @@ k times its xy spacing is the isotropic volume box-averaged over k planes and su
 acquired plane i is the mean of isotropic planes [i*k, (i+1)*k).
 
 DDRM restores every XZ plane (streaming over y) and every YZ plane (streaming over x) with
-the along-z block operator; the two orientations are averaged. Both passes accumulate into a
-float32 memory map on disk, so memory holds one slab of the input, never the volume.
+the along-z block operator; the two orientations are averaged. Each pass keeps its samples in
+a float32 memory map on disk (in the run's task store), so memory holds one slab of the
+input, never the volume, and a resumed run redoes only the slabs that had not finished.
 """
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -23,12 +22,10 @@ from .progress import ProgressTracker
 from .sampler import SamplerSettings
 from .tasks import MAX_Z_FACTOR, MIN_Z_FACTOR, TaskError
 from .walks import labelled, overlapped, tiles_per_plane
+from .work import TaskStore, slab_task, slabs
 
 if TYPE_CHECKING:
     from .api import Emit, Restorer
-
-#: Bytes of input held per slab (rows for XZ planes, columns for YZ planes).
-SLAB_BYTES = 64 * 2**20
 
 
 def z_factor_of(source: Source, given: int | None) -> int:
@@ -57,34 +54,52 @@ def restore_isotropic(
     settings: SamplerSettings,
     emit: "Emit",
     progress,
+    planes: range | None = None,
+    store: TaskStore | None = None,
 ) -> None:
+    """Emit output planes ``planes`` (all by default) of the isotropic volume. The passes keep
+    their samples in ``store`` (a temporary one by default), a slab at a time; slabs a
+    resumed store marks done are not restored again."""
+    if store is None:
+        with TaskStore.temporary() as temporary:
+            return restore_isotropic(restorer, source, intensity, settings, emit, progress, planes, temporary)
     k = z_factor_of(source, restorer.options.z_factor)
     z, ny, nx = source.shape
     samples = restorer.samples
+    planes = range(z * k) if planes is None else planes
     cost_xz = tiles_per_plane(restorer.denoiser, (z * k, nx), samples, restorer.steps, restorer.schedule)
     cost_yz = tiles_per_plane(restorer.denoiser, (z * k, ny), samples, restorer.steps, restorer.schedule)
     tracker = ProgressTracker(progress, ny * cost_xz + nx * cost_yz, ny + nx, 2 * z * k * ny * nx)
     tracker.report()
-    with tempfile.TemporaryDirectory(prefix="df5t-isotropic-") as scratch:
-        fused = np.lib.format.open_memmap(Path(scratch) / "fused.npy", mode="w+", dtype=np.float32,
-                                          shape=(samples, z * k, ny, nx))
-        pass_ = _OrientationPass(restorer, intensity, settings, k, tracker)
-        for y0, y1 in _slabs(ny, z * nx * source.dtype.itemsize):
-            rows = source.rows(y0, y1)  # [Z, rows, X]
-            for first, unit in pass_.run(np.moveaxis(rows, 1, 0), ORIENTATION_XZ, y0):
-                fused[:, :, first : first + len(unit), :] = 0.5 * np.moveaxis(unit, 0, 2)
-        for x0, x1 in _slabs(nx, z * ny * source.dtype.itemsize):
-            cols = np.stack([source.plane(i)[:, x0:x1] for i in range(z)])  # [Z, Y, cols]
-            for first, unit in pass_.run(np.moveaxis(cols, 2, 0), ORIENTATION_YZ, x0):
-                fused[:, :, :, first : first + len(unit)] += 0.5 * np.moveaxis(unit, 0, 3)
-        for plane in range(z * k):
-            emit(plane, np.asarray(fused[:, plane]))
-        del fused
+    shape = (samples, z * k, ny, nx)
+    xz, yz = store.scratch(("xz", "yz"), shape, "the isotropic passes")
+    pass_ = _OrientationPass(restorer, intensity, settings, k, tracker)
+    for y0, y1 in slabs(ny, z * nx):
+        if _skipped(store, slab_task("xz", y0, y1), tracker, (y1 - y0) * cost_xz, y1 - y0, z * k * nx):
+            continue
+        rows = source.rows(y0, y1)  # [Z, rows, X]
+        for first, unit in pass_.run(np.moveaxis(rows, 1, 0), ORIENTATION_XZ, y0):
+            xz[:, :, first : first + len(unit), :] = np.moveaxis(unit, 0, 2)
+        store.mark_done(slab_task("xz", y0, y1))
+    for x0, x1 in slabs(nx, z * ny):
+        if _skipped(store, slab_task("yz", x0, x1), tracker, (x1 - x0) * cost_yz, x1 - x0, z * k * ny):
+            continue
+        cols = np.stack([source.plane(i)[:, x0:x1] for i in range(z)])  # [Z, Y, cols]
+        for first, unit in pass_.run(np.moveaxis(cols, 2, 0), ORIENTATION_YZ, x0):
+            yz[:, :, :, first : first + len(unit)] = np.moveaxis(unit, 0, 3)
+        store.mark_done(slab_task("yz", x0, x1))
+    for plane in planes:
+        emit(plane, 0.5 * xz[:, plane] + 0.5 * yz[:, plane])
+    del xz, yz
 
 
-def _slabs(length: int, bytes_per_line: int):
-    step = max(1, SLAB_BYTES // max(1, bytes_per_line))
-    return [(i, min(length, i + step)) for i in range(0, length, step)]
+def _skipped(store: TaskStore, task: str, tracker: ProgressTracker, tiles: int, planes: int, pixels: int) -> bool:
+    """Whether ``task`` was finished by an earlier run (and counted so in the progress)."""
+    if not store.is_done(task):
+        return False
+    tracker.already_done(tiles)
+    tracker.planes_finished(planes, planes * pixels)
+    return True
 
 
 class _OrientationPass:

@@ -90,4 +90,23 @@ def test_an_existing_output_that_is_not_ours_is_left_alone(model, inputs, tmp_pa
 
 def test_one_input_options_are_refused_in_a_folder_run(model, inputs, tmp_path):
     code, output = run(model, inputs, "-o", tmp_path / "out", "--samples", "2", "--uncertainty", tmp_path / "u.tif")
-    assert code == 2 and "apply to one input" in output, output
+    assert code == 2 and "--uncertainty applies to one input" in output, output
+
+
+def test_resume_continues_an_interrupted_zarr_output_of_a_folder_run(model, inputs, tmp_path):
+    from df5t_deploy import Restorer
+    from df5t_deploy.batch import output_paths, restore_many
+
+    outputs = output_paths(sorted(inputs.glob("tile*.tif")), tmp_path / "out", "zarr")
+    restorer = Restorer(model, sigma0=0.1, steps=2, seed=1)
+    plane_cost = 12  # tiles of one 40 x 48 plane at 2 steps
+
+    def cancel_the_second_file(source):
+        return (lambda event: event.tiles_done < plane_cost // 2) if source.name == "tile1.tif" else None
+
+    summary = restore_many([restorer], outputs, progress=cancel_the_second_file, report=lambda line: None)
+    assert [source.name for source, _ in summary.failed] == ["tile1.tif"]
+    assert "cancelled" in summary.failed[0][1] and list((tmp_path / "out").glob(".tile1.zarr.partial-*"))
+    summary = restore_many([restorer], outputs, resume=True, report=lambda line: None)
+    assert (len(summary.restored), len(summary.skipped), summary.failed) == (1, 2, [])
+    assert not list((tmp_path / "out").glob(".*")), "the interrupted output was not the one continued"

@@ -252,7 +252,7 @@ def test_a_real_signal_to_a_running_restore_leaves_nothing_partial(work, model, 
 
     def started() -> bool:  # the output's partial exists, and for isotropic its scratch volume
         return bool(list(work.glob(".out.partial-*"))) and (
-            task != "isotropic" or bool(list(scratch.glob("df5t-isotropic-*/fused.npy"))))
+            task != "isotropic" or bool(list(scratch.glob("df5t-work-*/xz.npy"))))
 
     deadline = time.monotonic() + 60
     while not started() and time.monotonic() < deadline:
@@ -499,7 +499,7 @@ def test_a_disk_that_fills_up_while_writing_leaves_nothing_partial(work, model, 
     def full_disk_sink(*args, **kwargs):
         sink = real_create(*args, **kwargs)
 
-        def no_space(plane):
+        def no_space(z, plane):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(sink.path))
 
         monkeypatch.setattr(sink, "_write", no_space)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..files import temporary_sibling
+from ..work import TaskStore, plane_task
 
 
 class ImageFormatError(ValueError):
@@ -106,11 +107,16 @@ class Source(ABC):
 
 
 class Sink(ABC):
-    """Receives planes in order; the file appears under its name only when all are written.
+    """Receives planes; the file appears under its name only when all are written.
 
     Use as a context manager: leaving it by an exception (Ctrl-C included) removes every
-    partial file.
+    partial file (a resumable sink keeps its partial folder, hidden, for ``--resume``).
     """
+
+    #: Whether planes may arrive in any order (each written where its index says).
+    any_order = False
+    #: A resumable sink's done-markers: which planes an interrupted run already wrote.
+    tasks: TaskStore | None = None
 
     def __init__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype, meta: ImageMeta, provenance: dict | None):
         self.path, self.shape, self.dtype = Path(path), tuple(shape), np.dtype(dtype)
@@ -121,17 +127,29 @@ class Sink(ABC):
     def planes(self) -> int:
         return self.shape[0] if len(self.shape) == 3 else 1
 
-    def write_plane(self, plane: np.ndarray) -> None:
+    def write_plane(self, plane: np.ndarray, z: int | None = None) -> None:
+        """Write plane ``z``: the next one by default, any one if the sink takes ``any_order``."""
+        z = self.written if z is None else z
         expected = self.shape[-2:]
         if plane.shape != expected:
             raise ValueError(f"plane of shape {plane.shape} written to a sink of planes {expected}")
         if self.written >= self.planes:
             raise ValueError(f"{self.path}: all {self.planes} planes are already written")
-        self._write(np.asarray(plane, dtype=self.dtype))
+        if not 0 <= z < self.planes or (z != self.written and not self.any_order):
+            raise ValueError(f"{self.path}: plane {z} cannot be written now (the next is {self.written} "
+                             f"of {self.planes}, in order)")
+        self._write(z, np.asarray(plane, dtype=self.dtype))
         self.written += 1
 
+    def missing_planes(self) -> list[int]:
+        """The planes not yet written, in order (by this sink, or by the interrupted run a
+        resumable sink continues)."""
+        if self.tasks is None:
+            return list(range(self.written, self.planes))
+        return [z for z in range(self.planes) if not self.tasks.is_done(plane_task(z))]
+
     @abstractmethod
-    def _write(self, plane: np.ndarray) -> None: ...
+    def _write(self, z: int, plane: np.ndarray) -> None: ...
 
     @abstractmethod
     def _commit(self) -> None:

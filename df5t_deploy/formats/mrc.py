@@ -81,12 +81,12 @@ class MrcSink(TempFileSink):
             self._mrc.voxel_size = tuple(10.0 * (v if v is not None else 0.0) for v in voxel)
         self._stats = _RunningStats()
 
-    def _write(self, plane: np.ndarray) -> None:
+    def _write(self, z: int, plane: np.ndarray) -> None:
         data = self._mrc.data
         if data.ndim == 2:
             data[...] = plane
         else:
-            data[self.written] = plane
+            data[z] = plane
         self._stats.add(plane)
         data.flush()  # on disk, then out of this process's memory
         _release(data)

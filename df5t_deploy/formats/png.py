@@ -52,7 +52,7 @@ class PngSink(TempFileSink):
         super().__init__(path, shape, dtype, meta, provenance)
         self._plane = None
 
-    def _write(self, plane: np.ndarray) -> None:
+    def _write(self, z: int, plane: np.ndarray) -> None:
         self._plane = plane
 
     def _close(self) -> None:

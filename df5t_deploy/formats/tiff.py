@@ -201,7 +201,7 @@ class TiffSink(TempFileSink):
             kwargs.update(resolution=(_NM_PER_CM / voxel[0], _NM_PER_CM / voxel[1]), resolutionunit="CENTIMETER")
         return kwargs
 
-    def _write(self, plane: np.ndarray) -> None:
+    def _write(self, z: int, plane: np.ndarray) -> None:
         self._put(plane)
         self._raise_writer_error()
 

@@ -1,19 +1,22 @@
 """zarr and OME-Zarr: NGFF 0.5 on zarr v3 (0.4 on zarr v2), a multiscale image whose level 0
 is the full resolution, one plane a chunk unless asked otherwise.
 
-The output is built in a hidden folder beside the target and renamed when complete. With
-``resume=True`` an interrupted output is continued: planes already written (recorded in the
-folder's attributes) are skipped by the caller.
+The output is built in a hidden folder beside the target and renamed when complete. Planes
+may be written in any order; each leaves a done-marker in the folder's task store (``work``),
+which also holds the run's intermediate results. With ``resume=True`` an interrupted output
+is continued: planes and tasks already done are skipped by the caller.
 """
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..work import TaskStore
 from .base import (
     ImageFormatError,
     ImageMeta,
@@ -24,7 +27,8 @@ from .base import (
 )
 
 SUFFIXES = (".zarr",)
-PROGRESS_ATTR = "df5t_planes_written"
+#: The task store inside an unfinished output (removed before it takes its name).
+TASKS_FOLDER = ".df5t-tasks"
 #: The most pyramid levels an output may have (each halves y and x).
 MAX_LEVELS = 8
 
@@ -128,6 +132,8 @@ class ZarrLayout:
 
 
 class ZarrSink(TempDirSink):
+    any_order = True
+
     def __init__(self, path, shape, dtype, meta, provenance, resume: bool = False, layout: ZarrLayout | None = None):
         import zarr
 
@@ -135,12 +141,13 @@ class ZarrSink(TempDirSink):
         partial = partial_store(path) if resume else None
         super().__init__(path, shape, dtype, meta, provenance, partial=partial)
         if partial is not None:
+            self.tasks = self._task_store()
             self._group = zarr.open_group(str(self.tmp), mode="r+")
             self._levels = [self._group[str(i)] for i in range(len(multiscales(dict(self._group.attrs))[0]["datasets"]))]
             if tuple(self._levels[0].shape) != self.shape or np.dtype(self._levels[0].dtype) != self.dtype:
                 raise ImageFormatError(f"{partial}: cannot resume, it holds {self._levels[0].shape} "
                                        f"{self._levels[0].dtype}")
-            self.written = int(self._group.attrs.get(PROGRESS_ATTR, 0))
+            self.written = self.planes - len(self.missing_planes())
             return
         self._group = zarr.open_group(str(self.tmp), mode="w")
         # every chunk written, even one of fill values, so that readers can tell data from absence
@@ -149,7 +156,10 @@ class ZarrSink(TempDirSink):
                                                  config={"write_empty_chunks": True})
                         for i, level in enumerate(self.layout.level_shapes(self.shape))]
         self._group.attrs.update(self._ome_attrs())
-        self._group.attrs[PROGRESS_ATTR] = 0
+        self.tasks = self._task_store()  # after the group: creating it empties the folder
+
+    def _task_store(self) -> TaskStore:
+        return TaskStore(self.tmp / TASKS_FOLDER, "write the output to a disk with more free space")
 
     def _ome_attrs(self) -> dict:
         axes = [{"name": a.lower(), "type": "space", "unit": "nanometer"} for a in self.meta.axes]
@@ -174,14 +184,18 @@ class ZarrSink(TempDirSink):
             attrs["df5t"] = self.provenance
         return attrs
 
-    def _write(self, plane: np.ndarray) -> None:
+    def _write(self, z: int, plane: np.ndarray) -> None:
         for level in self._levels:
             if len(self.shape) == 2:
                 level[...] = plane
             else:
-                level[self.written] = plane
+                level[z] = plane
             plane = _half(plane, level.dtype)
-        self._group.attrs[PROGRESS_ATTR] = self.written + 1
+        self.tasks.plane_written(z)
+
+    def _commit(self) -> None:
+        shutil.rmtree(self.tasks.folder)
+        super()._commit()
 
     def _abort(self) -> None:
         """Keep the partial store for ``--resume`` (hidden, named as partial), and say so."""
