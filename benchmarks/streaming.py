@@ -1,0 +1,124 @@
+"""Latency and frame rate of restoring frames as they are acquired, in process.
+
+    python benchmarks/streaming.py [--steps 10] [--small 8] [--large 2] [--smoke]
+
+Frames are crops of held-out real EM (mussel tile 3): ``--small`` of 512 x 512 and
+``--large`` of 2048 x 2048 (a 1768-row tile: the large crop is tiled from it), restored with
+the bundled model at ``--steps``, denoising at sigma0 0.1. Three ways, on the same frames in
+the same process:
+
+- baseline: ``restore()`` called once per frame, one after another (what a script without
+  the streaming API does);
+- ``submit`` at queue depth 1: a frame is submitted when the previous result arrived;
+- ``submit`` at queue depth 4: up to four frames in flight, so preparation of the next frame
+  overlaps the restoration of the current one.
+
+Latency is from the call (or submit) to the result; frames per second over the whole set.
+Results go to benchmarks/results/streaming_<device>.json with the command and the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+EM_FILE = "micrograph_vemstitch-mussel_tile3_2_2_1768x2048.tif"
+
+
+def frames(data_dir: Path, small: int, large: int) -> list[np.ndarray]:
+    import tifffile
+
+    tile = tifffile.imread(data_dir / EM_FILE)
+    crops = [np.ascontiguousarray(tile[(97 * i) % 1200 : (97 * i) % 1200 + 512, 300 * i % 1500 : 300 * i % 1500 + 512])
+             for i in range(small)]
+    big = np.concatenate([tile, tile[::-1]], axis=0)[:2048, :2048]  # the tile and its mirror: 2048 rows
+    return crops + [np.ascontiguousarray(np.roll(big, 512 * i, axis=1)) for i in range(large)]
+
+
+def _summary(latencies: list[float], seconds: float, count: int) -> dict:
+    ordered = sorted(latencies)
+    return {"frames": count, "seconds": round(seconds, 2), "frames_per_s": round(count / seconds, 4),
+            "latency_p50_s": round(statistics.median(ordered), 3),
+            "latency_p95_s": round(ordered[min(len(ordered) - 1, int(np.ceil(0.95 * len(ordered))) - 1)], 3)}
+
+
+def run_baseline(restorer, images: list[np.ndarray]) -> tuple[dict, list[np.ndarray]]:
+    latencies, results = [], []
+    started = time.perf_counter()
+    for image in images:
+        t0 = time.perf_counter()
+        results.append(restorer.restore(image))
+        latencies.append(time.perf_counter() - t0)
+    return _summary(latencies, time.perf_counter() - started, len(images)), results
+
+
+def run_submit(restorer, images: list[np.ndarray], depth: int) -> tuple[dict, list[np.ndarray]]:
+    latencies, results = [], []
+    in_flight: deque = deque()
+    started = time.perf_counter()
+
+    def finish_oldest():
+        submitted, future = in_flight.popleft()
+        results.append(future.result().image)
+        latencies.append(time.perf_counter() - submitted)
+
+    for image in images:
+        if len(in_flight) == depth:
+            finish_oldest()
+        in_flight.append((time.perf_counter(), restorer.submit(image)))
+    while in_flight:
+        finish_oldest()
+    return _summary(latencies, time.perf_counter() - started, len(images)), results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "em")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--small", type=int, default=8)
+    parser.add_argument("--large", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--smoke", action="store_true", help="2 small frames, 0 large, 2 steps (CI)")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    args = parser.parse_args()
+    if args.smoke:
+        args.small, args.large, args.steps = 2, 0, 2
+    from df5t_deploy import Restorer
+
+    images = frames(args.data, args.small, args.large)
+    restorer = Restorer(sigma0=0.1, steps=args.steps, device=args.device, max_pending=4)
+    restorer.restore(images[0][:256, :256])  # warm-up: the session and its first shapes
+    rows = {}
+    rows["restore() one by one"], expected = run_baseline(restorer, images)
+    for depth in (1, 4):
+        rows[f"submit, queue depth {depth}"], results = run_submit(restorer, images, depth)
+        if not all(np.array_equal(a, b) for a, b in zip(results, expected, strict=True)):
+            raise SystemExit(f"queue depth {depth}: a result differs from restore() of the same frame")
+    restorer.close()
+    record = {"command": "python " + " ".join([os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]]),
+              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "device": args.device},
+              "model": str(restorer.model_path.name), "steps": args.steps,
+              "frames": {"512x512": args.small, "2048x2048": args.large}, "rows": rows,
+              "identical_to_restore": True}
+    print(f"{'':28s} {'frames/s':>9s} {'p50 s':>8s} {'p95 s':>8s}")
+    for name, row in rows.items():
+        print(f"{name:28s} {row['frames_per_s']:9.3f} {row['latency_p50_s']:8.2f} {row['latency_p95_s']:8.2f}")
+    if not args.smoke:
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / f"streaming_{args.device.replace(':', '')}.json"
+        path.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
