@@ -11,7 +11,10 @@ the same process:
   the streaming API does);
 - ``submit`` at queue depth 1: a frame is submitted when the previous result arrived;
 - ``submit`` at queue depth 4: up to four frames in flight, so preparation of the next frame
-  overlaps the restoration of the current one.
+  overlaps the restoration of the current one;
+- through ``df5t serve`` on loopback (same model and settings, its own process), with 1 and 4
+  requests in flight (``client.restore_remote``): what an acquisition PC sees, TIFF encoding
+  and HTTP included.
 
 Latency is from the call (or submit) to the result; frames per second over the whole set.
 Results go to benchmarks/results/streaming_<device>.json with the command and the machine.
@@ -81,6 +84,35 @@ def run_submit(restorer, images: list[np.ndarray], depth: int) -> tuple[dict, li
     return _summary(latencies, time.perf_counter() - started, len(images)), results
 
 
+def run_server(url: str, images: list[np.ndarray], depth: int) -> tuple[dict, list[np.ndarray]]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from df5t_deploy.client import restore_remote
+
+    def timed(image):
+        t0 = time.perf_counter()
+        result = restore_remote(url, image, busy_wait=3600)
+        return time.perf_counter() - t0, result
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(depth) as pool:
+        answers = list(pool.map(timed, images))
+    return (_summary([t for t, _ in answers], time.perf_counter() - started, len(images)),
+            [result for _, result in answers])
+
+
+def start_server(steps: int, device: str):
+    import subprocess
+
+    process = subprocess.Popen([sys.executable, "-c", "from df5t_deploy.cli import entry; entry()", "serve",
+                                "--port", "0", "--sigma0", "0.1", "--steps", str(steps), "--device", device,
+                                "--max-pending", "4"], stdout=subprocess.PIPE, text=True)
+    line = process.stdout.readline()
+    if not line.startswith("listening on "):
+        raise SystemExit(f"df5t serve did not start: {line}")
+    return process, line.split()[-1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "em")
@@ -105,6 +137,15 @@ def main() -> None:
         if not all(np.array_equal(a, b) for a, b in zip(results, expected, strict=True)):
             raise SystemExit(f"queue depth {depth}: a result differs from restore() of the same frame")
     restorer.close()
+    server, url = start_server(args.steps, args.device)
+    try:
+        for depth in (1, 4):
+            rows[f"df5t serve, {depth} in flight"], results = run_server(url, images, depth)
+            if not all(np.array_equal(a, b) for a, b in zip(results, expected, strict=True)):
+                raise SystemExit(f"server, {depth} in flight: a result differs from restore() of the same frame")
+    finally:
+        server.terminate()
+        server.wait()
     record = {"command": "python " + " ".join([os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]]),
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "device": args.device},
               "model": str(restorer.model_path.name), "steps": args.steps,

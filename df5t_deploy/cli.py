@@ -253,15 +253,16 @@ def restore_command(inputs, output, mask, series, model, backend, device, thread
     click.echo(f"wrote {output}" + (f" and {uncertainty}" if uncertainty else ""))
 
 
-def _restorers(model, mask, backend, device, threads, gpu_memory, strict_gpu, quiet, settings) -> list:
-    """One Restorer per device of --device, from the options every restoring command takes."""
+def _restorers(model, mask, backend, device, threads, gpu_memory, strict_gpu, quiet, settings, **extra) -> list:
+    """One Restorer per device of --device, from the options every restoring command takes
+    (``extra``: further Restorer keywords)."""
     from .api import Restorer
 
     return [
         Restorer(
             model, mask=_read_mask(mask), backend=backend, device=one, threads=threads,
             report=None if quiet else lambda message: click.echo(message, err=True), gpu_memory_gb=gpu_memory,
-            strict_gpu=strict_gpu, **settings,
+            strict_gpu=strict_gpu, **settings, **extra,
         )
         for one in parse_devices(device)
     ]
@@ -305,6 +306,58 @@ def watch_command(in_dir, out_dir, mask, series, model, backend, device, threads
     click.echo(summary.line())
     if summary.failed:
         raise click.exceptions.Exit(1)
+
+
+@main.command("serve")
+@_setting_options()
+@_input_options
+@_run_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; beyond loopback it needs --token-file (and should use TLS).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="0: a free port.")
+@click.option("--token-file", type=click.Path(dir_okay=False), default=None,
+              help="File holding the bearer token every request but /v1/health must send (mode 600).")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None, help="TLS certificate (PEM).")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None, help="TLS private key (PEM).")
+@click.option("--allowed-host", "allowed_hosts", multiple=True,
+              help="Host header to accept besides loopback names (the name clients use; repeatable).")
+@click.option("--max-bytes", type=click.IntRange(min=1), default=None, help="Largest request body.  [default: 256 MiB]")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=None,
+              help="Largest image, in pixels.  [default: 8192 x 8192]")
+@click.option("--max-samples", type=click.IntRange(min=1), default=None, help="Largest samples a request may ask.  "
+                                                                                 "[default: 8]")
+@click.option("--request-timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Seconds before a request answers 504 and its work is cancelled.  [default: 300]")
+@click.option("--max-pending", type=click.IntRange(min=1), default=None,
+              help="Frames queued before requests get 503.  [default: 4]")
+def serve_command(mask, series, model, backend, device, threads, gpu_memory, strict_gpu, quiet, host, port,
+                  token_file, tls_cert, tls_key, allowed_hosts, max_bytes, max_pixels, max_samples, request_timeout,
+                  max_pending, **settings):
+    """Serve restorations over HTTP: POST /v1/restore (a TIFF body) answers the restored TIFF.
+    The task, model and settings are fixed here; a request may choose seed, sigma0 or
+    noise_std, and samples. Stops on Ctrl-C or SIGTERM after the requests in flight."""
+    from dataclasses import replace
+
+    from .service import ServiceLimits, check_exposure, read_token, serve
+
+    if series is not None:
+        raise Refused("--series does not apply to serve (each request sends one image)")
+    if (tls_cert is None) != (tls_key is None):
+        raise Refused("give both --tls-cert and --tls-key, or neither")
+    if "," in device:
+        raise Refused("serve runs on one device; start one server per GPU")
+    limits = ServiceLimits()
+    given = {"max_bytes": max_bytes, "max_pixels": max_pixels, "max_samples": max_samples,
+             "request_timeout": request_timeout}
+    limits = replace(limits, **{name: value for name, value in given.items() if value is not None})
+    with _reported():
+        token = read_token(token_file) if token_file else None
+        check_exposure(host, token)  # before loading the model
+        (restorer,) = _restorers(model, mask, backend, device, threads, gpu_memory, strict_gpu, True, settings,
+                                 **({"max_pending": max_pending} if max_pending else {}))
+        with restorer:
+            serve(restorer, host, port, token=token, limits=limits, allowed_hosts=tuple(allowed_hosts),
+                  tls=(tls_cert, tls_key) if tls_cert else None, announce=lambda line: click.echo(line))
 
 
 def _chunk_shape(text: str | None) -> tuple[int, ...] | None:
