@@ -24,7 +24,7 @@ $(VENV)/.test-installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[export,test,serve]"
+	$(PY) -m pip install -q -e ".[export,test,serve,cluster]"
 	touch $@
 
 test: $(VENV)/.test-installed

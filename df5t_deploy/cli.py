@@ -8,6 +8,7 @@ like Ctrl-C, so no partial output or scratch file is left.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import time
@@ -213,8 +214,15 @@ def _read_mask(mask: str | None):
 @click.option("--chunks", default=None, help="zarr output: chunk shape, e.g. 1,512,512 (default: one plane).")
 @click.option("--pyramid", type=int, default=0, show_default=True,
               help="zarr output: downsampled levels (2 x 2 block means each) for viewers.")
+@click.option("--cluster", default=None,
+              help="Run the tasks on Dask: local[:N] (N worker processes), cuda (one worker per GPU), jobqueue "
+                   "(from --cluster-config), or a scheduler's tls://HOST:PORT or tcp://HOST:PORT. Writes zarr.")
+@click.option("--cluster-config", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="YAML: 'security' (TLS certificates for Dask's Security), 'jobqueue' (kind, jobs and the "
+                   "SLURM/LSF/PBS cluster's settings), 'dashboard_address'.")
 def restore_command(inputs, output, mask, series, model, backend, device, threads, gpu_memory, strict_gpu, quiet,
-                    uncertainty, resume, break_lock, output_format, overwrite, roi, chunks, pyramid, **settings):
+                    uncertainty, resume, break_lock, output_format, overwrite, roi, chunks, pyramid, cluster,
+                    cluster_config, **settings):
     """Restore EM images, stacks or volumes with DDRM and a DF5T model: one INPUT into the
     OUTPUT file, or several (files, folders, glob patterns) into the OUTPUT folder."""
     from .batch import expand_inputs, is_folder_run, output_paths
@@ -241,16 +249,59 @@ def restore_command(inputs, output, mask, series, model, backend, device, thread
         else:
             check_outputs({"output": output, "--uncertainty": uncertainty}, {"input": inputs[0], **model_reads})
         restorers = _restorers(model, mask, backend, device, threads, gpu_memory, strict_gpu, quiet, settings)
-    if folder_run:
-        _restore_folder(restorers, outputs, quiet, overwrite, reads=model_reads, break_lock=break_lock, series=series,
-                        roi=roi, layout=layout, resume=resume)
-        return
-    with _reported(), _ProgressBar(quiet) as bar:
-        result = restore_file(restorers, inputs[0], output, uncertainty_path=uncertainty, resume=resume,
-                              progress=bar.update, reads=model_reads, break_lock=break_lock, series=series, roi=roi,
-                              layout=layout)
+    with _dask_runner(cluster, cluster_config, restorers[0], backend, device, threads, quiet) as runner:
+        if folder_run:
+            _restore_folder(restorers, outputs, quiet, overwrite, reads=model_reads, break_lock=break_lock,
+                            series=series, roi=roi, layout=layout, resume=resume, runner=runner)
+            return
+        with _reported(), _ProgressBar(quiet or runner is not None) as bar:
+            result = restore_file(restorers, inputs[0], output, uncertainty_path=uncertainty, resume=resume,
+                                  progress=bar.update, reads=model_reads, break_lock=break_lock, series=series,
+                                  roi=roi, layout=layout, runner=runner)
     _report_restoration(restorers[0], inputs[0], result, time.perf_counter() - started)
     click.echo(f"wrote {output}" + (f" and {uncertainty}" if uncertainty else ""))
+
+
+@contextlib.contextmanager
+def _dask_runner(spec, config_path, restorer, backend, device, threads, quiet):
+    """The Dask runner of --cluster (None without it), its cluster closed afterwards."""
+    if spec is None:
+        if config_path is not None:
+            raise Refused("--cluster-config applies with --cluster")
+        yield None
+        return
+    with _reported():
+        try:
+            from .cluster import DaskRunner, WorkerRestorer, connect
+        except ImportError:
+            raise Refused("--cluster needs the [cluster] extra: pip install 'df5t-deploy[cluster]'") from None
+        config = _yaml(config_path) if config_path else {}
+        local_workers = int(spec.partition(":")[2] or os.cpu_count() or 1) if spec.startswith("local") else None
+        worker_threads = threads or (max(1, (os.cpu_count() or 1) // local_workers) if local_workers else None)
+        client, cluster = connect(spec, config)
+    try:
+        click.echo(f"dask dashboard: {client.dashboard_link}", err=True)
+        worker_device = "cuda" if spec == "cuda" else device
+        with _reported():
+            runner = DaskRunner(client, WorkerRestorer.like(restorer, worker_device, worker_threads, backend),
+                                report=click.echo, quiet=quiet)
+        yield runner
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def _yaml(path) -> dict:
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"--cluster-config {path}: not valid YAML ({err})") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"--cluster-config {path}: expected a mapping of sections")
+    return loaded
 
 
 def _restorers(model, mask, backend, device, threads, gpu_memory, strict_gpu, quiet, settings, **extra) -> list:

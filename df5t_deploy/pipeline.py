@@ -55,6 +55,7 @@ def restore_file(
     series: int | None = None,
     roi: str | None = None,
     layout: ZarrLayout | None = None,
+    runner=None,
 ) -> FileResult:
     """Restore ``input_path`` into ``output_path`` (and the sample std into ``uncertainty_path``).
 
@@ -64,12 +65,14 @@ def restore_file(
     error or Ctrl-C they are removed (a zarr output is kept hidden for ``resume``, which
     continues only the same run: the same run identity). ``series``: which image of a
     multi-series TIFF input; ``roi``: the box of the input to restore ("z0:z1,y0:y1,x0:x1",
-    recorded with its origin); ``layout``: chunks and pyramid levels of a zarr output.
+    recorded with its origin); ``layout``: chunks and pyramid levels of a zarr output;
+    ``runner``: runs the tasks elsewhere (``cluster.DaskRunner``) into a zarr output.
     """
     restorers = [restorer] if isinstance(restorer, Restorer) else list(restorer)
     first = restorers[0]
-    if resume and uncertainty_path is not None:
-        raise ValueError("--resume continues a zarr output without --uncertainty (its std output is not resumable)")
+    if (resume or runner is not None) and uncertainty_path is not None:
+        raise ValueError("--uncertainty cannot be written with --resume or --cluster (its std output is not "
+                         "resumable)")
     check_outputs({"output": output_path, "--uncertainty": uncertainty_path},
                   {"input": input_path, "model": first.model_path, **(reads or {})})
     with open_input(input_path, series, roi) as source:
@@ -101,13 +104,10 @@ def restore_file(
                 if std_sink is not None:
                     std_sink.write_plane(std, z)
 
-            for planes in _runs_to_do(sink):
-                if len(restorers) == 1 or first.options.task == "isotropic" or len(planes) < 2:
-                    first.restore_source(source, emit, intensity, progress, planes=planes, settings=settings,
-                                         store=sink.tasks)
-                else:
-                    _restore_in_parallel(restorers, Path(input_path), series, roi, source.shape[-2:], planes, emit,
-                                         intensity, settings, progress, sink.tasks)
+            if runner is not None:
+                runner.restore(first, source, sink, input_path, series, roi, intensity, settings)
+            else:
+                _restore_here(restorers, source, sink, emit, input_path, series, roi, intensity, settings, progress)
     return FileResult(source.shape, out_shape, source.dtype, noise.sigma0, provenance, noise.estimated_noise_std)
 
 
@@ -151,6 +151,19 @@ def run_identity_of(restorer: Restorer, input_path: str | Path, series: int | No
     with open_input(input_path, series, roi) as source:
         restorer.output_shape(source)  # refuses what restore_file would refuse
         return _plan(restorer, source, input_path, series).identity
+
+
+def _restore_here(restorers: list[Restorer], source: Source, sink: Sink, emit: Emit, input_path, series, roi,
+                  intensity: IntensityMap, settings, progress: ProgressCallback | None) -> None:
+    """The planes the sink lacks, restored in this process (on each of ``restorers``)."""
+    first = restorers[0]
+    for planes in _runs_to_do(sink):
+        if len(restorers) == 1 or first.options.task == "isotropic" or len(planes) < 2:
+            first.restore_source(source, emit, intensity, progress, planes=planes, settings=settings,
+                                 store=sink.tasks)
+        else:
+            _restore_in_parallel(restorers, Path(input_path), series, roi, source.shape[-2:], planes, emit,
+                                 intensity, settings, progress, sink.tasks)
 
 
 def _runs_to_do(sink: Sink) -> list[range]:

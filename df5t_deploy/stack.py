@@ -5,7 +5,7 @@ restores only the regions it lacks. The isotropic task has its own module (``vol
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -33,7 +33,7 @@ def restore_planes(restorer: "Restorer", source: Source, intensity: IntensityMap
     before the host waits for this one. ``store``: where finished regions are kept and found."""
     r = restorer
     grid = r.options.grid_shape(source.shape[-2:])
-    regions = layout(source.shape[-2:], r.options.factor, r.backend.info.tile, r.max_region)
+    regions = plane_regions(r, source)
     f = r.options.factor
     cost = sum(tiles_per_plane(r.denoiser, (region.height * f, region.width * f), r.samples, r.steps, r.schedule)
                for region in regions)
@@ -43,18 +43,7 @@ def restore_planes(restorer: "Restorer", source: Source, intensity: IntensityMap
 
     def started():
         for first, block in prefetch(source, planes, group):
-            missing = None
-            where = f"plane {first}: " if source.planes > 1 else ""  # a stack's problems name their plane
-            if r.options.task == "inpaint":
-                try:
-                    missing = missing_pixels(r.options, block[0])
-                except TaskError as err:
-                    raise TaskError(f"{where}{err}") from None
-                check_finite(block[:1], missing, first if where else None)
-                block = np.where(missing, 0, block)
-            else:
-                check_finite(block, None, first if where else None)
-            y = intensity.to_model(block)
+            y, missing = _measurement(r, intensity, block, first if source.planes > 1 else None)
             collect = _start_regions(r, y, missing, regions, range(first, first + len(block)), settings, tracker,
                                      store)
             yield labelled(first, collect)
@@ -65,6 +54,54 @@ def restore_planes(restorer: "Restorer", source: Source, intensity: IntensityMap
         tracker.planes_finished(len(unit), len(unit) * grid[0] * grid[1])
 
 
+def plane_regions(r: "Restorer", source: Source) -> list[Region]:
+    """The super-tiles of a plane of ``source`` (one, unless it is larger than max_region)."""
+    return layout(source.shape[-2:], r.options.factor, r.backend.info.tile, r.max_region)
+
+
+def restore_region(r: "Restorer", source: Source, intensity: IntensityMap, settings: SamplerSettings, z: int,
+                   index: int, store: TaskStore) -> None:
+    """Task ``region-Z-R``: restore super-tile ``index`` of plane ``z`` and keep its samples."""
+    regions = plane_regions(r, source)
+    y, missing = _measurement(r, intensity, source.plane(z)[None], z if source.planes > 1 else None)
+    tracker = ProgressTracker(None, 0, 1, 0)
+    unit = _start_region(r, y, missing, regions[index], range(z, z + 1), settings, tracker)()
+    store.save(region_task(z, index), unit[0])
+
+
+def blend_stored_regions(r: "Restorer", source: Source, z: int, store: TaskStore) -> np.ndarray:
+    """Samples [S, H, W] of plane ``z`` blended from its regions' kept samples."""
+    regions = plane_regions(r, source)
+    units = (store.load(region_task(z, index))[None] for index in range(len(regions)))
+    return _blend(r, regions, units, source.shape[-2:])[0]
+
+
+def _measurement(r: "Restorer", intensity: IntensityMap, block: np.ndarray, plane: int | None):
+    """Planes [G, h, w] as the sampler measures them (model scale), and inpainting's missing
+    pixels (None for other tasks); bad input is refused, naming ``plane`` of a stack."""
+    missing = None
+    where = f"plane {plane}: " if plane is not None else ""
+    if r.options.task == "inpaint":
+        try:
+            missing = missing_pixels(r.options, block[0])
+        except TaskError as err:
+            raise TaskError(f"{where}{err}") from None
+        check_finite(block[:1], missing, plane)
+        block = np.where(missing, 0, block)
+    else:
+        check_finite(block, None, plane)
+    return intensity.to_model(block), missing
+
+
+def _start_region(r: "Restorer", y, missing, region: Region, plane_ids: range, settings: SamplerSettings,
+                  tracker: ProgressTracker) -> Callable[[], np.ndarray]:
+    f = r.options.factor
+    shape = (region.height * f, region.width * f)
+    op = r.options.operator(shape, None if missing is None else region.measurement(missing))
+    key = NoiseKey(r.seed, ORIENTATION_XY, plane_ids, region.y * f, region.x * f)
+    return r.walker.start(region.measurement(y), op, settings, key, tracker)
+
+
 def _start_regions(r: "Restorer", y, missing, regions: list[Region], plane_ids: range, settings: SamplerSettings,
                    tracker: ProgressTracker, store: TaskStore | None) -> Callable[[], np.ndarray]:
     """Begin restoring planes y [G, h, w]; the collector returns samples [G, S, H, W]. A
@@ -73,10 +110,7 @@ def _start_regions(r: "Restorer", y, missing, regions: list[Region], plane_ids: 
     f = r.options.factor
 
     def start(region):
-        shape = (region.height * f, region.width * f)
-        op = r.options.operator(shape, None if missing is None else region.measurement(missing))
-        key = NoiseKey(r.seed, ORIENTATION_XY, plane_ids, region.y * f, region.x * f)
-        return r.walker.start(region.measurement(y), op, settings, key, tracker)
+        return _start_region(r, y, missing, region, plane_ids, settings, tracker)
 
     if len(regions) == 1:
         return start(regions[0])
@@ -93,17 +127,23 @@ def _start_regions(r: "Restorer", y, missing, regions: list[Region], plane_ids: 
             else:
                 yield _kept(start(region), store, tasks)
 
-    def blended() -> np.ndarray:
-        blend = WindowedSum((len(y), r.samples, y.shape[-2] * f, y.shape[-1] * f))
-        for region, unit in zip(regions, overlapped(started()), strict=True):
-            window = np.outer(region.wy, region.wx).astype(np.float32)
-            rows = slice(region.y * f, (region.y + region.height) * f)
-            cols = slice(region.x * f, (region.x + region.width) * f)
-            blend.add(rows, cols, unit, window)
-            blend.cover(rows, cols, window)
-        return blend.mean()
+    return lambda: _blend(r, regions, (unit for unit in overlapped(started())), y.shape[-2:])
 
-    return blended
+
+def _blend(r: "Restorer", regions: list[Region], units: Iterator[np.ndarray], measurement_shape) -> np.ndarray:
+    """Samples [G, S, H, W] of whole planes from their regions' samples (in layout order),
+    blended with the regions' smooth windows (the one WindowedSum)."""
+    f = r.options.factor
+    blend = None
+    for region, unit in zip(regions, units, strict=True):
+        if blend is None:
+            blend = WindowedSum((len(unit), r.samples, measurement_shape[0] * f, measurement_shape[1] * f))
+        window = np.outer(region.wy, region.wx).astype(np.float32)
+        rows = slice(region.y * f, (region.y + region.height) * f)
+        cols = slice(region.x * f, (region.x + region.width) * f)
+        blend.add(rows, cols, unit, window)
+        blend.cover(rows, cols, window)
+    return blend.mean()
 
 
 def _kept(collect: Callable[[], np.ndarray], store: TaskStore, tasks: list[str]) -> Callable[[], np.ndarray]:

@@ -24,6 +24,9 @@ from .tasks import MAX_Z_FACTOR, MIN_Z_FACTOR, TaskError
 from .walks import labelled, overlapped, tiles_per_plane
 from .work import TaskStore, slab_task, slabs
 
+#: Output pixels per block of averaged planes (and per z-chunk of the scratch arrays): 64 MiB of float32.
+PLANE_BLOCK_PIXELS = 16 * 2**20
+
 if TYPE_CHECKING:
     from .api import Emit, Restorer
 
@@ -63,59 +66,96 @@ def restore_isotropic(
     if store is None:
         with TaskStore.temporary() as temporary:
             return restore_isotropic(restorer, source, intensity, settings, emit, progress, planes, temporary)
-    k = z_factor_of(source, restorer.options.z_factor)
-    z, ny, nx = source.shape
-    samples = restorer.samples
-    planes = range(z * k) if planes is None else planes
-    cost_xz = tiles_per_plane(restorer.denoiser, (z * k, nx), samples, restorer.steps, restorer.schedule)
-    cost_yz = tiles_per_plane(restorer.denoiser, (z * k, ny), samples, restorer.steps, restorer.schedule)
-    tracker = ProgressTracker(progress, ny * cost_xz + nx * cost_yz, ny + nx, 2 * z * k * ny * nx)
-    tracker.report()
-    shape = (samples, z * k, ny, nx)
-    xz, yz = store.scratch(("xz", "yz"), shape, "the isotropic passes")
-    pass_ = _OrientationPass(restorer, intensity, settings, k, tracker)
-    for y0, y1 in slabs(ny, z * nx):
-        if _skipped(store, slab_task("xz", y0, y1), tracker, (y1 - y0) * cost_xz, y1 - y0, z * k * nx):
-            continue
-        rows = source.rows(y0, y1)  # [Z, rows, X]
-        for first, unit in pass_.run(np.moveaxis(rows, 1, 0), ORIENTATION_XZ, y0):
-            xz[:, :, first : first + len(unit), :] = np.moveaxis(unit, 0, 2)
-        store.mark_done(slab_task("xz", y0, y1))
-    for x0, x1 in slabs(nx, z * ny):
-        if _skipped(store, slab_task("yz", x0, x1), tracker, (x1 - x0) * cost_yz, x1 - x0, z * k * ny):
-            continue
-        cols = np.stack([source.plane(i)[:, x0:x1] for i in range(z)])  # [Z, Y, cols]
-        for first, unit in pass_.run(np.moveaxis(cols, 2, 0), ORIENTATION_YZ, x0):
-            yz[:, :, :, first : first + len(unit)] = np.moveaxis(unit, 0, 3)
-        store.mark_done(slab_task("yz", x0, x1))
-    for plane in planes:
-        emit(plane, 0.5 * xz[:, plane] + 0.5 * yz[:, plane])
-    del xz, yz
+    run = IsotropicRun(restorer, source, intensity, settings, store, progress)
+    run.prepare_scratch()
+    for orientation, start, stop in run.slab_tasks():
+        if store.is_done(slab_task(orientation, start, stop)):
+            run.count_as_done(orientation, start, stop)
+        else:
+            run.restore_slab(orientation, start, stop)
+    planes = range(run.shape[1]) if planes is None else planes
+    for z0, z1 in run.plane_blocks():
+        wanted = [z for z in range(z0, z1) if z in planes]
+        if wanted:
+            block = run.averaged(z0, z1)
+            for z in wanted:
+                emit(z, block[:, z - z0])
 
 
-def _skipped(store: TaskStore, task: str, tracker: ProgressTracker, tiles: int, planes: int, pixels: int) -> bool:
-    """Whether ``task`` was finished by an earlier run (and counted so in the progress)."""
-    if not store.is_done(task):
-        return False
-    tracker.already_done(tiles)
-    tracker.planes_finished(planes, planes * pixels)
-    return True
+class IsotropicRun:
+    """The tasks of one isotropic restoration: XZ slabs, YZ slabs (each writes its samples
+    into the store's scratch arrays, whose chunks are whole slabs and blocks of output
+    planes, so tasks on other processes never write the same chunk), then blocks of output
+    planes averaged from the two passes."""
 
+    def __init__(self, restorer: "Restorer", source: Source, intensity: IntensityMap, settings: SamplerSettings,
+                 store: TaskStore, progress=None):
+        self.restorer, self.source, self.intensity, self.settings, self.store = (restorer, source, intensity,
+                                                                                 settings, store)
+        self.k = z_factor_of(source, restorer.options.z_factor)
+        z, ny, nx = source.shape
+        self.shape = (restorer.samples, z * self.k, ny, nx)  # the scratch arrays: samples of the result
+        self.xz_slabs, self.yz_slabs = slabs(ny, z * nx), slabs(nx, z * ny)
+        self.block = max(1, PLANE_BLOCK_PIXELS // (ny * nx))
+        self.cost = {orientation: tiles_per_plane(restorer.denoiser, (z * self.k, length), restorer.samples,
+                                                  restorer.steps, restorer.schedule)
+                     for orientation, length in (("xz", nx), ("yz", ny))}
+        self.tracker = ProgressTracker(progress, ny * self.cost["xz"] + nx * self.cost["yz"], ny + nx,
+                                       2 * z * self.k * ny * nx)
+        self.tracker.report()
 
-class _OrientationPass:
-    """DDRM on a slab of XZ or YZ planes, grouped to fill the backend's batch."""
+    def slab_tasks(self) -> list[tuple[str, int, int]]:
+        return [("xz", *slab) for slab in self.xz_slabs] + [("yz", *slab) for slab in self.yz_slabs]
 
-    def __init__(self, restorer: "Restorer", intensity: IntensityMap, settings: SamplerSettings, k: int,
-                 tracker: ProgressTracker):
-        self.restorer, self.intensity, self.settings, self.k, self.tracker = restorer, intensity, settings, k, tracker
+    def plane_blocks(self) -> list[tuple[int, int]]:
+        planes = self.shape[1]
+        return [(z, min(planes, z + self.block)) for z in range(0, planes, self.block)]
 
-    def run(self, planes: np.ndarray, orientation: int, offset: int):
-        """planes [N, Z, L] (acquired) -> yields (first index, samples [G, S, Z*k, L])."""
+    def prepare_scratch(self) -> None:
+        """Create the scratch arrays (checking the disk can hold them) unless they exist."""
+        s, planes, ny, nx = self.shape
+        slab_rows, slab_cols = self.xz_slabs[0][1], self.yz_slabs[0][1]
+        self.store.scratch({"xz": (s, self.block, slab_rows, nx), "yz": (s, self.block, ny, slab_cols)}, self.shape,
+                           "the isotropic passes")
+
+    def restore_slab(self, orientation: str, start: int, stop: int) -> None:
+        """Restore the XZ planes of rows start..stop (or YZ planes of those columns) into the
+        scratch, and mark the slab done."""
+        s, planes, ny, nx = self.shape
+        if orientation == "xz":
+            lines = np.moveaxis(self.source.rows(start, stop), 1, 0)  # [rows, Z, X]
+            result = np.empty((s, planes, stop - start, nx), np.float32)
+            for first, unit in self._run(lines, ORIENTATION_XZ, start):
+                result[:, :, first - start : first - start + len(unit), :] = np.moveaxis(unit, 0, 2)
+            self.store.open_scratch("xz")[:, :, start:stop, :] = result  # whole chunks, written once
+        else:
+            cols = np.stack([self.source.plane(i)[:, start:stop] for i in range(self.source.shape[0])])
+            result = np.empty((s, planes, ny, stop - start), np.float32)
+            for first, unit in self._run(np.moveaxis(cols, 2, 0), ORIENTATION_YZ, start):
+                result[:, :, :, first - start : first - start + len(unit)] = np.moveaxis(unit, 0, 3)
+            self.store.open_scratch("yz")[:, :, :, start:stop] = result
+        self.store.mark_done(slab_task(orientation, start, stop))
+
+    def count_as_done(self, orientation: str, start: int, stop: int) -> None:
+        """A slab an earlier run finished counts as done in the progress."""
+        lines = stop - start
+        other = self.shape[3] if orientation == "xz" else self.shape[2]
+        self.tracker.already_done(lines * self.cost[orientation])
+        self.tracker.planes_finished(lines, lines * self.shape[1] * other)
+
+    def averaged(self, z0: int, z1: int) -> np.ndarray:
+        """Samples [S, z1 - z0, Y, X] of output planes z0..z1: the mean of the two passes."""
+        xz, yz = self.store.open_scratch("xz"), self.store.open_scratch("yz")
+        return 0.5 * xz[:, z0:z1] + 0.5 * yz[:, z0:z1]
+
+    def _run(self, planes: np.ndarray, orientation: int, offset: int):
+        """planes [N, Z, L] (acquired) -> yields (first index, samples [G, S, Z*k, L]),
+        grouped to fill the backend's batch."""
         check_finite(planes, None)
+        r = self.restorer
         grid = (planes.shape[1] * self.k, planes.shape[2])
         op = BlockMean(grid, (self.k, 1))
-        group = self.restorer.group_size(grid)
-        r = self.restorer
+        group = r.group_size(grid)
 
         def started():
             for start in range(0, len(planes), group):

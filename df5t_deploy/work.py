@@ -23,13 +23,14 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-#: Pixels of input per isotropic slab (rows for XZ planes, columns for YZ planes): 64 MiB of uint16.
-SLAB_PIXELS = 32 * 2**20
+#: Pixels of input per isotropic slab (rows for XZ planes, columns for YZ planes): its result,
+#: held until the slab is written, is this times the z factor and the samples, in float32.
+SLAB_PIXELS = 8 * 2**20
 
 
 def plane_task(z: int) -> str:
@@ -62,7 +63,7 @@ class TaskStore:
     """Done-markers and intermediate results of one run's tasks, kept in ``folder``.
 
     Intermediate results are region samples (``.npy``, written beside and renamed, so a file
-    is whole or absent) and the isotropic passes (float32 memory maps, written in slabs).
+    is whole or absent) and the isotropic passes (zarr arrays, written a slab at a time).
     """
 
     def __init__(self, folder: str | Path, space_hint: str):
@@ -102,23 +103,30 @@ class TaskStore:
         for result in self.folder.glob(f"{_regions_of(z)}*.npy"):
             result.unlink()
 
-    def scratch(self, names: Sequence[str], shape: tuple[int, ...], what: str) -> list[np.memmap]:
-        """float32 arrays on disk, one per name, reopened as they were when this store is
-        resumed (the same run, so the same shape). The disk must hold the new ones whole
-        before any work starts: they fill as the run goes."""
-        paths = [self.folder / f"{name}.npy" for name in names]
-        new = [path for path in paths if not path.exists()]
+    def scratch(self, chunks: dict[str, tuple[int, ...]], shape: tuple[int, ...], what: str) -> None:
+        """Create float32 scratch arrays of ``shape`` (zarr, uncompressed), one per name with
+        its chunks, unless an earlier run of this store did. The disk must hold the new ones
+        whole before any work starts: they fill as the run goes."""
+        import zarr
+
+        new = {name: chunk for name, chunk in chunks.items() if not (self.folder / f"{name}.zarr").exists()}
         needed = len(new) * 4 * int(np.prod(shape))
         free = shutil.disk_usage(self.folder).free
         if free < needed:
             raise InsufficientScratchSpace(
                 f"{what} need {_size(needed)} of scratch space in {self.folder}, but only {_size(free)} is free; "
                 f"free some space or {self.space_hint}")
-        for path in new:  # created beside and renamed, so a reopened array always has its header
-            partial = path.with_name(f".{path.name}.partial")
-            np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=tuple(shape)).flush()
-            os.replace(partial, path)
-        return [np.load(path, mmap_mode="r+") for path in paths]
+        for name, chunk in new.items():  # created beside and renamed, so an array that exists is whole
+            partial = self.folder / f".{name}.zarr.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            zarr.create_array(str(partial), shape=shape, chunks=chunk, dtype=np.float32, compressors=None,
+                              fill_value=0.0)
+            os.replace(partial, self.folder / f"{name}.zarr")
+
+    def open_scratch(self, name: str):
+        import zarr
+
+        return zarr.open_array(str(self.folder / f"{name}.zarr"), mode="r+")
 
 
 def _size(nbytes: int) -> str:

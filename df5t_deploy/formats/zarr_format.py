@@ -185,13 +185,12 @@ class ZarrSink(TempDirSink):
         return attrs
 
     def _write(self, z: int, plane: np.ndarray) -> None:
-        for level in self._levels:
-            if len(self.shape) == 2:
-                level[...] = plane
-            else:
-                level[z] = plane
-            plane = _half(plane, level.dtype)
+        _write_levels(self._levels, z, plane)
         self.tasks.plane_written(z)
+
+    def recount(self) -> None:
+        """Count the planes written into this output by other processes (cluster workers)."""
+        self.written = self.planes - len(self.missing_planes())
 
     def _commit(self) -> None:
         shutil.rmtree(self.tasks.folder)
@@ -201,6 +200,27 @@ class ZarrSink(TempDirSink):
         """Keep the partial store for ``--resume`` (hidden, named as partial), and say so."""
         warnings.warn(f"the unfinished output is kept as {self.tmp} for --resume; `df5t clean {self.path} --yes` "
                       "removes it", stacklevel=2)
+
+
+def write_plane_into(partial: Path, z: int, plane: np.ndarray) -> None:
+    """Write plane ``z`` (and its pyramid levels) into the unfinished output ``partial``, as a
+    cluster worker does, and mark it done. Planes go into separate chunks (one plane a chunk
+    along z), so workers never write the same chunk."""
+    import zarr
+
+    group = zarr.open_group(str(partial), mode="r+")
+    levels = [group[str(i)] for i in range(len(multiscales(dict(group.attrs))[0]["datasets"]))]
+    _write_levels(levels, z, np.asarray(plane, dtype=levels[0].dtype))
+    TaskStore(Path(partial) / TASKS_FOLDER, "").plane_written(z)
+
+
+def _write_levels(levels, z: int, plane: np.ndarray) -> None:
+    for level in levels:
+        if level.ndim == 2:
+            level[...] = plane
+        else:
+            level[z] = plane
+        plane = _half(plane, level.dtype)
 
 
 def _half(plane: np.ndarray, dtype) -> np.ndarray:
