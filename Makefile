@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SHARED ?= ../shared
 
-.PHONY: demo test clean
+.PHONY: demo test clean display-libraries
 DEMO_OUT ?= demo-output/mussel_nuclei_denoised.tif
 
 # The main job on a fresh machine: the runtime alone (no PyTorch), then the bundled real EM
@@ -24,10 +24,17 @@ $(VENV)/.test-installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[export,test,serve,cluster]"
+	$(PY) -m pip install -q -e ".[export,test,serve,cluster,napari-test]"
 	touch $@
 
-test: $(VENV)/.test-installed
+# The napari plugin's tests run napari on a virtual display: Xvfb, Mesa's OpenGL and the xcb
+# libraries Qt's X11 platform loads, from Debian's packages (installed when missing).
+X11_PACKAGES = xvfb libgl1-mesa-dri libglx-mesa0 libxcb-icccm4 libxcb-keysyms1 libxcb-xinerama0 libxcb-image0 \
+	libxcb-render-util0 libxcb-randr0 libxcb-shape0 libxcb-cursor0 libxkbcommon-x11-0 libfontconfig1 libdbus-1-3
+display-libraries:
+	@dpkg -s $(X11_PACKAGES) >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q --no-install-recommends $(X11_PACKAGES); }
+
+test: $(VENV)/.test-installed display-libraries
 	$(PY) -m pytest -q -ra
 
 clean:

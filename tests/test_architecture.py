@@ -36,7 +36,7 @@ def test_there_is_no_dead_code():
 
 
 #: The modules above the Restorer's line, and the packages outside the runtime's layers.
-ABOVE_THE_LINE = {"api", "watch", "service", "client", "cluster", "pipeline", "batch", "cli", "gpu_verify", "doctor", "export", "engines", "models", "samples"}
+ABOVE_THE_LINE = {"api", "watch", "service", "client", "cluster", "napari_plugin", "pipeline", "batch", "cli", "gpu_verify", "doctor", "export", "engines", "models", "samples"}
 
 
 def test_every_runtime_module_is_under_the_layer_contract():
