@@ -19,11 +19,11 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .api import Restorer
-from .batch import done_by_this_run
+from .batch import BatchSummary, done_by_this_run
 from .formats import SUPPORTED, ImageFormatError, open_source
 from .pipeline import restore_file
 
@@ -33,16 +33,6 @@ DEFAULT_SETTLE_S = 2.0
 SETTLES_BEFORE_UNREADABLE = 10
 FAILED_LOG = "failed.log"
 DEFAULT_PATTERNS = tuple(f"*{suffix}" for suffix in SUPPORTED)
-
-
-@dataclass
-class WatchSummary:
-    restored: list[Path] = field(default_factory=list)
-    skipped: list[Path] = field(default_factory=list)
-    failed: list[tuple[Path, str]] = field(default_factory=list)
-
-    def line(self) -> str:
-        return f"restored {len(self.restored)}, skipped {len(self.skipped)}, failed {len(self.failed)}"
 
 
 @dataclass
@@ -74,12 +64,12 @@ class FolderWatcher:
             raise ValueError(f"--settle must be 0 or more seconds, got {settle}")
         self.patterns, self.settle, self.report = tuple(patterns), settle, report
         self.restore_options = restore_options
-        self.summary = WatchSummary()
+        self.summary = BatchSummary()  # restored, skipped, failed: as a folder run counts them
         self._seen: dict[Path, _Seen] = {}
         self._finished: dict[Path, tuple[int, int]] = {}  # restored, skipped or failed, at this version
         self._wake = threading.Event()
 
-    def run(self, once: bool = False, poll: float | None = None) -> WatchSummary:
+    def run(self, once: bool = False, poll: float | None = None) -> BatchSummary:
         """Watch until interrupted (``once``: until every file present at the start is done)."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         observer = None if once else self._observer(poll)
