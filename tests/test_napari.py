@@ -16,10 +16,10 @@ from df5t_deploy import Restorer
 
 
 @pytest.fixture
-def widget(make_napari_viewer, mussel_tile3, model):
+def widget(make_napari_viewer, mussel_tile3, model, request):
     from df5t_deploy.napari_plugin import RestoreWidget
 
-    viewer = make_napari_viewer()
+    viewer = make_napari_viewer(show=getattr(request, "param", False))
     viewer.add_image(np.stack([mussel_tile3[40 * i : 40 * i + 64, :96] for i in range(3)]), name="stack",
                      scale=(30.0, 4.0, 4.0), translate=(0.0, 100.0, 200.0))
     widget = RestoreWidget(viewer)
@@ -97,3 +97,20 @@ def test_an_empty_model_field_means_the_bundled_model(widget, qtbot):
     _run(widget, qtbot)
     assert "restored" in widget.status.value, widget.status.value
     assert widget.viewer.layers["stack restored"].metadata["df5t"]["model"] == str(default_model_path())
+
+
+@pytest.mark.parametrize("widget", [True], indirect=True)  # shown: the canvas decides what is visible
+def test_the_visible_region_scope_restores_what_is_on_screen(widget, qtbot, model):
+    viewer = widget.viewer
+    viewer.dims.set_current_step(0, 2)
+    viewer.camera.zoom = 20  # a few data pixels across the canvas
+    viewer.camera.center = (0, 100 + 4 * 30, 200 + 4 * 50)  # world: data row 30, column 50
+    qtbot.waitUntil(lambda: np.asarray(viewer.layers["stack"].corner_pixels)[1, -1] < 95, timeout=10_000)
+    (_, y0, x0), (_, y1, x1) = np.asarray(viewer.layers["stack"].corner_pixels)
+    widget.scope.value = "visible region"
+    _run(widget, qtbot)
+    result = viewer.layers["stack restored"]
+    assert result.data.shape == (1, y1 + 1 - y0, x1 + 1 - x0) and result.metadata["df5t"]["origin"] == [2, y0, x0]
+    expected = Restorer(model, sigma0=0.1, steps=2, seed=4).restore(viewer.layers["stack"].data[2, y0 : y1 + 1, x0 : x1 + 1])
+    np.testing.assert_array_equal(result.data[0], expected)
+    np.testing.assert_allclose(result.translate, (60.0, 100 + 4 * y0, 200 + 4 * x0))
