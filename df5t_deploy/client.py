@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import ssl
 import time
 import urllib.error
 import urllib.parse
@@ -29,15 +30,17 @@ class RemoteError(RuntimeError):
 
 
 def restore_remote(url: str, array: np.ndarray, token: str | None = None, *, timeout: float = 600.0,
-                   busy_wait: float = 60.0, **options) -> np.ndarray:
+                   busy_wait: float = 60.0, ca_file: str | None = None, **options) -> np.ndarray:
     """The restoration of ``array`` (YX or ZYX) by the server at ``url``. ``options``: the
     server's per-request options (seed, sigma0 or noise_std, samples). A busy server (503)
-    is asked again after its Retry-After, for up to ``busy_wait`` seconds."""
-    return restore_remote_full(url, array, token, timeout=timeout, busy_wait=busy_wait, **options)[0]
+    is asked again after its Retry-After, for up to ``busy_wait`` seconds. ``ca_file``: the
+    certificate (PEM) to trust for an https server whose certificate is self-signed."""
+    return restore_remote_full(url, array, token, timeout=timeout, busy_wait=busy_wait, ca_file=ca_file,
+                               **options)[0]
 
 
 def restore_remote_full(url: str, array: np.ndarray, token: str | None = None, *, timeout: float = 600.0,
-                        busy_wait: float = 60.0, **options) -> tuple[np.ndarray, dict]:
+                        busy_wait: float = 60.0, ca_file: str | None = None, **options) -> tuple[np.ndarray, dict]:
     """Like ``restore_remote``, with the provenance the server recorded for this frame."""
     buffer = io.BytesIO()
     tifffile.imwrite(buffer, np.asarray(array), photometric="minisblack")
@@ -46,11 +49,12 @@ def restore_remote_full(url: str, array: np.ndarray, token: str | None = None, *
     headers = {"Content-Type": "image/tiff"}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
+    context = ssl.create_default_context(cafile=ca_file) if ca_file else None
     deadline = time.monotonic() + busy_wait
     while True:
         request = urllib.request.Request(endpoint, data=buffer.getvalue(), headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
+            with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
                 image = tifffile.imread(io.BytesIO(response.read()))
                 return image, json.loads(response.headers.get(PROVENANCE_HEADER, "{}"))
         except urllib.error.HTTPError as err:

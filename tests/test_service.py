@@ -36,7 +36,8 @@ class Server:
             command += ["--token-file", str(token_file)]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         line = self.process.stdout.readline()
-        assert line.startswith("listening on http://127.0.0.1:"), line + self.process.stdout.read()
+        assert line.startswith(("listening on http://127.0.0.1:", "listening on https://127.0.0.1:")), \
+            line + self.process.stdout.read()
         self.url = line.split()[-1]
         self.port = urlparse(self.url).port
 
@@ -197,3 +198,20 @@ def test_unsafe_configurations_are_refused_before_loading(model, tmp_path):
                                  "--model", str(model), "--sigma0", "0.1", *map(str, args)],
                                 capture_output=True, text=True, timeout=60, env={**os.environ})
         assert result.returncode == 2 and reason in result.stderr, result.stderr
+
+
+def test_tls_serves_https_with_the_token(model, token_file, tmp_path, mussel_tile3):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    server = Server(model, token_file, "--tls-cert", cert, "--tls-key", key)
+    try:
+        assert server.url.startswith("https://")
+        frame = mussel_tile3[:64, :64]
+        restored = restore_remote(server.url, frame, TOKEN, ca_file=str(cert), seed=2)
+        np.testing.assert_array_equal(restored, Restorer(model, sigma0=0.1, steps=3).restore(frame, seed=2))
+        with pytest.raises(Exception, match="CERTIFICATE_VERIFY_FAILED"):  # an untrusted certificate is refused
+            restore_remote(server.url, frame, TOKEN)
+    finally:
+        server.stop()
