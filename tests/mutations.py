@@ -48,14 +48,14 @@ def _model_sha256_zeroed(mp: pytest.MonkeyPatch) -> None:
 def _isotropic_yz_pass_dropped(mp: pytest.MonkeyPatch) -> None:
     from df5t_deploy import volume
 
-    real = volume._OrientationPass.run
+    real = volume.IsotropicRun._run
 
     def xz_twice(self, planes, orientation, offset):
         if orientation == volume.ORIENTATION_YZ:  # the YZ slabs restored with the XZ noise instead
             orientation = volume.ORIENTATION_XZ
         return real(self, planes, orientation, offset)
 
-    mp.setattr(volume._OrientationPass, "run", xz_twice)
+    mp.setattr(volume.IsotropicRun, "_run", xz_twice)
 
 
 def _measurement_ignored(mp: pytest.MonkeyPatch) -> None:
