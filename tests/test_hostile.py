@@ -252,12 +252,14 @@ def test_a_real_signal_to_a_running_restore_leaves_nothing_partial(work, model, 
 
     def started() -> bool:  # the output's partial exists, and for isotropic its scratch volume
         return bool(list(work.glob(".out.partial-*"))) and (
-            task != "isotropic" or bool(list(scratch.glob("df5t-work-*/xz.npy"))))
+            task != "isotropic" or bool(list(scratch.glob("df5t-work-*/xz.zarr"))))
 
     deadline = time.monotonic() + 60
     while not started() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert started(), "the restore never got going"
+    if not started():
+        process.kill()  # not left running after the test
+        pytest.fail(f"the restore never got going:\n{process.communicate()[0][-3000:]}")
     time.sleep(0.5)
     process.send_signal(signum)
     try:
