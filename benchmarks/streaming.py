@@ -106,7 +106,7 @@ def start_server(steps: int, device: str):
 
     process = subprocess.Popen([sys.executable, "-c", "from df5t_deploy.cli import entry; entry()", "serve",
                                 "--port", "0", "--sigma0", "0.1", "--steps", str(steps), "--device", device,
-                                "--max-pending", "4"], stdout=subprocess.PIPE, text=True)
+                                "--max-pending", "4", "--request-timeout", "86400"], stdout=subprocess.PIPE, text=True)
     line = process.stdout.readline()
     if not line.startswith("listening on "):
         raise SystemExit(f"df5t serve did not start: {line}")

@@ -287,8 +287,10 @@ def build_app(restorer: Restorer, *, token: str | None = None, limits: ServiceLi
         except (TypeError, ValueError) as err:
             raise RequestError(400, str(err)) from None
         metrics.count("in_flight")
+        result = asyncio.wrap_future(future)
+        result.add_done_callback(lambda done: done.cancelled() or done.exception())  # read, even after a 504
         try:
-            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), limits.request_timeout)
+            return await asyncio.wait_for(asyncio.shield(result), limits.request_timeout)
         except asyncio.TimeoutError:
             cancelled.set()  # a running frame stops at its next step; a queued one is dropped
             future.cancel()
