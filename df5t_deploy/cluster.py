@@ -26,7 +26,7 @@ from distributed.security import Security
 
 from .api import Restorer
 from .formats.base import Sink
-from .formats.zarr_format import write_plane_into
+from .formats.zarr_format import partial_tasks, write_plane_into
 from .intensity import IntensityMap, mean_and_std
 from .pipeline import open_input
 from .sampler import SamplerSettings
@@ -99,7 +99,7 @@ class ClusterRun:
 
     @property
     def store(self) -> TaskStore:
-        return TaskStore(Path(self.partial) / ".df5t-tasks", "write the output to a disk with more free space")
+        return partial_tasks(Path(self.partial))
 
 
 def run_task(run: ClusterRun, task: tuple, *after) -> str:

@@ -141,13 +141,13 @@ class ZarrSink(TempDirSink):
         partial = partial_store(path) if resume else None
         super().__init__(path, shape, dtype, meta, provenance, partial=partial)
         if partial is not None:
-            self.tasks = self._task_store()
+            self.tasks = partial_tasks(self.tmp)
             self._group = zarr.open_group(str(self.tmp), mode="r+")
-            self._levels = [self._group[str(i)] for i in range(len(multiscales(dict(self._group.attrs))[0]["datasets"]))]
+            self._levels = _levels_of(self._group)
             if tuple(self._levels[0].shape) != self.shape or np.dtype(self._levels[0].dtype) != self.dtype:
                 raise ImageFormatError(f"{partial}: cannot resume, it holds {self._levels[0].shape} "
                                        f"{self._levels[0].dtype}")
-            self.written = self.planes - len(self.missing_planes())
+            self.recount()
             return
         self._group = zarr.open_group(str(self.tmp), mode="w")
         # every chunk written, even one of fill values, so that readers can tell data from absence
@@ -156,10 +156,7 @@ class ZarrSink(TempDirSink):
                                                  config={"write_empty_chunks": True})
                         for i, level in enumerate(self.layout.level_shapes(self.shape))]
         self._group.attrs.update(self._ome_attrs())
-        self.tasks = self._task_store()  # after the group: creating it empties the folder
-
-    def _task_store(self) -> TaskStore:
-        return TaskStore(self.tmp / TASKS_FOLDER, "write the output to a disk with more free space")
+        self.tasks = partial_tasks(self.tmp)  # after the group: creating it empties the folder
 
     def _ome_attrs(self) -> dict:
         axes = [{"name": a.lower(), "type": "space", "unit": "nanometer"} for a in self.meta.axes]
@@ -189,7 +186,8 @@ class ZarrSink(TempDirSink):
         self.tasks.plane_written(z)
 
     def recount(self) -> None:
-        """Count the planes written into this output by other processes (cluster workers)."""
+        """Count the planes written into this output by earlier runs or other processes
+        (cluster workers), from their done-markers."""
         self.written = self.planes - len(self.missing_planes())
 
     def _commit(self) -> None:
@@ -208,10 +206,19 @@ def write_plane_into(partial: Path, z: int, plane: np.ndarray) -> None:
     along z), so workers never write the same chunk."""
     import zarr
 
-    group = zarr.open_group(str(partial), mode="r+")
-    levels = [group[str(i)] for i in range(len(multiscales(dict(group.attrs))[0]["datasets"]))]
+    levels = _levels_of(zarr.open_group(str(partial), mode="r+"))
     _write_levels(levels, z, np.asarray(plane, dtype=levels[0].dtype))
-    TaskStore(Path(partial) / TASKS_FOLDER, "").plane_written(z)
+    partial_tasks(partial).plane_written(z)
+
+
+def partial_tasks(partial: Path) -> TaskStore:
+    """The task store of the unfinished output ``partial``: done-markers and intermediate results."""
+    return TaskStore(Path(partial) / TASKS_FOLDER, "write the output to a disk with more free space")
+
+
+def _levels_of(group) -> list:
+    """The pyramid's arrays of an output group, full resolution first."""
+    return [group[str(i)] for i in range(len(multiscales(dict(group.attrs))[0]["datasets"]))]
 
 
 def _write_levels(levels, z: int, plane: np.ndarray) -> None:
