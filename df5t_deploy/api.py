@@ -18,7 +18,14 @@ from .files import sha256_of
 from .formats.base import Source
 from .frames import DEFAULT_MAX_PENDING, FrameQueue, QueueFull
 from .group_walker import GroupWalker
-from .intensity import IntensityMap, check_dtype, intensity_map_for_source, mean_and_std
+from .intensity import (
+    IntensityMap,
+    StabilizedMap,
+    check_dtype,
+    intensity_map_for_source,
+    mean_and_std,
+    stabilized_map_for_source,
+)
 from .models import default_model_path
 from .parameters import whole_number
 from .progress import ProgressCallback, RestorationCancelled
@@ -219,7 +226,7 @@ class Restorer:
             source = ArraySource(image)
         except ValueError as err:
             raise ValueError(f"image: {err}") from None
-        intensity = intensity_map_for_source(source)
+        intensity = restorer.intensity_for(source)
         return _PreparedFrame(restorer, source, intensity, restorer.noise_level(source, intensity), progress)
 
     @staticmethod
@@ -282,8 +289,19 @@ class Restorer:
         except NetworkOutputError as err:
             raise NetworkOutputError(f"{self.model_path}: {err}") from None
 
+    def intensity_for(self, source: Source) -> IntensityMap:
+        """This input's intensity map: affine, or through the generalised Anscombe transform
+        for the Poisson-Gaussian noise model (its parameters given or fitted to the input)."""
+        s = self.settings
+        if s.noise_model == "poisson-gaussian":
+            return stabilized_map_for_source(source, s.gain, s.read_noise, s.offset)
+        return intensity_map_for_source(source)
+
     def noise_level(self, source: Source, intensity: IntensityMap) -> NoiseLevel:
-        """This input's noise level: sigma0 given, from --noise-std, or estimated."""
+        """This input's noise level: sigma0 given, from --noise-std, estimated, or the unit
+        noise of the stabilised domain."""
+        if isinstance(intensity, StabilizedMap):
+            return NoiseLevel(intensity.sigma0)
         if self.sigma0 == "auto":
             from .noise_estimate import estimate_noise_std
 
@@ -316,7 +334,7 @@ class Restorer:
             **self.settings.to_dict(),
             **self.options.to_dict(),
             "sigma0": noise.sigma0,
-            "sigma0_rule": _sigma0_rule(self.sigma0, self.noise_std),
+            "sigma0_rule": _sigma0_rule(self.settings),
             "noise_std": self.noise_std if self.sigma0 != "auto" else noise.estimated_noise_std,
             "tile": self.backend.info.tile,
             "overlap": self.overlap,
@@ -342,9 +360,11 @@ def cap_gpu_memory(device: str, gigabytes: float) -> None:
     torch.cuda.set_per_process_memory_fraction(gigabytes * 2**30 / total, index)
 
 
-def _sigma0_rule(sigma0, noise_std) -> str:
+def _sigma0_rule(settings: RestoreSettings) -> str:
     from .noise_estimate import RULE
 
-    if sigma0 == "auto":
+    if settings.noise_model == "poisson-gaussian":
+        return "unit noise of the generalised Anscombe domain (intensity_map.noise: the Poisson-Gaussian parameters)"
+    if settings.sigma0 == "auto":
         return RULE
-    return "given (--sigma0)" if sigma0 is not None else "from --noise-std"
+    return "given (--sigma0)" if settings.sigma0 is not None else "from --noise-std"

@@ -20,7 +20,6 @@ import numpy as np
 from .backends import BACKENDS
 from .formats import OUTPUT_FORMATS
 from .settings import setting_fields
-from .tasks import TASKS
 from .version import __version__
 
 EXIT_REFUSED = 2
@@ -153,15 +152,20 @@ def _options(*options):
 def _setting_options(*names: str):
     """click options for these RestoreSettings fields (all by default): names, defaults and
     help come from RestoreSettings, so the CLI states none of them again."""
-    special = {"task": click.Choice(TASKS), "sigma0": _Sigma0()}
+    def option_type(f):
+        if f.metadata["choices"]:
+            return click.Choice(f.metadata["choices"])
+        return _Sigma0() if f.name == "sigma0" else f.metadata["type"]
+
     return _options(*(
-        click.option("--" + f.name.replace("_", "-"), type=special.get(f.name, f.metadata["type"]), default=f.default,
+        click.option("--" + f.name.replace("_", "-"), type=option_type(f), default=f.default,
                      show_default=f.default is not None, help=f.metadata["help"])
         for f in setting_fields(*names)))
 
 
 #: The settings of the measurement model, which degrade applies and restore inverts.
-MEASUREMENT_SETTINGS = ("task", "sigma0", "noise_std", "seed", "scale", "blur_sigma", "min_hole", "z_factor")
+MEASUREMENT_SETTINGS = ("task", "sigma0", "noise_std", "noise_model", "gain", "read_noise", "offset", "seed", "scale",
+                        "blur_sigma", "min_hole", "z_factor")
 
 _input_options = _options(
     click.option("--mask", default=None, help="inpaint: mask image (nonzero = missing) or 'auto'."),
@@ -516,9 +520,10 @@ class _ProgressBar:
 @click.option("--missing-fraction", type=float, default=0.2, show_default=True,
               help="inpaint with --mask blobs: fraction of pixels removed.")
 @click.option("--save-mask", type=click.Path(dir_okay=False), default=None, help="inpaint: also write the mask.")
-def degrade_command(input_path, output, task, sigma0, noise_std, seed, scale, blur_sigma, min_hole, z_factor, mask,
-                    series, missing_fraction, save_mask):
-    """Make a known-truth pair: apply the task's degradation and grey noise."""
+def degrade_command(input_path, output, task, sigma0, noise_std, noise_model, gain, read_noise, offset, seed, scale,
+                    blur_sigma, min_hole, z_factor, mask, series, missing_fraction, save_mask):
+    """Make a known-truth pair: apply the task's degradation and grey noise (or, with
+    --noise-model poisson-gaussian, a detector's shot and read noise: --gain and --read-noise)."""
     import warnings
 
     from .degrade import blob_mask, degrade
@@ -528,6 +533,7 @@ def degrade_command(input_path, output, task, sigma0, noise_std, seed, scale, bl
 
     if sigma0 == "auto":
         raise click.UsageError("degrade adds noise of a given level: pass --sigma0 as a number (auto is for restore)")
+    detector = _detector_noise(noise_model, gain, read_noise, offset, sigma0, noise_std)
     with _reported():
         check_outputs({"output": output, "--save-mask": save_mask},
                       {"input": input_path, "--mask": mask if mask not in (None, "auto", "blobs") else None})
@@ -542,16 +548,38 @@ def degrade_command(input_path, output, task, sigma0, noise_std, seed, scale, bl
                 missing = _read_mask(mask) != 0
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result = degrade(image, options, sigma0=sigma0, noise_std=noise_std, seed=seed, missing=missing)
+            result = degrade(image, options, sigma0=sigma0, noise_std=noise_std, seed=seed, missing=missing,
+                             poisson_gaussian=detector)
         for warning in caught:
             _warn(str(warning.message))
-        provenance = {"software": f"df5t-deploy {__version__}", "degraded": options.to_dict() | {
-            "sigma0": result.sigma0, "seed": seed, "truth_shape": list(result.cropped_shape)}}
+        noise = {"poisson_gaussian": detector.to_dict()} if detector else {"sigma0": result.sigma0}
+        provenance = {"software": f"df5t-deploy {__version__}", "degraded": options.to_dict() | noise | {
+            "seed": seed, "truth_shape": list(result.cropped_shape)}}
         scaled = meta.scaled(xy=options.factor, z=options.z_factor or 1)
         write_image(output, result.image, scaled, provenance)
         if save_mask and result.missing is not None:
             write_image(save_mask, result.missing.astype(np.uint8) * 255, meta)
-    click.echo(f"wrote {output} {result.image.shape} {result.image.dtype} ({task}, sigma0={result.sigma0:.4g}, seed {seed})")
+    level = (f"gain {gain:g}, read noise {read_noise:g}, offset {detector.offset:g}" if detector
+             else f"sigma0={result.sigma0:.4g}")
+    click.echo(f"wrote {output} {result.image.shape} {result.image.dtype} ({task}, {level}, seed {seed})")
+
+
+def _detector_noise(noise_model, gain, read_noise, offset, sigma0, noise_std):
+    """degrade's Poisson-Gaussian parameters (None for grey noise); all must be given."""
+    if noise_model == "gaussian":
+        if gain is not None or read_noise is not None or offset is not None:
+            raise click.UsageError("--gain, --read-noise and --offset apply to --noise-model poisson-gaussian")
+        return None
+    if sigma0 is not None or noise_std is not None:
+        raise click.UsageError("--noise-model poisson-gaussian adds shot and read noise: drop --sigma0 and --noise-std")
+    if gain is None or read_noise is None:
+        raise click.UsageError("--noise-model poisson-gaussian needs --gain and --read-noise (and --offset, default 0)")
+    from .poisson_gaussian import NoiseModelError, PoissonGaussian
+
+    try:
+        return PoissonGaussian(gain, read_noise, 0.0 if offset is None else offset)
+    except NoiseModelError as err:
+        raise click.UsageError(str(err)) from None
 
 
 @main.command("doctor")

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.ndimage
 
-from .intensity import IntensityMap, check_dtype, intensity_map_for
+from .intensity import IntensityMap, check_dtype, in_dtype, intensity_map_for
 from .noise import MEASUREMENT_STEP, gaussian_field
+from .poisson_gaussian import PoissonGaussian
 from .tasks import TaskError, TaskOptions
 
 
@@ -21,9 +22,10 @@ from .tasks import TaskError, TaskOptions
 class Degraded:
     image: np.ndarray  # in the input's dtype (float for inpaint of float input keeps NaN holes)
     missing: np.ndarray | None  # inpaint: True where removed
-    intensity: IntensityMap
+    intensity: IntensityMap | None  # None for detector noise, added in input units
     sigma0: float
     cropped_shape: tuple[int, ...]  # the truth this measurement belongs to
+    poisson_gaussian: PoissonGaussian | None = None  # the detector noise added, in place of sigma0
 
 
 def blob_mask(shape: tuple[int, int], fraction: float, seed: int, blob_sigma: float = 12.0) -> np.ndarray:
@@ -42,9 +44,13 @@ def degrade(
     noise_std: float | None = None,
     seed: int = 0,
     missing: np.ndarray | None = None,
+    poisson_gaussian: PoissonGaussian | None = None,
 ) -> Degraded:
-    """y = H x + noise for a YX image, or for a ZYX volume with ``isotropic`` (z box mean)."""
+    """y = H x + noise for a YX image, or for a ZYX volume with ``isotropic`` (z box mean);
+    with ``poisson_gaussian``, shot and read noise of those parameters (denoise only)."""
     check_dtype(image)
+    if poisson_gaussian is not None:
+        return _with_detector_noise(image, options, poisson_gaussian, seed)
     if (sigma0 is None) == (noise_std is None):
         raise TaskError("give exactly one of --sigma0 (on the [-1,1] scale) or --noise-std (input units)")
     intensity = intensity_map_for(image)
@@ -72,14 +78,27 @@ def degrade(
     return Degraded(out, missing if options.task == "inpaint" else None, intensity, sigma0, truth.shape)
 
 
-def _measurement_noise(shape: tuple[int, ...], seed: int) -> np.ndarray:
-    """Grey normals for a YX measurement, or for every plane of a ZYX one."""
+def _with_detector_noise(image: np.ndarray, options: TaskOptions, noise: PoissonGaussian, seed: int) -> Degraded:
+    """The image as the noise-free mean of a Poisson-Gaussian detector: counts drawn by the
+    Poisson quantile function of one counter normal, read noise from another."""
+    if options.task != "denoise":
+        raise TaskError(f"--noise-model poisson-gaussian degrades for --task denoise, not {options.task}")
+    if image.dtype.kind == "f" and not np.isfinite(image).all():
+        raise TaskError("the image has NaN or Inf pixels: a detector's mean must be finite")
+    normals = _measurement_noise(image.shape, seed, channels=2)
+    measured = in_dtype(noise.sample(image.astype(np.float64), normals), image.dtype)
+    return Degraded(measured, None, None, float("nan"), image.shape, noise)
+
+
+def _measurement_noise(shape: tuple[int, ...], seed: int, channels: int = 1) -> np.ndarray:
+    """Grey normals for a YX measurement, or for every plane of a ZYX one ([channels, ...]
+    with several channels: independent fields from the counter's other outputs)."""
     planes = shape[0] if len(shape) == 3 else 1
-    fields = [
-        gaussian_field(seed, step=MEASUREMENT_STEP, plane=p, y0=0, x0=0, height=shape[-2], width=shape[-1])[0]
+    fields = np.stack([
+        gaussian_field(seed, step=MEASUREMENT_STEP, plane=p, y0=0, x0=0, height=shape[-2], width=shape[-1])[:channels]
         for p in range(planes)
-    ]
-    return np.stack(fields).reshape(shape)
+    ], axis=1)
+    return fields.reshape(shape) if channels == 1 else fields.reshape(channels, *shape)
 
 
 def _crop_to_blocks(image: np.ndarray, options: TaskOptions) -> np.ndarray:

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .poisson_gaussian import PoissonGaussian, fit_poisson_gaussian
+
 if TYPE_CHECKING:
     from .formats.base import Source
 
@@ -35,12 +37,15 @@ class IntensityMap:
 
     def from_unit(self, unit: np.ndarray) -> np.ndarray:
         """[0, 1] -> input units, rounded and clipped for integer dtypes."""
-        values = unit.astype(np.float64) * (self.high - self.low) + self.low
-        dtype = np.dtype(self.dtype)
-        if dtype.kind == "u":
-            info = np.iinfo(dtype)
-            return np.clip(np.rint(values), info.min, info.max).astype(dtype)
-        return values.astype(dtype)
+        return in_dtype(self.values_from_unit(unit), self.dtype)
+
+    def values_from_unit(self, unit: np.ndarray) -> np.ndarray:
+        """[0, 1] -> input units (float64)."""
+        return unit.astype(np.float64) * (self.high - self.low) + self.low
+
+    def std_from_unit(self, mean_unit: np.ndarray, std_unit: np.ndarray) -> np.ndarray:
+        """A std on the [0, 1] scale around ``mean_unit``, in input units (float32)."""
+        return (std_unit * np.float32(self.high - self.low)).astype(np.float32)
 
     def sigma0_from_noise_std(self, noise_std: float) -> float:
         """A noise std in input units, expressed on the [-1, 1] scale."""
@@ -48,6 +53,15 @@ class IntensityMap:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def in_dtype(values: np.ndarray, dtype) -> np.ndarray:
+    """Values in input units as ``dtype``: rounded and clipped for integer dtypes."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "u":
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(values), info.min, info.max).astype(dtype)
+    return values.astype(dtype)
 
 
 def check_dtype(array: np.ndarray) -> None:
@@ -90,9 +104,55 @@ def intensity_map_for_source(source: Source) -> IntensityMap:
 
 def mean_and_std(unit: np.ndarray, intensity: IntensityMap) -> tuple[np.ndarray, np.ndarray | None]:
     """Samples [S, H, W] on [0, 1] -> mean in the input dtype, std in input units."""
-    mean = intensity.from_unit(unit.mean(axis=0))
-    std = (unit.std(axis=0) * np.float32(intensity.high - intensity.low)) if len(unit) > 1 else None
-    return mean, std
+    mean_unit = unit.mean(axis=0)
+    std = intensity.std_from_unit(mean_unit, unit.std(axis=0)) if len(unit) > 1 else None
+    return intensity.from_unit(mean_unit), std
+
+
+@dataclass(frozen=True)
+class StabilizedMap(IntensityMap):
+    """``--noise-model poisson-gaussian``: input values go through the generalised Anscombe
+    transform of ``noise`` (unit noise std), whose 0.1 and 99.9 percentiles map to 0 and 1;
+    the way back is the transform's exact unbiased inverse. ``low`` and ``high`` are in the
+    stabilised domain."""
+
+    noise: PoissonGaussian | None = None
+
+    def to_model(self, values: np.ndarray) -> np.ndarray:
+        return super().to_model(self.noise.anscombe(values).astype(np.float32))
+
+    def values_from_unit(self, unit: np.ndarray) -> np.ndarray:
+        return self.noise.exact_unbiased_inverse(super().values_from_unit(unit))
+
+    def std_from_unit(self, mean_unit: np.ndarray, std_unit: np.ndarray) -> np.ndarray:
+        # first order: the std in the stabilised domain times the inverse's local slope
+        slope = self.noise.inverse_slope(super().values_from_unit(mean_unit))
+        return (super().std_from_unit(mean_unit, std_unit) * slope).astype(np.float32)
+
+    @property
+    def sigma0(self) -> float:
+        """The noise std on the [-1, 1] scale: the stabilised noise's unit std."""
+        return self.sigma0_from_noise_std(1.0)
+
+
+def stabilized_map_for_source(source: Source, gain: float | None = None, read_noise: float | None = None,
+                              offset: float | None = None) -> StabilizedMap:
+    """The map of ``--noise-model poisson-gaussian``: the parameters not given are fitted to
+    a few planes; the percentiles come from the stabilised sampled planes."""
+    from .noise_estimate import ESTIMATE_PLANES
+
+    chosen = np.unique(np.linspace(0, source.planes - 1, max(ESTIMATE_PLANES, SAMPLE_PLANES)).round().astype(int))
+    planes = [source.plane(int(z)) for z in chosen]
+    check_dtype(planes[0])
+    noise = fit_poisson_gaussian(planes[:: max(1, len(planes) // ESTIMATE_PLANES)], planes[0].dtype,
+                                 gain, read_noise, offset)
+    base = intensity_map_for(np.stack(planes))  # refuses constant and non-finite images
+    stabilized = noise.anscombe(np.stack(planes))
+    low, high = np.percentile(stabilized[np.isfinite(stabilized)], PERCENTILES)
+    if not high > low:
+        raise ValueError("the stabilised image is nearly constant: nothing to restore")
+    return StabilizedMap(float(low), float(high), base.dtype, "generalised Anscombe, then percentiles 0.1/99.9",
+                         noise)
 
 
 def check_finite(planes: np.ndarray, missing: np.ndarray | None, first_plane: int | None = None) -> None:

@@ -23,12 +23,11 @@ from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QObject, Signal
 
 from .api import Restorer
-from .intensity import intensity_map_for_source, mean_and_std
+from .intensity import mean_and_std
 from .progress import Progress, RestorationCancelled
 from .samples import sample_path
 from .settings import RestoreSettings, setting_fields
 from .streaming import ArraySource
-from .tasks import TASKS
 
 SCOPES = ("current plane", "visible region", "whole layer")
 DEVICES = ("cpu", "cuda", "cuda:1", "cuda:2", "cuda:3")
@@ -122,8 +121,8 @@ class RestoreWidget(Container):
 
     @staticmethod
     def _setting_widget(f):
-        if f.name == "task":
-            return ComboBox(name=f.name, choices=TASKS, value=f.default, tooltip=f.metadata["help"])
+        if f.metadata["choices"]:
+            return ComboBox(name=f.name, choices=f.metadata["choices"], value=f.default, tooltip=f.metadata["help"])
         default = "" if f.default is None or f.default is MISSING else str(f.default)
         return LineEdit(name=f.name, value=default, tooltip=f.metadata["help"])
 
@@ -132,8 +131,8 @@ class RestoreWidget(Container):
         values = {}
         for f in setting_fields():
             text = str(self.settings[f.name].value).strip()
-            if f.name == "task":
-                values["task"] = text
+            if f.metadata["choices"]:
+                values[f.name] = text
             elif text:
                 kind = f.metadata["type"]
                 try:
@@ -182,7 +181,7 @@ class RestoreWidget(Container):
             self._restorers = {key: Restorer(model or None, device=device, **settings)}  # one model held
         restorer = self._restorers[key]
         source = _LayerSource(data)
-        intensity = intensity_map_for_source(source)
+        intensity = restorer.intensity_for(source)
         noise = restorer.noise_level(source, intensity)
         means, stds = {}, {}
 

@@ -21,7 +21,7 @@ from .api import Emit, NoiseLevel, Restorer
 from .formats import ZarrLayout, check_writable, create_sink, open_source
 from .formats.base import Sink, Source
 from .formats.zarr_format import partial_store
-from .intensity import IntensityMap, intensity_map_for_source, mean_and_std
+from .intensity import IntensityMap, mean_and_std
 from .output_safety import OutputLock, check_outputs, recorded_provenance
 from .progress import Progress, ProgressCallback
 from .run_identity import RunIdentity
@@ -134,7 +134,7 @@ def open_input(input_path: str | Path, series: int | None = None, roi: str | Non
 
 
 def _plan(restorer: Restorer, source: Source, input_path: str | Path, series: int | None) -> _Plan:
-    intensity = intensity_map_for_source(source)
+    intensity = restorer.intensity_for(source)
     noise = restorer.noise_level(source, intensity)
     provenance = restorer.provenance(intensity, noise) | ({"series": series} if series is not None else {})
     if isinstance(source, RoiSource):

@@ -10,6 +10,7 @@ the concept (the published sampler defaults, ``tasks.DEFAULT_MIN_HOLE``,
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 
 from .parameters import real_number, whole_number
@@ -18,13 +19,16 @@ from .tasks import DEFAULT_MIN_HOLE, TASKS, TaskError, parse_blur_sigma
 
 #: The published DF5T run (REFERENCE.md, section 4).
 PUBLISHED_STEPS, PUBLISHED_ETA, PUBLISHED_ETA_B = 50, 0.85, 1.0
+NOISE_MODELS = ("gaussian", "poisson-gaussian")
+POISSON_GAUSSIAN_PARAMETERS = ("gain", "read_noise", "offset")
 #: The largest noise std on the [-1,1] scale: five times the whole intensity range.
 MAX_SIGMA0 = 10.0
 
 
-def _setting(default, help: str, kind: type):
-    """A field with what the CLI needs to offer it: its help and the type of its value."""
-    return field(default=default, metadata={"help": help, "type": kind})
+def _setting(default, help: str, kind: type, choices: tuple[str, ...] | None = None):
+    """A field with what the CLI and the napari widget need to offer it: its help, the type of
+    its value and, for a choice, the values to choose from."""
+    return field(default=default, metadata={"help": help, "type": kind, "choices": choices})
 
 
 @dataclass(frozen=True)
@@ -32,10 +36,17 @@ class RestoreSettings:
     """Everything that changes a restoration's pixels, checked when made (a wrong value is a
     ValueError, a wrong type a TypeError, each naming the setting)."""
 
-    task: str = _setting("denoise", "Restoration task.", str)
+    task: str = _setting("denoise", "Restoration task.", str, TASKS)
     sigma0: float | str | None = _setting(
         None, "Noise std of the measurement on the [-1,1] scale (published runs: 0.2), or 'auto'.", float)
     noise_std: float | None = _setting(None, "The same noise std in input units.", float)
+    noise_model: str = _setting(
+        "gaussian", "gaussian: one noise level (--sigma0 or --noise-std); poisson-gaussian: shot plus read noise, "
+        "denoised in the generalised Anscombe domain (denoise only).", str, NOISE_MODELS)
+    gain: float | None = _setting(None, "poisson-gaussian: input units per detected count. Default: fitted.", float)
+    read_noise: float | None = _setting(None, "poisson-gaussian: read-noise std in input units. Default: fitted.",
+                                        float)
+    offset: float | None = _setting(None, "poisson-gaussian: black level in input units. Default: fitted.", float)
     seed: int = _setting(0, "Seed of the counter-based noise (0 to 2^64 - 1).", int)
     steps: int = _setting(PUBLISHED_STEPS, "Sampler steps.", int)
     eta: float = _setting(PUBLISHED_ETA, "DDRM eta: noise injected into unobserved coordinates (0..1).", float)
@@ -53,8 +64,7 @@ class RestoreSettings:
     def __post_init__(self):
         if self.task not in TASKS:
             raise TaskError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
-        if (self.sigma0 is None) == (self.noise_std is None):
-            raise ValueError("give exactly one of sigma0 (on the [-1,1] scale) or noise_std (in input units)")
+        self._check_noise_model()
         if self.sigma0 != "auto" and self.sigma0 is not None:
             real_number("sigma0", self.sigma0, 0.0, MAX_SIGMA0)
         if self.noise_std is not None:
@@ -70,6 +80,28 @@ class RestoreSettings:
             if getattr(self, name) is not None:
                 whole_number(name, getattr(self, name), minimum)
         object.__setattr__(self, "blur_sigma", parse_blur_sigma(self.blur_sigma))
+
+    def _check_noise_model(self) -> None:
+        if self.noise_model not in NOISE_MODELS:
+            raise ValueError(f"unknown noise_model {self.noise_model!r}; choose one of {', '.join(NOISE_MODELS)}")
+        poisson_parameters = [name for name in POISSON_GAUSSIAN_PARAMETERS if getattr(self, name) is not None]
+        if self.noise_model == "gaussian":
+            if (self.sigma0 is None) == (self.noise_std is None):
+                raise ValueError("give exactly one of sigma0 (on the [-1,1] scale) or noise_std (in input units)")
+            if poisson_parameters:
+                raise ValueError(f"{', '.join(poisson_parameters)} apply to noise_model 'poisson-gaussian'")
+            return
+        if self.sigma0 is not None or self.noise_std is not None:
+            raise ValueError("noise_model 'poisson-gaussian' takes the noise level from gain and read_noise "
+                             "(given or fitted): drop sigma0 and noise_std")
+        if self.task != "denoise":
+            raise TaskError(f"noise_model 'poisson-gaussian' is for --task denoise, not {self.task}")
+        if self.gain is not None:
+            real_number("gain", self.gain, 0.0)
+        if self.read_noise is not None:
+            real_number("read_noise", self.read_noise, 0.0, low_inclusive=True)
+        if self.offset is not None:
+            real_number("offset", self.offset, -math.inf)
 
     def to_dict(self) -> dict:
         """The settings as recorded in provenance (JSON types)."""
