@@ -142,8 +142,6 @@ class VarianceLine:
     slope: float
     intercept: float
     slope_error: float
-    bin_means: np.ndarray
-    bin_variances: np.ndarray
 
     @classmethod
     def fit(cls, planes: list[np.ndarray], saturated: tuple[float, float] | None, gain: float | None = None
@@ -168,14 +166,14 @@ class VarianceLine:
         w = n / np.maximum(v, 1e-12) ** 2
         if gain is not None:
             intercept = float(np.sum(w * (v - gain * m)) / np.sum(w))
-            return cls(gain, intercept, 0.0, m, v)
+            return cls(gain, intercept, 0.0)
         design = np.stack([m, np.ones_like(m)], axis=1)
         normal = design.T @ (design * w[:, None])
         slope, intercept = np.linalg.solve(normal, design.T @ (w * v))
         residual = v - design @ np.array([slope, intercept])
         scale = float(np.sum(w * residual**2) / max(1, len(m) - 2))
         slope_error = float(np.sqrt(max(scale, 1e-300) * np.linalg.inv(normal)[0, 0]))
-        return cls(float(slope), float(intercept), slope_error, m, v)
+        return cls(float(slope), float(intercept), slope_error)
 
 
 def _block_statistics(planes: list[np.ndarray], saturated: tuple[float, float] | None

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = "DF5T_MUTATION"
 #: The tests that back the README's promises (the rest check kernels, export and engines).
 PROMISE_TESTS = ("tests/test_promises.py", "tests/test_hostile.py", "tests/test_sampler.py", "tests/test_restore.py",
-                 "tests/test_volumes.py", "tests/test_formats.py", "tests/test_tiling.py")
+                 "tests/test_volumes.py", "tests/test_formats.py", "tests/test_tiling.py", "tests/test_noise_model.py")
 
 
 def _uncertainty_doubled(mp: pytest.MonkeyPatch) -> None:
@@ -102,6 +102,31 @@ def _eta_default_changed(mp: pytest.MonkeyPatch) -> None:
     mp.setattr(option, "default", 0.5)
 
 
+def _algebraic_anscombe_inverse(mp: pytest.MonkeyPatch) -> None:
+    """The closed-form inverse of the transform in place of the exact unbiased one."""
+    from df5t_deploy.poisson_gaussian import PoissonGaussian
+
+    def algebraic(self, stabilized):
+        s = self.read_noise_counts
+        return self.from_counts(np.maximum((np.asarray(stabilized) / 2) ** 2 - 0.375 - s * s, 0.0))
+
+    mp.setattr(PoissonGaussian, "exact_unbiased_inverse", algebraic)
+
+
+def _stabilized_map_back_affine(mp: pytest.MonkeyPatch) -> None:
+    """The stabilised domain's values taken for input values on the way back."""
+    from df5t_deploy.intensity import IntensityMap, StabilizedMap
+
+    mp.setattr(StabilizedMap, "values_from_unit", IntensityMap.values_from_unit)
+
+
+def _noise_variances_overestimated(mp: pytest.MonkeyPatch) -> None:
+    """The robust variance's MAD-to-std factor 30 % off: every fitted variance 1.69 times too large."""
+    from df5t_deploy import poisson_gaussian
+
+    mp.setattr(poisson_gaussian, "_MAD_TO_STD", poisson_gaussian._MAD_TO_STD * 1.3)
+
+
 MUTATIONS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
     "uncertainty doubled": _uncertainty_doubled,
     "recorded model sha256 zeroed": _model_sha256_zeroed,
@@ -112,6 +137,9 @@ MUTATIONS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
     "MRC provenance not read back": _provenance_not_written_to_mrc,
     "output safety checks skipped": _output_checks_skipped,
     "CLI eta default changed": _eta_default_changed,
+    "algebraic Anscombe inverse": _algebraic_anscombe_inverse,
+    "stabilised map mapped back as affine": _stabilized_map_back_affine,
+    "noise variances overestimated": _noise_variances_overestimated,
 }
 
 

@@ -1,0 +1,55 @@
+"""The quality benchmark: its smoke run works end to end, its held-out splits never overlap,
+and the README's quality table is the one the results file gives."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import quality  # noqa: E402
+
+
+def test_the_readme_table_is_generated_from_the_results_file():
+    results = json.loads((REPO / "benchmarks" / "results" / "quality.json").read_text())
+    readme = (REPO / "README.md").read_text()
+    assert quality.readme_block(results) in readme
+
+
+def test_validation_and_test_parts_never_overlap(em_dir):
+    for dataset in quality.datasets(em_dir):
+        volume = np.zeros(dataset.volume.shape, bool)
+        volume[dataset.validation] = True
+        assert volume.any() and not volume[dataset.test].any(), dataset.name
+
+
+def test_the_paired_difference_is_taken_on_the_same_crops():
+    case = {"scores": {"bicubic": [[30.0, 0.9], [20.0, 0.8], [25.0, 0.7]],
+                       "Lanczos": [[29.0, 0.9], [21.0, 0.8], [26.0, 0.7]],
+                       "DDRM 20 steps x 4": [[31.0, 0.9], [19.0, 0.8], [25.5, 0.7]],
+                       "DDRM 50 steps x 4": [[29.5, 0.9], [22.0, 0.8], [26.0, 0.7]]}}
+    summary = quality.summary(case)
+    assert summary["best_classical"] == "Lanczos"  # 25.33 against 25.0 dB
+    first = summary["methods"]["DDRM 20 steps x 4"]["vs_best"]
+    assert first["mean"] == pytest.approx((2.0 - 2.0 - 0.5) / 3) and first["won"] == 1
+    assert summary["methods"]["DDRM 50 steps x 4"]["vs_best"]["mean"] == pytest.approx(0.5)
+    assert summary["methods"]["DDRM 50 steps x 4"]["vs_best"]["won"] == 2
+
+
+def test_smoke_run(tmp_path, em_dir):
+    readme_before = (REPO / "README.md").read_text()
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "quality.py"), "--smoke", "--data", str(em_dir),
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "quality.json").read_text())
+    assert len(results["cases"]) == 16
+    for case in results["cases"]:
+        lengths = {len(scores) for label, scores in case["scores"].items()}
+        assert lengths == {2}, case["task"]
+    assert (REPO / "README.md").read_text() == readme_before  # --smoke never rewrites the README
