@@ -107,8 +107,9 @@ class Restorer:
         max_pending: int = DEFAULT_MAX_PENDING,
         **settings,
     ):
-        """``settings``: any of ``RestoreSettings`` (sigma0 or noise_std, steps, eta, eta_b,
-        seed, scale, blur_sigma, min_hole, z_factor, overlap, batch, max_region, samples);
+        """``settings``: any of ``RestoreSettings`` (sigma0 or noise_std, or noise_model
+        "poisson-gaussian" with gain, read_noise and offset; steps, eta, eta_b, seed, scale,
+        blur_sigma, min_hole, z_factor, overlap, batch, max_region, samples);
         ``mask``: inpainting's mask array (True or nonzero = missing) or "auto";
         ``max_pending``: frames ``submit`` holds before it blocks."""
         unknown = sorted(set(settings) - {f.name for f in setting_fields()})

@@ -3,17 +3,21 @@
     python -m df5t_deploy.export.train --data ../shared/data/em --out runs/df5t-tiny-em
 
 predicts the noise (linear betas 1e-4..0.02, T = 1000) from random augmented crops (see
-``train_data.CropSampler``), keeps EMA weights, and writes a resumable training
-state every few minutes: run the same command again to continue where it stopped. When the
-step or time budget is spent it writes ``ema.pt`` (a plain state dict of the EMA weights,
-what ``df5t export`` takes) and ``training.json`` (the facts a model card needs).
+``train_data.CropSampler``), keeps EMA weights, and writes a resumable training state every
+few minutes and when stopped (SIGTERM, Ctrl-C): run the same command again to continue where
+it stopped. When the step or time budget is spent it writes ``ema.pt`` (a plain state dict of
+the EMA weights, what ``df5t export`` takes) and ``training.json`` (the facts a model card
+needs).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -83,18 +87,41 @@ def train(config: TrainConfig, data_dir: Path, out: Path) -> Path:
     budget_s = config.max_minutes * 60.0 - run.seconds
     session_start = last_save = time.monotonic()
     bar = tqdm(total=config.max_steps, initial=run.step, desc="training", unit="step")
-    while run.step < config.max_steps and time.monotonic() - session_start < budget_s:
-        loss = run.train_step(sampler, alphas_bar)
-        bar.update(1)
-        bar.set_postfix(loss=f"{run.loss_avg:.4f}", last=f"{loss:.4f}")
-        if time.monotonic() - last_save > config.checkpoint_minutes * 60.0:
-            run.seconds += time.monotonic() - last_save
-            last_save = time.monotonic()
-            run.save(out / "state.pt")
+    with _stop_requests() as stop:
+        while run.step < config.max_steps and time.monotonic() - session_start < budget_s and not stop:
+            loss = run.train_step(sampler, alphas_bar)
+            bar.update(1)
+            bar.set_postfix(loss=f"{run.loss_avg:.4f}", last=f"{loss:.4f}")
+            if time.monotonic() - last_save > config.checkpoint_minutes * 60.0:
+                run.seconds += time.monotonic() - last_save
+                last_save = time.monotonic()
+                run.save(out / "state.pt")
     bar.close()
     run.seconds += time.monotonic() - last_save
     run.save(out / "state.pt")
+    if stop:
+        raise SystemExit(f"stopped by {stop[0]} after step {run.step}; {out / 'state.pt'} resumes from there")
     return _write_results(run, config, out)
+
+
+@contextlib.contextmanager
+def _stop_requests():
+    """A list that SIGTERM or SIGINT (Ctrl-C) appends its name to: the step under way finishes
+    and the state is saved, so a stopped run loses no work."""
+    requests: list[str] = []
+
+    def request(signum, _frame):
+        requests.append(signal.Signals(signum).name)
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread takes signals
+        yield requests
+        return
+    previous = {sig: signal.signal(sig, request) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield requests
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def crop_sampler(config: TrainConfig, data_dir: Path) -> CropSampler:
