@@ -129,6 +129,9 @@ def crop_sampler(config: TrainConfig, data_dir: Path) -> CropSampler:
                        contrast_jitter=config.contrast_jitter, brightness_jitter=config.brightness_jitter)
 
 
+#: Steps between the points of the loss curve a run keeps.
+LOSS_CURVE_EVERY = 25
+
 #: Settings that may change when a run is resumed; all others must match the saved state.
 _BUDGET_FIELDS = frozenset({"max_steps", "max_minutes", "threads", "checkpoint_minutes"})
 
@@ -147,6 +150,7 @@ class TrainingRun:
         self.step = 0
         self.seconds = 0.0
         self.loss_avg = float("nan")
+        self.loss_curve: list[tuple[int, float]] = []  # (step, loss EMA) every LOSS_CURVE_EVERY steps
 
     @classmethod
     def resume_or_start(cls, config: TrainConfig, path: Path) -> "TrainingRun":
@@ -166,6 +170,7 @@ class TrainingRun:
             run.rng.bit_generator.state = state["numpy_rng"]
             torch.set_rng_state(state["torch_rng"])
             run.step, run.seconds, run.loss_avg = state["step"], state["seconds"], state["loss_avg"]
+            run.loss_curve = [tuple(point) for point in state.get("loss_curve", [])]  # states before the curve: none
             print(f"resumed {path} at step {run.step} ({run.seconds / 60:.1f} min trained)")
         return run
 
@@ -189,6 +194,8 @@ class TrainingRun:
         self.step += 1
         value = loss.detach().item()
         self.loss_avg = value if np.isnan(self.loss_avg) else 0.99 * self.loss_avg + 0.01 * value
+        if self.step % LOSS_CURVE_EVERY == 0:
+            self.loss_curve.append((self.step, self.loss_avg))
         return value
 
     @torch.no_grad()
@@ -210,6 +217,7 @@ class TrainingRun:
             "step": self.step,
             "seconds": self.seconds,
             "loss_avg": self.loss_avg,
+            "loss_curve": self.loss_curve,
         }
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
@@ -236,6 +244,7 @@ def _write_results(run: TrainingRun, config: TrainConfig, out: Path) -> Path:
         "samples_seen": run.step * config.batch,
         "wall_time_minutes": round(run.seconds / 60.0, 1),
         "final_loss_ema": round(run.loss_avg, 5),
+        "loss_curve": [[step, round(loss, 5)] for step, loss in run.loss_curve],
         "parameters": sum(p.numel() for p in run.ema.parameters()),
         "schedule": Schedule(config.diffusion_steps).to_dict(),
         "training_data": {

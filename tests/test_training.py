@@ -14,6 +14,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="training needs the [export] extra")
 
+from df5t_deploy.export import train as train_module  # noqa: E402
 from df5t_deploy.export.train import TrainConfig, train  # noqa: E402
 
 TINY = TrainConfig(num_channels=32, num_res_blocks=1, num_heads=1, crop=16, batch=2, warmup_steps=2, threads=1,
@@ -24,7 +25,8 @@ def _weights(path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path, em_dir):
+def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path, em_dir, monkeypatch):
+    monkeypatch.setattr(train_module, "LOSS_CURVE_EVERY", 1)
     whole = train(TINY, em_dir, tmp_path / "whole")
     train(replace(TINY, max_steps=2), em_dir, tmp_path / "parts")
     resumed = train(TINY, em_dir, tmp_path / "parts")
@@ -33,6 +35,9 @@ def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path, em_dir):
     for name in a:
         assert torch.equal(a[name], b[name]), name
     assert _weights(tmp_path / "parts" / "state.pt")["step"] == 4
+    whole_curve = _weights(tmp_path / "whole" / "state.pt")["loss_curve"]
+    assert [step for step, _ in whole_curve] == [1, 2, 3, 4]
+    assert whole_curve == _weights(tmp_path / "parts" / "state.pt")["loss_curve"]
 
 
 def test_other_settings_are_refused_on_resume(tmp_path, em_dir):
