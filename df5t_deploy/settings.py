@@ -89,7 +89,7 @@ class RestoreSettings:
             if (self.sigma0 is None) == (self.noise_std is None):
                 raise ValueError("give exactly one of sigma0 (on the [-1,1] scale) or noise_std (in input units)")
             if poisson_parameters:
-                raise ValueError(f"{', '.join(poisson_parameters)} apply to noise_model 'poisson-gaussian'")
+                raise ValueError(f"{', '.join(poisson_parameters)}: for noise_model 'poisson-gaussian' only")
             return
         if self.sigma0 is not None or self.noise_std is not None:
             raise ValueError("noise_model 'poisson-gaussian' takes the noise level from gain and read_noise "

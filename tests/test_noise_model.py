@@ -105,7 +105,7 @@ def test_too_small_an_image_is_refused():
     ({"noise_model": "poisson-gaussian", "sigma0": 0.1}, ValueError, "drop sigma0"),
     ({"noise_model": "poisson-gaussian", "task": "sr"}, TaskError, "denoise"),
     ({"noise_model": "poisson-gaussian", "gain": -1.0}, ValueError, "gain"),
-    ({"sigma0": 0.1, "gain": 2.0}, ValueError, "apply to noise_model 'poisson-gaussian'"),
+    ({"sigma0": 0.1, "gain": 2.0}, ValueError, "gain: for noise_model 'poisson-gaussian' only"),
     ({"noise_model": "shot", "sigma0": 0.1}, ValueError, "unknown noise_model"),
 ])
 def test_settings_refuse_what_does_not_fit(settings, error, message):
