@@ -434,6 +434,10 @@ def _report_restoration(restorer, input_path, result, seconds: float) -> None:
     if result.estimated_noise_std is not None:
         click.echo(f"sigma0 auto: estimated noise std {result.estimated_noise_std:.4g} (input units) "
                    f"-> sigma0 {result.sigma0:.4g} on the [-1,1] scale")
+    detector = result.provenance["intensity_map"].get("noise")
+    if detector is not None:
+        click.echo(f"poisson-gaussian: gain {detector['gain']:.4g}, read noise {detector['read_noise']:.4g}, "
+                   f"offset {detector['offset']:.4g} (input units; {detector['rule']})")
 
 
 def _restore_folder(restorers, outputs: dict, quiet: bool, overwrite: bool, **restore_options) -> None:

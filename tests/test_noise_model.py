@@ -158,6 +158,7 @@ def test_cli_degrades_and_restores_with_detector_noise(tmp_path):
     with tifffile.TiffFile(tmp_path / "out.tif") as tif:
         meta = tif.shaped_metadata[0]["df5t"]
     assert meta["noise_model"] == "poisson-gaussian"
+    assert "poisson-gaussian: gain" in output and "fitted to the image's variance line" in output
     assert meta["intensity_map"]["noise"]["gain"] == pytest.approx(3.0, rel=0.1)
 
 
