@@ -456,6 +456,10 @@ def readme_block(results: dict) -> str:
             vs2 = s["methods"][second]["vs_best"]
             row += f" {vs2['mean']:+.2f} ± {vs2['sd']:.2f} ({vs2['won']}/{vs2['crops']}) |"
         lines.append(row)
+    for label in filter(None, (first, second)):
+        wins = sum(summary(case)["methods"][label]["vs_best"]["mean"] > 0 for case in results["cases"])
+        lines.append(f"\n{label} beats the best tuned classical method on average in {wins} of "
+                     f"{len(results['cases'])} cases.")
     lines += ["", "Noise estimates on real EM with known added noise (slope 1: the added noise is recovered):", "",
               noise_table(results["noise_estimates"]), "", README_END]
     return "\n".join(lines)
