@@ -1,10 +1,12 @@
 """Turn a finished training run into the bundled model: checkpoint, ONNX artifact, model card.
 
-    python -m df5t_deploy.export.bundle runs/df5t-tiny-em [--name df5t-tiny-em]
+    python -m df5t_deploy.export.bundle runs/df5t-tiny-em [--name df5t-tiny-em] [--quality QUALITY.md]
 
 reads ``ema.pt`` and ``training.json`` from the run folder (see ``train``), exports the
-artifact at the training crop size, and writes ``NAME.{pt,onnx,md}`` into
-``df5t_deploy/models`` (the default name is the bundled model's, ``models.DEFAULT_MODEL``).
+artifact at the training crop size, and writes ``NAME.{pt,onnx,md}`` and the loss curve
+``NAME-loss.png`` into ``df5t_deploy/models`` (the default name is the bundled model's,
+``models.DEFAULT_MODEL``). ``--quality`` puts the quality benchmark's table for this model
+(``benchmarks/quality.py --model ...`` writes it) into the model card.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import argparse
 import json
 import shutil
 from pathlib import Path
+
+import numpy as np
 
 from .. import models
 from ..artifact import Schedule
@@ -25,8 +29,9 @@ MODELS_DIR = Path(models.__file__).parent
 SIZE_LIMIT_BYTES = 20 * 2**20
 
 
-def bundle(run: Path, models_dir: Path = MODELS_DIR, name: str = DEFAULT_MODEL) -> Path:
+def bundle(run: Path, models_dir: Path = MODELS_DIR, name: str = DEFAULT_MODEL, quality: Path | None = None) -> Path:
     facts = json.loads((run / "training.json").read_text())
+    quality_table = _without_title(quality.read_text()) if quality is not None else None
     checkpoint = models_dir / f"{name}.pt"
     artifact = models_dir / f"{name}.onnx"
     with atomic_path(checkpoint) as tmp:
@@ -37,11 +42,21 @@ def bundle(run: Path, models_dir: Path = MODELS_DIR, name: str = DEFAULT_MODEL) 
     size = checkpoint.stat().st_size + artifact.stat().st_size
     if size > SIZE_LIMIT_BYTES:
         raise SystemExit(f"bundled model is {size / 2**20:.1f} MB, over the 20 MB limit")
+    curve = models_dir / f"{name}-loss.png"
+    with atomic_path(curve) as tmp:
+        loss_figure(facts.get("loss_curve", []), tmp)
     card = models_dir / f"{name}.md"
     with atomic_path(card) as tmp:
-        tmp.write_text(model_card(name, facts, report.relative_error, sha256_of(checkpoint), sha256_of(artifact)))
+        tmp.write_text(model_card(name, facts, report.relative_error, sha256_of(checkpoint), sha256_of(artifact),
+                                  curve.name, quality_table))
     print(f"bundled {name}: {checkpoint.name} + {artifact.name} ({size / 2**20:.1f} MB), card {card.name}")
     return artifact
+
+
+def _without_title(markdown: str) -> str:
+    """A markdown document's body: its first line dropped when it is a title (the card has one)."""
+    lines = markdown.strip().splitlines()
+    return "\n".join(lines[1:] if lines and lines[0].startswith("# ") else lines).strip()
 
 
 def training_flags(config: dict) -> str:
@@ -57,8 +72,40 @@ def training_flags(config: dict) -> str:
     return " ".join(flags)
 
 
-def model_card(name: str, facts: dict, export_error: float, ckpt_sha: str, onnx_sha: str) -> str:
+def loss_figure(curve: list, path: Path, size: tuple[int, int] = (480, 240)) -> None:
+    """The loss curve (EMA of the batch MSE against steps) as a PNG, with its axes' ranges."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("L", size, 255)
+    draw = ImageDraw.Draw(image)
+    left, top, right, bottom = 56, 12, size[0] - 12, size[1] - 28
+    draw.rectangle((left, top, right, bottom), outline=0)
+    if len(curve) < 2:
+        draw.text((left + 8, top + 8), "no loss curve recorded", fill=0)
+    else:
+        steps, losses = (np.array(column, dtype=float) for column in zip(*curve))
+        low, high = float(losses.min()), float(losses.max())
+        span_y, span_x = max(high - low, 1e-12), max(steps[-1] - steps[0], 1.0)
+        points = [(left + (step - steps[0]) / span_x * (right - left), bottom - (loss - low) / span_y * (bottom - top))
+                  for step, loss in zip(steps, losses)]
+        draw.line(points, fill=0, width=2)
+        draw.text((4, top), f"{high:.4f}", fill=0)
+        draw.text((4, bottom - 10), f"{low:.4f}", fill=0)
+        draw.text((left, bottom + 6), f"step {int(steps[0]):,}", fill=0)
+        draw.text((right - 90, bottom + 6), f"step {int(steps[-1]):,}", fill=0)
+    image.save(path, format="PNG")
+
+
+def model_card(name: str, facts: dict, export_error: float, ckpt_sha: str, onnx_sha: str, curve_file: str,
+               quality_table: str | None = None) -> str:
     cfg = facts["config"]
+    curve = facts.get("loss_curve", [])
+    curve_text = "No loss curve was recorded."
+    if len(curve) >= 2:
+        every, first = curve[1][0] - curve[0][0], curve[0][0]
+        curve_text = (f"Loss (EMA of the batch MSE) every {every} steps, from step {first:,} to {curve[-1][0]:,}"
+                      + (f" (the training kept no curve before step {first:,})" if first > every else "") + ":")
+    quality = quality_table or "Not measured for this model yet: `python benchmarks/quality.py --model MODEL.onnx`."
     data = "\n".join(f"  - `{file}`: {what}" for file, what in facts["training_data"].items())
     held_out = "\n".join(f"  - `{file}`: {what}" for file, what in facts["held_out"].items())
     return f"""# {name}
@@ -84,6 +131,14 @@ quality benchmark (`benchmarks/results/quality.md`) for what it does and does no
   {training_flags(cfg)}` then `python -m df5t_deploy.export.bundle runs/{name}`
   (the step count reached in a time budget depends on the machine).
 
+## Loss curve
+{curve_text}
+
+![Training loss of {name}]({curve_file})
+
+## Quality on held-out real EM
+{quality}
+
 ## Files
 - `{name}.pt`: the EMA weights, a plain state dict (sha256 `{ckpt_sha}`).
 - `{name}.onnx`: its fp32 artifact at tile {cfg['crop']} (sha256 `{onnx_sha}`); onnxruntime
@@ -101,8 +156,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path, help="training run folder with ema.pt and training.json")
     parser.add_argument("--name", default=DEFAULT_MODEL, help=f"the bundled model's name (default {DEFAULT_MODEL})")
+    parser.add_argument("--quality", type=Path, default=None,
+                        help="the quality benchmark's table for this model (results/quality.md), for the card")
     args = parser.parse_args(argv)
-    bundle(args.run, name=args.name)
+    bundle(args.run, name=args.name, quality=args.quality)
 
 
 if __name__ == "__main__":

@@ -64,3 +64,27 @@ def test_sigterm_saves_the_state_to_resume_from(tmp_path, em_dir):
     state = _weights(tmp_path / "state.pt")
     assert state["step"] >= 1 and np.isfinite(state["loss_avg"])
     assert not (tmp_path / "ema.pt").exists()  # the budget was not spent: no final weights
+
+
+def test_a_finished_run_bundles_into_a_model_that_restores(tmp_path, em_dir, monkeypatch):
+    from PIL import Image
+
+    from df5t_deploy.api import Restorer
+    from df5t_deploy.export import bundle as bundle_module
+    from df5t_deploy.export.bundle import bundle
+
+    monkeypatch.setattr(train_module, "LOSS_CURVE_EVERY", 1)
+    monkeypatch.setattr(bundle_module, "SIZE_LIMIT_BYTES", 2**30)  # the smallest network (C=32) is 34 MB
+    train(replace(TINY, crop=64), em_dir, tmp_path / "run")  # the export takes tiles of 64 or more
+    (tmp_path / "quality.md").write_text("# Restoration quality\n\n| task | PSNR |\n|---|---|\n| denoise | 1.0 |\n")
+    models = tmp_path / "models"
+    models.mkdir()
+    artifact = bundle(tmp_path / "run", models, "tiny-test", tmp_path / "quality.md")
+    card = (models / "tiny-test.md").read_text()
+    assert "![Training loss of tiny-test](tiny-test-loss.png)" in card and "every 1 steps, from step 1 to 4:" in card
+    assert "| denoise | 1.0 |" in card and "# Restoration quality" not in card
+    curve = np.asarray(Image.open(models / "tiny-test-loss.png"))
+    assert curve.ndim == 2 and (curve[20:-40, 60:-20] < 128).any()  # the curve is drawn inside the axes
+    image = (np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8)
+    restored = Restorer(artifact, sigma0=0.2, steps=2).restore(image)
+    assert restored.shape == image.shape and restored.dtype == np.uint8
