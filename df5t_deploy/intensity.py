@@ -146,8 +146,9 @@ def stabilized_map_for_source(source: Source, gain: float | None = None, read_no
     check_dtype(planes[0])
     noise = fit_poisson_gaussian(planes[:: max(1, len(planes) // ESTIMATE_PLANES)], planes[0].dtype,
                                  gain, read_noise, offset)
-    base = intensity_map_for(np.stack(planes))  # refuses constant and non-finite images
-    stabilized = noise.anscombe(np.stack(planes))
+    stack = np.stack(planes)
+    base = intensity_map_for(stack)  # refuses constant and non-finite images
+    stabilized = noise.anscombe(stack)
     low, high = np.percentile(stabilized[np.isfinite(stabilized)], PERCENTILES)
     if not high > low:
         raise ValueError("the stabilised image is nearly constant: nothing to restore")
