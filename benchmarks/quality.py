@@ -194,20 +194,24 @@ def _blur_kernel() -> np.ndarray:
     return np.outer(gaussian_kernel(BLUR_SIGMA), gaussian_kernel(BLUR_SIGMA))
 
 
+def _deconvolved(measured: np.ndarray, deconvolve: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """``deconvolve`` of the measurement on [0, 1], padded symmetrically as the blur model (no
+    dark frame from zero padding), cropped back, in grey levels."""
+    pad = len(_blur_kernel())
+    padded = np.pad(measured.astype(np.float64) / 255.0, pad, mode="symmetric")
+    return deconvolve(padded)[pad:-pad, pad:-pad] * 255.0
+
+
 def _richardson_lucy(measured, info, iterations):
     from skimage.restoration import richardson_lucy
 
-    pad = len(_blur_kernel())  # symmetric padding, as the blur model: no dark frame from zero padding
-    padded = np.pad(measured.astype(np.float64) / 255.0, pad, mode="symmetric")
-    return richardson_lucy(padded, _blur_kernel(), num_iter=iterations, clip=False)[pad:-pad, pad:-pad] * 255.0
+    return _deconvolved(measured, lambda p: richardson_lucy(p, _blur_kernel(), num_iter=iterations, clip=False))
 
 
 def _wiener(measured, info, balance):
     from skimage.restoration import wiener
 
-    pad = len(_blur_kernel())
-    padded = np.pad(measured.astype(np.float64) / 255.0, pad, mode="symmetric")
-    return wiener(padded, _blur_kernel(), balance, clip=False)[pad:-pad, pad:-pad] * 255.0
+    return _deconvolved(measured, lambda p: wiener(p, _blur_kernel(), balance, clip=False))
 
 
 def _biharmonic(measured, info, _):
