@@ -106,13 +106,20 @@ def covering_tiles(starts: list[int], length: int, size: int) -> tuple[np.ndarra
     return covers.argmax(axis=1).astype(np.int32), covers.sum(axis=1).astype(np.int32)
 
 
-WALK_WORDS = 6
+#: The walk table: a head (region row and column, orientation << 24), then per plane of the
+#: group its id and its seed's low and high 32 bits.
+WALK_HEAD_WORDS, WALK_PLANE_WORDS = 3, 3
+
+
+def walk_words(groups: int) -> int:
+    return WALK_HEAD_WORDS + WALK_PLANE_WORDS * groups
 
 
 def walk_table(key: NoiseKey) -> np.ndarray:
-    """The kernels' DF5TWalk words for a group's noise key (as int32 bits): first plane, region
-    row and column, orientation << 24, and the seed's low and high 32 bits."""
-    words = [key.plane_ids[0], key.y0, key.x0, key.orientation << 24, key.seed & 0xFFFFFFFF, key.seed >> 32]
+    """The kernels' DF5TWalk words for a group's noise key (as int32 bits)."""
+    words = [key.y0, key.x0, key.orientation << 24]
+    for seed, plane in key.entries():
+        words += [plane, seed & 0xFFFFFFFF, seed >> 32]
     return np.array(words, dtype=np.uint64).astype(np.uint32).view(np.int32)
 
 
@@ -167,7 +174,7 @@ class DeviceSampler:
         self.t_table = device.upload(np.array([plan.t for plan in self.ddrm.timesteps], dtype=np.float32))
         self.t = device.empty((len(self.jobs),), np.float32)
         self.cursor = device.upload(np.zeros(1, np.int32))  # read as u32 by the kernels
-        self.walk = device.upload(np.zeros(WALK_WORDS, np.int32))  # read as u32: walk_table
+        self.walk = device.upload(np.zeros(walk_words(states // samples), np.int32))  # read as u32: walk_table
         self.ybar = None  # the measurements as the step's kernel reads them; allocated for the first walk
         self._captured: tuple[DeviceNetwork, Callable[[], None]] | None = None  # (network, its replay)
 

@@ -107,19 +107,33 @@ ORIENTATION_XY, ORIENTATION_XZ, ORIENTATION_YZ = 0, 1, 2
 
 @dataclass(frozen=True)
 class NoiseKey:
-    """Where a group's noise comes from in the counter space (DESIGN.md, Noise)."""
+    """Where a group's noise comes from in the counter space (DESIGN.md, Noise).
 
-    seed: int
+    ``seed`` is every plane's seed, or each plane's own: frames submitted with their own seeds
+    walk together as planes of one group (``Restorer.submit``), each drawing the noise it
+    would draw alone."""
+
+    seed: int | Sequence[int]
     orientation: int  # ORIENTATION_XY, _XZ or _YZ
     plane_ids: Sequence[int]
     y0: int = 0  # global position of the region's first row and column in its plane
     x0: int = 0
 
+    def entries(self) -> list[tuple[int, int]]:
+        """(seed, plane) of each plane of the group, in order."""
+        planes = [int(plane) for plane in self.plane_ids]
+        if np.ndim(self.seed) == 0:
+            return [(int(self.seed), plane) for plane in planes]
+        seeds = [int(seed) for seed in self.seed]
+        if len(seeds) != len(planes):
+            raise ValueError(f"a noise key with {len(seeds)} seeds for {len(planes)} planes")
+        return list(zip(seeds, planes))
+
 
 def group_noise(key: NoiseKey, samples: int, shape: tuple[int, int], step: int) -> np.ndarray:
     """Pixel normals [G * samples, 3, H, W] of a group at a noise step (plane-major)."""
     return np.stack([
-        gaussian_field(key.seed, step=step, draw=sample, orientation=key.orientation, plane=plane,
+        gaussian_field(seed, step=step, draw=sample, orientation=key.orientation, plane=plane,
                        y0=key.y0, x0=key.x0, height=shape[0], width=shape[1])
-        for plane in key.plane_ids for sample in range(samples)
+        for seed, plane in key.entries() for sample in range(samples)
     ])

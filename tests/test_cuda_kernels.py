@@ -137,11 +137,11 @@ def _states(batch, shape, rng):
 
 def _reference_step(ddrm, plan, x, eps, y, key: NoiseKey, samples):
     """DDRM.step with the counter-based noise the kernels draw."""
-    groups = len(x) // samples
+    assert len(key.entries()) == len(x) // samples
     word_noise = np.stack([
-        gaussian_field(key.seed, step=plan.index, draw=s, orientation=key.orientation, plane=key.plane_ids[0] + g,
+        gaussian_field(seed, step=plan.index, draw=s, orientation=key.orientation, plane=plane,
                        y0=key.y0, x0=key.x0, height=x.shape[-2], width=x.shape[-1])
-        for g in range(groups) for s in range(samples)])
+        for seed, plane in key.entries() for s in range(samples)])
     ybar = np.repeat(ddrm.spectral_measurement(y), samples, axis=0)
     return ddrm.step(plan, x, eps, ybar, word_noise)
 
@@ -160,6 +160,8 @@ def test_pointwise_step_matches_numpy(run, task, plan_index):
     s = np.ascontiguousarray(ddrm.s, dtype=np.float32)
     out = poisoned(x.shape)
     key = NoiseKey(seed, 1, range(5, 5 + groups), y0=12, x0=300)
+    if task == "inpaint":  # frames walked together: each plane its own seed, the same plane id
+        key = NoiseKey([seed, 2**33 + 1], 1, [0, 0], y0=12, x0=300)
     run("df5t_ddrm_step_pointwise", x, eps, ybar, s, U64(0), out, U32(groups * samples), U32(samples),
         U32(shape[0]), U32(shape[1]), walk_table(key), *step)
     expected = _reference_step(ddrm, plan, x, eps, y, key, samples)

@@ -69,7 +69,8 @@ def test_device_loop_equals_host_loop(device, task):
     denoiser = BlendedDenoiser(tile_network, TILE, 4, batch=3)
     sampler = DeviceSampler(device, op, schedule, settings, denoiser.grid(*op.shape), states=groups * samples,
                             samples=samples)
-    keys = [NoiseKey(21, 0, range(7, 7 + groups)), NoiseKey(2**33 + 5, 2, range(40, 40 + groups), y0=16, x0=24)]
+    keys = [NoiseKey(21, 0, range(7, 7 + groups)), NoiseKey(2**33 + 5, 2, range(40, 40 + groups), y0=16, x0=24),
+            NoiseKey([2**40 + 9, 4], 0, [0] * groups)]  # frames walked together: their own seeds, plane 0
     for key in keys:
         y = rng.uniform(-0.8, 0.8, (groups, *measured)).astype(np.float32)
         host = restore_group(y, op, schedule, settings, denoiser, key, samples, ProgressTracker(None, 0, 0, 0))

@@ -106,15 +106,16 @@ DF5T_DEVICE void df5t_load(const float* x, const float* eps, u64 b, u64 i, u64 n
     df5t_to_basis(e, ae);
 }
 
-// Where a walk's noise comes from, read from a device table u32[6] (plane of the group's first
-// state, region row and column, orientation << 24, seed low and high words) so that a step
-// captured once replays for every walk of the same shape. Twin: device_loop.walk_table.
+// Where a walk's noise comes from, read from a device table u32[3 + 3 * groups] (region row and
+// column, orientation << 24, then for each plane of the group its id and its seed's low and high
+// words: frames walked together keep their own seeds) so that a step captured once replays for
+// every walk of the same shape. Twin: device_loop.walk_table.
 struct DF5TWalk {
-    u32 plane_base, y0, x0, word_base;
-    u64 seed;
+    u32 y0, x0, word_base;
+    const u32* planes;  // [groups][3]: plane id, seed low, seed high
 };
 DF5T_DEVICE DF5TWalk df5t_walk(const u32* w) {
-    DF5TWalk walk = {w[0], w[1], w[2], w[3], (u64)w[4] | (u64)w[5] << 32};
+    DF5TWalk walk = {w[0], w[1], w[2], w + 3};
     return walk;
 }
 
@@ -124,7 +125,8 @@ DF5T_DEVICE void df5t_pixel(const float* x, const float* eps, u64 b, u64 i, u64 
                             const DF5TWalk& w, u32 step, const DF5TStep& p, float a0[3], float ae[3], float az[3]) {
     float z[3];
     df5t_load(x, eps, b, i, n, p, a0, ae);
-    df5t_normals3(w.seed, w.word_base | step | (u32)(b % samples) << 16, w.plane_base + (u32)(b / samples),
+    const u32* plane = w.planes + 3 * (b / samples);
+    df5t_normals3((u64)plane[1] | (u64)plane[2] << 32, w.word_base | step | (u32)(b % samples) << 16, plane[0],
                   w.y0 + (u32)(i / width), w.x0 + (u32)(i % width), z);
     df5t_to_basis(z, az);
 }
