@@ -28,11 +28,11 @@ from .intensity import (
 )
 from .models import default_model_path
 from .parameters import whole_number
-from .progress import ProgressCallback, RestorationCancelled
+from .progress import ProgressCallback, RestorationCancelled, shared_progress
 from .regions import layout
 from .sampler import SamplerSettings
 from .settings import RestoreSettings, setting_fields
-from .stack import restore_planes
+from .stack import plane_regions, restore_frames, restore_planes
 from .streaming import ArraySource
 from .tasks import TaskOptions
 from .tiling import BlendedDenoiser, NetworkOutputError
@@ -193,7 +193,7 @@ class Restorer:
         self._call(options)  # a wrong option is the caller's error, raised here
         with self._frames_lock:
             if self._frames is None:
-                self._frames = FrameQueue(self._prepare, self._restore_prepared, self.max_pending)
+                self._frames = FrameQueue(self._prepare, self._restore_together, self._joins, self.max_pending)
         return self._frames.submit(image, {**options, "progress": progress}, block, timeout)
 
     def _call(self, options: dict) -> Restorer:
@@ -243,8 +243,34 @@ class Restorer:
         std = np.stack([stds[z] for z in sorted(stds)]) if restorer.samples > 1 else None
         if source.array.ndim == 2:
             mean, std = mean[0], None if std is None else std[0]
-        return Restoration(mean, intensity, noise.sigma0, restorer.provenance(intensity, noise), std,
-                           noise.estimated_noise_std)
+        return _restoration(frame, mean, std)
+
+    def _joins(self, group: list[_PreparedFrame], frame: _PreparedFrame) -> bool:
+        """Whether ``frame`` may walk with the frames of ``group`` (``restore_frames``): 2D
+        frames of one shape in one region, each plane its own operator's twin (not
+        inpainting), the same samples and sampler settings (so sigma0 too), and room left
+        in the backend's batch (``group_size``). A frame whose options cannot work on its
+        shape raises here, and walks alone, to meet its error there."""
+        first = group[0]
+        r = first.restorer
+        shape = first.source.shape
+        return (len(shape) == 2 and frame.source.shape == shape and r.options.task not in ("inpaint", "isotropic")
+                and frame.restorer.samples == r.samples
+                and frame.restorer.sampler_settings(frame.noise) == r.sampler_settings(first.noise)
+                and len(plane_regions(r, first.source)) == 1
+                and len(group) < r.group_size(r.options.grid_shape(shape)))
+
+    def _restore_together(self, frames: list[_PreparedFrame]) -> list[Restoration]:
+        """Restorations of frames that ``_joins`` let walk together, in order."""
+        if len(frames) == 1:
+            return [self._restore_prepared(frames[0])]
+        first = frames[0]
+        r = first.restorer
+        with self._lock, self._naming_the_model():
+            units = restore_frames(r, [f.source.array for f in frames], [f.intensity for f in frames],
+                                   [f.restorer.seed for f in frames], r.sampler_settings(first.noise),
+                                   shared_progress([f.progress for f in frames]))
+        return [_restoration(frame, *mean_and_std(unit, frame.intensity)) for frame, unit in zip(frames, units)]
 
     # ------------------------------------------------------------------ streaming
 
@@ -342,6 +368,12 @@ class Restorer:
             "batch": self.batch,
             "intensity_map": intensity.to_dict(),
         }
+
+
+def _restoration(frame: _PreparedFrame, mean: np.ndarray, std: np.ndarray | None) -> Restoration:
+    restorer, noise = frame.restorer, frame.noise
+    return Restoration(mean, frame.intensity, noise.sigma0, restorer.provenance(frame.intensity, noise),
+                       std if restorer.samples > 1 else None, noise.estimated_noise_std)
 
 
 def cap_gpu_memory(device: str, gigabytes: float) -> None:

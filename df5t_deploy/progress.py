@@ -62,3 +62,20 @@ class ProgressTracker:
         self.planes_done += count
         self.pixels_done += pixels
         self.report()
+
+
+def shared_progress(callbacks: list[ProgressCallback | None]) -> ProgressCallback | None:
+    """One callback for equal jobs run as one (frames walked together): each job's callback
+    sees its own share (every count divided by the number of jobs), and any may cancel."""
+    if all(callback is None for callback in callbacks):
+        return None
+    jobs = len(callbacks)
+
+    def report(event: Progress) -> bool:
+        e = event
+        share = Progress(e.tiles_done // jobs, e.tiles_total // jobs, e.planes_done // jobs, e.planes_total // jobs,
+                         e.step, e.steps, e.pixels_done // jobs, e.pixels_total // jobs)
+        answers = [callback(share) for callback in callbacks if callback is not None]
+        return all(answer is not False for answer in answers)
+
+    return report

@@ -5,7 +5,7 @@ restores only the regions it lacks. The isotropic task has its own module (``vol
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -16,7 +16,7 @@ from .noise import ORIENTATION_XY, NoiseKey
 from .progress import ProgressCallback, ProgressTracker
 from .regions import Region, layout
 from .sampler import SamplerSettings
-from .streaming import prefetch
+from .streaming import ArraySource, prefetch
 from .tasks import TaskError, missing_pixels
 from .tiling import WindowedSum
 from .walks import labelled, overlapped, tiles_per_plane
@@ -52,6 +52,24 @@ def restore_planes(restorer: "Restorer", source: Source, intensity: IntensityMap
         for offset, samples in enumerate(unit):
             emit(first + offset, samples)
         tracker.planes_finished(len(unit), len(unit) * grid[0] * grid[1])
+
+
+def restore_frames(r: "Restorer", frames: list[np.ndarray], intensities: list[IntensityMap], seeds: list[int],
+                   settings: SamplerSettings, progress: ProgressCallback | None) -> np.ndarray:
+    """Samples [G, S, H, W] of 2D frames of one shape, each in one region, walked together as
+    the planes of one group (``Restorer.submit``): each keeps its intensity map, and its seed
+    and plane id 0, so its samples are those ``restore_planes`` gives it alone."""
+    source = ArraySource(frames[0])
+    (region,) = plane_regions(r, source)
+    grid = r.options.grid_shape(source.shape)
+    per_frame = tiles_per_plane(r.denoiser, grid, r.samples, r.steps, r.schedule)
+    tracker = ProgressTracker(progress, per_frame * len(frames), len(frames), len(frames) * grid[0] * grid[1])
+    tracker.report()
+    y = np.concatenate([_measurement(r, intensity, frame[None], None)[0]
+                        for frame, intensity in zip(frames, intensities, strict=True)])
+    unit = _start_region(r, y, None, region, [0] * len(frames), settings, tracker, seeds=seeds)()
+    tracker.planes_finished(len(frames), len(frames) * grid[0] * grid[1])
+    return unit
 
 
 def plane_regions(r: "Restorer", source: Source) -> list[Region]:
@@ -93,12 +111,14 @@ def _measurement(r: "Restorer", intensity: IntensityMap, block: np.ndarray, plan
     return intensity.to_model(block), missing
 
 
-def _start_region(r: "Restorer", y, missing, region: Region, plane_ids: range, settings: SamplerSettings,
-                  tracker: ProgressTracker) -> Callable[[], np.ndarray]:
+def _start_region(r: "Restorer", y, missing, region: Region, plane_ids: Sequence[int], settings: SamplerSettings,
+                  tracker: ProgressTracker, seeds: Sequence[int] | None = None) -> Callable[[], np.ndarray]:
+    """Begin restoring ``region`` of planes y [G, h, w]; ``seeds``: each plane's own (frames
+    walked together), else the Restorer's for all."""
     f = r.options.factor
     shape = (region.height * f, region.width * f)
     op = r.options.operator(shape, None if missing is None else region.measurement(missing))
-    key = NoiseKey(r.seed, ORIENTATION_XY, plane_ids, region.y * f, region.x * f)
+    key = NoiseKey(r.seed if seeds is None else seeds, ORIENTATION_XY, plane_ids, region.y * f, region.x * f)
     return r.walker.start(region.measurement(y), op, settings, key, tracker)
 
 

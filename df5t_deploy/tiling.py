@@ -182,9 +182,21 @@ class BlendedDenoiser:
             blend.cover(*grid.tile_slices(y, xx), window)
         for start in range(0, len(jobs), self.batch):  # as blend_tiles, a chunk of tiles at a time
             chunk = jobs[start : start + self.batch]
-            eps = self.network(gather_tiles(padded, chunk, self.tile), np.full(len(chunk), t, dtype=np.float32))
-            check_network_output(eps, t)
+            eps = self._call(gather_tiles(padded, chunk, self.tile), t)
             for (p, y, xx), e in zip(chunk, eps, strict=True):
                 blend.add(*grid.tile_slices(y, xx), e, windows[y, xx], lead=(p,))
             self.tiles_run += len(chunk)
         return grid.crop(blend.mean())
+
+    def _call(self, tiles: np.ndarray, t: int) -> np.ndarray:
+        """eps for up to ``batch`` tiles, from a network call of exactly ``batch`` tiles (the
+        last chunk padded with zeros). A backend's kernels change with the batch shape, and
+        with them the rounding, but not with what the other tiles hold; so a tile's eps does
+        not depend on which tiles share its call: how planes or frames are grouped changes no
+        bit of a result."""
+        count = len(tiles)
+        if count < self.batch:
+            tiles = np.concatenate([tiles, np.zeros((self.batch - count, *tiles.shape[1:]), tiles.dtype)])
+        eps = self.network(tiles, np.full(self.batch, t, dtype=np.float32))[:count]
+        check_network_output(eps, t)
+        return eps

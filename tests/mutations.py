@@ -22,7 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = "DF5T_MUTATION"
 #: The tests that back the README's promises (the rest check kernels, export and engines).
 PROMISE_TESTS = ("tests/test_promises.py", "tests/test_hostile.py", "tests/test_sampler.py", "tests/test_restore.py",
-                 "tests/test_volumes.py", "tests/test_formats.py", "tests/test_tiling.py", "tests/test_noise_model.py")
+                 "tests/test_volumes.py", "tests/test_formats.py", "tests/test_tiling.py", "tests/test_noise_model.py",
+                 "tests/test_submit.py")
 
 
 def _uncertainty_doubled(mp: pytest.MonkeyPatch) -> None:
@@ -127,6 +128,26 @@ def _noise_variances_overestimated(mp: pytest.MonkeyPatch) -> None:
     mp.setattr(poisson_gaussian, "_MAD_TO_STD", poisson_gaussian._MAD_TO_STD * 1.3)
 
 
+def _network_calls_unpadded(mp: pytest.MonkeyPatch) -> None:
+    """The last call of a step runs only the tiles left (its batch shape, and rounding, vary)."""
+    from df5t_deploy import tiling
+
+    def unpadded(self, tiles, t):
+        eps = self.network(tiles, np.full(len(tiles), t, dtype=np.float32))
+        tiling.check_network_output(eps, t)
+        return eps
+
+    mp.setattr(tiling.BlendedDenoiser, "_call", unpadded)
+
+
+def _frames_share_the_first_seed(mp: pytest.MonkeyPatch) -> None:
+    """Frames walked together draw the Restorer's seed, not each its own."""
+    from df5t_deploy import stack
+
+    real = stack._start_region
+    mp.setattr(stack, "_start_region", lambda *args, seeds=None: real(*args))
+
+
 MUTATIONS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
     "uncertainty doubled": _uncertainty_doubled,
     "recorded model sha256 zeroed": _model_sha256_zeroed,
@@ -140,6 +161,8 @@ MUTATIONS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
     "algebraic Anscombe inverse": _algebraic_anscombe_inverse,
     "stabilised map mapped back as affine": _stabilized_map_back_affine,
     "noise variances overestimated": _noise_variances_overestimated,
+    "network calls not padded to the batch": _network_calls_unpadded,
+    "frames walked together share one seed": _frames_share_the_first_seed,
 }
 
 

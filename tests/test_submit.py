@@ -4,12 +4,14 @@ identical to restore() of the same frame, a bounded queue, cancellation and clea
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import CancelledError
 
 import numpy as np
 import pytest
 
 from df5t_deploy import QueueFull, Restorer
+from df5t_deploy.progress import RestorationCancelled
 
 
 @pytest.fixture
@@ -101,9 +103,103 @@ def test_close_drains_and_an_exception_in_with_cancels(model, frames):
     with pytest.raises(KeyError):
         with restorer:
             running = restorer.submit(frames[0], progress=hold)
+            assert started.wait(30)  # before the others are queued, else they may join its walk
             queued = [restorer.submit(frame) for frame in frames[1:3]]
-            assert started.wait(30)
             threading.Timer(0.5, release.set).start()
             raise KeyError("the acquisition failed")
     assert running.result(timeout=1).image.shape == frames[0].shape
     assert all(future.cancelled() for future in queued)
+
+
+# ------------------------------------------------------------------ frames walked together
+
+
+class CallLog:
+    """The bundled model on onnxruntime (a real convolutional network, whose rounding changes
+    with the batch shape), logging the tiles of every network call."""
+
+    def __init__(self):
+        from df5t_deploy.backends.onnxruntime_backend import OnnxRuntimeBackend
+        from df5t_deploy.models import default_model_path
+
+        self.inner = OnnxRuntimeBackend(default_model_path())
+        self.name, self.info, self.preferred_batch = self.inner.name, self.inner.info, 4
+        self.calls: list[int] = []
+
+    def __call__(self, x, t):
+        self.calls.append(len(x))
+        return self.inner(x, t)
+
+    def close(self):
+        self.inner.close()
+
+
+@pytest.fixture
+def small_frames(mussel_tile3):
+    """64 x 64 frames: one tile of the bundled model each, so four fill a call of batch 4."""
+    return [mussel_tile3[64 * i : 64 * i + 64, 300:364] for i in range(6)]
+
+
+def _held_first(restorer: Restorer, frames, options, progress=None):
+    """Submit frames[0] with a progress callback that holds its walk, then the rest, and let
+    it go once they are all prepared: they walk after it, together as far as they may."""
+    started, release = threading.Event(), threading.Event()
+
+    def hold(_):
+        started.set()
+        release.wait(60)
+
+    first = restorer.submit(frames[0], progress=hold, **options[0])
+    assert started.wait(60)
+    rest = [restorer.submit(frame, progress=progress(index) if progress else None, **option)
+            for index, (frame, option) in enumerate(zip(frames[1:], options[1:], strict=True), 1)]
+    _wait_until(lambda: restorer._frames._to_restore.qsize() == len(rest))  # the queue's own state
+    release.set()
+    return [first, *rest]
+
+
+def _wait_until(condition, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_queued_frames_share_network_calls_and_each_equals_restore_of_it(small_frames):
+    backend = CallLog()
+    steps = 3
+    options = [{}, {"seed": 11}, {"seed": 2**40}, {}, {"seed": 5}, {"samples": 2}]
+    with Restorer(backend=backend, sigma0=0.1, steps=steps, seed=3, max_pending=8) as restorer:
+        futures = _held_first(restorer, small_frames, options)
+        results = [future.result(timeout=120) for future in futures]
+        # frame 0 alone (its walk was held), frames 1-4 in one walk (batch 4, a tile each),
+        # frame 5 alone (two samples: other sampler states)
+        assert backend.calls == [4] * (steps + 1) + [4] * (steps + 1) + [4] * (steps + 1)
+        backend.calls.clear()
+        for frame, option, result in zip(small_frames, options, results, strict=True):
+            alone = restorer.restore_full(frame, **option)
+            assert result.image.tobytes() == alone.image.tobytes()
+            assert result.provenance == alone.provenance
+        assert backend.calls == [4] * 6 * (steps + 1)  # alone, each pads its one tile to the batch
+        assert len({result.image.tobytes() for result in results[:5]}) == 5
+
+
+def test_a_frame_that_fails_or_cancels_in_a_shared_walk_fails_alone(small_frames):
+    frames = list(small_frames[:4])
+    frames[2] = frames[2].astype(np.float32)
+    frames[2][5, 5] = np.nan  # found when the walk measures it
+    seen = []
+
+    def cancel_frame_3(progress):
+        seen.append(progress)
+        return False
+
+    with Restorer(backend=CallLog(), sigma0=0.1, steps=2, seed=3) as restorer:
+        futures = _held_first(restorer, frames, [{}] * 4, lambda index: cancel_frame_3 if index == 3 else None)
+        futures[0].result(timeout=60)
+        np.testing.assert_array_equal(futures[1].result(timeout=60).image, restorer.restore(frames[1]))
+        with pytest.raises(ValueError, match="NaN"):
+            futures[2].result(timeout=60)
+        with pytest.raises(RestorationCancelled):
+            futures[3].result(timeout=60)
+    assert seen[0].tiles_total == seen[-1].tiles_total  # the frame's own share, walked together or alone

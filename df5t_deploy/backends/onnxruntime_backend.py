@@ -10,11 +10,19 @@ import numpy as np
 from ..artifact import ArtifactInfo, read_artifact
 from .base import NO_GPU_SEEN, BackendUnavailable, ClosingBackend
 
-#: Tiles per call on the CPU provider, chosen by benchmarks/throughput.py on 2 cores
-#: (df5t-512, tile 256): 1.73 s/tile at batch 1, 1.68 s/tile at batch 4, the same speed within
-#: run-to-run noise, so batch 1, which holds a quarter of the activations.
-CPU_BATCH = 1
+#: Tiles per call on the CPU provider, by the artifact's tile, measured on 2 cores. Large tiles:
+#: benchmarks/throughput.py (df5t-512, tile 256) gave 1.73 s/tile at batch 1 and 1.68 s/tile at
+#: batch 4, the same within run-to-run noise, so batch 1, which holds a quarter of the
+#: activations. Small tiles pay per call: the bundled df5t-tiny-em (tile 64) took 21.4 ms/tile at
+#: batch 1, 13.2 at 4 and 11.8 at 16, and a 256 x 256 restoration at 10 steps 3.6-4.8 s at batch 1,
+#: 3.1 s at 4 (4 wastes less on the padded last call than 16).
+CPU_SMALL_TILE, CPU_SMALL_TILE_BATCH, CPU_BATCH = 128, 4, 1
 CUDA_BATCH = 8
+
+
+def cpu_batch(tile: int) -> int:
+    """Tiles per call on the CPU provider for an artifact of this tile size."""
+    return CPU_SMALL_TILE_BATCH if tile <= CPU_SMALL_TILE else CPU_BATCH
 
 
 class OnnxRuntimeBackend(ClosingBackend):
@@ -36,7 +44,7 @@ class OnnxRuntimeBackend(ClosingBackend):
         self._x_dtype = np.float16 if self.info.precision == "fp16" else np.float32
         self.on_gpu = providers[0] == "CUDAExecutionProvider"
         self.name = "onnxruntime-cuda" if self.on_gpu else "onnxruntime-cpu"
-        self.preferred_batch = CUDA_BATCH if self.on_gpu else CPU_BATCH
+        self.preferred_batch = CUDA_BATCH if self.on_gpu else cpu_batch(self.info.tile)
         self._device_id = int(device.partition(":")[2] or 0) if self.on_gpu else 0
 
     @staticmethod
