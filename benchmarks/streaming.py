@@ -1,23 +1,26 @@
 """Latency and frame rate of restoring frames as they are acquired, in process.
 
-    python benchmarks/streaming.py [--steps 10] [--small 8] [--large 2] [--smoke]
+    python benchmarks/streaming.py [--steps 10] [--tiny 16] [--small 8] [--large 2] [--smoke]
 
-Frames are crops of held-out real EM (mussel tile 3): ``--small`` of 512 x 512 and
-``--large`` of 2048 x 2048 (a 1768-row tile: the large crop is tiled from it), restored with
-the bundled model at ``--steps``, denoising at sigma0 0.1. Three ways, on the same frames in
-the same process:
+Frames are crops of held-out real EM (mussel tile 3), in three sets: ``--tiny`` of 64 x 64
+(one tile of the bundled model each: frames that walk together fill the backend's batch),
+``--small`` of 512 x 512 and ``--large`` of 2048 x 2048 (a 1768-row tile: the large crop is
+tiled from it), restored with the bundled model at ``--steps``, denoising at sigma0 0.1. For
+each set, in the same process:
 
 - baseline: ``restore()`` called once per frame, one after another (what a script without
   the streaming API does);
 - ``submit`` at queue depth 1: a frame is submitted when the previous result arrived;
 - ``submit`` at queue depth 4: up to four frames in flight, so preparation of the next frame
-  overlaps the restoration of the current one;
-- through ``df5t serve`` on loopback (same model and settings, its own process), with 1 and 4
-  requests in flight (``client.restore_remote``): what an acquisition PC sees, TIFF encoding
-  and HTTP included.
+  overlaps the restoration of the current one, and frames prepared in time walk together
+  and share network calls;
+- for the 512 x 512 set, through ``df5t serve`` on loopback (same model and settings, its own
+  process), with 1 and 4 requests in flight (``client.restore_remote``): what an acquisition
+  PC sees, TIFF encoding and HTTP included.
 
 Latency is from the call (or submit) to the result; frames per second over the whole set.
-Results go to benchmarks/results/streaming_<device>.json with the command and the machine.
+Every result is checked equal to ``restore()`` of the same frame, bit for bit. Results go to
+benchmarks/results/streaming_<device>.json with the command and the machine.
 """
 
 from __future__ import annotations
@@ -38,14 +41,19 @@ REPO = Path(__file__).resolve().parents[1]
 EM_FILE = "micrograph_vemstitch-mussel_tile3_2_2_1768x2048.tif"
 
 
-def frames(data_dir: Path, small: int, large: int) -> list[np.ndarray]:
+def frame_sets(data_dir: Path, tiny: int, small: int, large: int) -> dict[str, list[np.ndarray]]:
     import tifffile
 
     tile = tifffile.imread(data_dir / EM_FILE)
-    crops = [np.ascontiguousarray(tile[(97 * i) % 1200 : (97 * i) % 1200 + 512, 300 * i % 1500 : 300 * i % 1500 + 512])
-             for i in range(small)]
+
+    def crops(count: int, size: int) -> list[np.ndarray]:
+        return [np.ascontiguousarray(tile[(97 * i) % 1200 : (97 * i) % 1200 + size,
+                                          300 * i % 1500 : 300 * i % 1500 + size]) for i in range(count)]
+
     big = np.concatenate([tile, tile[::-1]], axis=0)[:2048, :2048]  # the tile and its mirror: 2048 rows
-    return crops + [np.ascontiguousarray(np.roll(big, 512 * i, axis=1)) for i in range(large)]
+    sets = {"64 x 64": crops(tiny, 64), "512 x 512": crops(small, 512),
+            "2048 x 2048": [np.ascontiguousarray(np.roll(big, 512 * i, axis=1)) for i in range(large)]}
+    return {name: images for name, images in sets.items() if images}
 
 
 def _summary(latencies: list[float], seconds: float, count: int) -> dict:
@@ -113,47 +121,71 @@ def start_server(steps: int, device: str):
     return process, line.split()[-1]
 
 
+SERVED_SET = "512 x 512"
+
+
+def _check(name: str, results: list[np.ndarray], expected: list[np.ndarray]) -> None:
+    if not all(np.array_equal(a, b) for a, b in zip(results, expected, strict=True)):
+        raise SystemExit(f"{name}: a result differs from restore() of the same frame")
+
+
+def measure_in_process(restorer, images: list[np.ndarray]) -> tuple[dict, list[np.ndarray]]:
+    rows = {}
+    rows["restore() one by one"], expected = run_baseline(restorer, images)
+    for depth in (1, 4):
+        name = f"submit, queue depth {depth}"
+        rows[name], results = run_submit(restorer, images, depth)
+        _check(name, results, expected)
+    return rows, expected
+
+
+def measure_served(steps: int, device: str, images: list[np.ndarray], expected: list[np.ndarray]) -> dict:
+    rows = {}
+    server, url = start_server(steps, device)
+    try:
+        for depth in (1, 4):
+            name = f"df5t serve, {depth} in flight"
+            rows[name], results = run_server(url, images, depth)
+            _check(name, results, expected)
+    finally:
+        server.terminate()
+        server.wait()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "em")
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--tiny", type=int, default=16)
     parser.add_argument("--small", type=int, default=8)
     parser.add_argument("--large", type=int, default=2)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--smoke", action="store_true", help="2 small frames, 0 large, 2 steps (CI)")
+    parser.add_argument("--smoke", action="store_true", help="4 tiny frames, 2 small, 0 large, 2 steps (CI)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
     if args.smoke:
-        args.small, args.large, args.steps = 2, 0, 2
+        args.tiny, args.small, args.large, args.steps = 4, 2, 0, 2
     from df5t_deploy import Restorer
 
-    images = frames(args.data, args.small, args.large)
+    sets = frame_sets(args.data, args.tiny, args.small, args.large)
     restorer = Restorer(sigma0=0.1, steps=args.steps, device=args.device, max_pending=4)
-    restorer.restore(images[0][:256, :256])  # warm-up: the session and its first shapes
-    rows = {}
-    rows["restore() one by one"], expected = run_baseline(restorer, images)
-    for depth in (1, 4):
-        rows[f"submit, queue depth {depth}"], results = run_submit(restorer, images, depth)
-        if not all(np.array_equal(a, b) for a, b in zip(results, expected, strict=True)):
-            raise SystemExit(f"queue depth {depth}: a result differs from restore() of the same frame")
+    restorer.restore(next(iter(sets.values()))[0][:256, :256])  # warm-up: the session and its first shapes
+    table = {}
+    for name, images in sets.items():
+        table[name], expected = measure_in_process(restorer, images)
+        if name == SERVED_SET:
+            table[name].update(measure_served(args.steps, args.device, images, expected))
+        print(f"{name}: {len(images)} frames")
+        for row_name, row in table[name].items():
+            print(f"  {row_name:28s} {row['frames_per_s']:9.3f} frames/s  p50 {row['latency_p50_s']:8.2f} s"
+                  f"  p95 {row['latency_p95_s']:8.2f} s", flush=True)
     restorer.close()
-    server, url = start_server(args.steps, args.device)
-    try:
-        for depth in (1, 4):
-            rows[f"df5t serve, {depth} in flight"], results = run_server(url, images, depth)
-            if not all(np.array_equal(a, b) for a, b in zip(results, expected, strict=True)):
-                raise SystemExit(f"server, {depth} in flight: a result differs from restore() of the same frame")
-    finally:
-        server.terminate()
-        server.wait()
     record = {"command": "python " + " ".join([os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]]),
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "device": args.device},
-              "model": str(restorer.model_path.name), "steps": args.steps,
-              "frames": {"512x512": args.small, "2048x2048": args.large}, "rows": rows,
+              "model": str(restorer.model_path.name), "steps": args.steps, "batch": restorer.batch,
+              "frames": {name: len(images) for name, images in sets.items()}, "rows": table,
               "identical_to_restore": True}
-    print(f"{'':28s} {'frames/s':>9s} {'p50 s':>8s} {'p95 s':>8s}")
-    for name, row in rows.items():
-        print(f"{name:28s} {row['frames_per_s']:9.3f} {row['latency_p50_s']:8.2f} {row['latency_p95_s']:8.2f}")
     if not args.smoke:
         args.out.mkdir(parents=True, exist_ok=True)
         path = args.out / f"streaming_{args.device.replace(':', '')}.json"
