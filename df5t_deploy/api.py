@@ -247,10 +247,10 @@ class Restorer:
 
     def _joins(self, group: list[_PreparedFrame], frame: _PreparedFrame) -> bool:
         """Whether ``frame`` may walk with the frames of ``group`` (``restore_frames``): 2D
-        frames of one shape in one region, each plane its own operator's twin (not
-        inpainting), the same samples and sampler settings (so sigma0 too), and room left
-        in the backend's batch (``group_size``). A frame whose options cannot work on its
-        shape raises here, and walks alone, to meet its error there."""
+        frames of one shape in one region, one operator for all (so not inpainting, whose
+        mask is each frame's own), the same samples and sampler settings (so sigma0 too),
+        and room left in the backend's batch (``group_size``). A frame whose options cannot
+        work on its shape raises here; the queue lets it walk alone, to meet its error there."""
         first = group[0]
         r = first.restorer
         shape = first.source.shape
@@ -270,7 +270,7 @@ class Restorer:
             units = restore_frames(r, [f.source.array for f in frames], [f.intensity for f in frames],
                                    [f.restorer.seed for f in frames], r.sampler_settings(first.noise),
                                    shared_progress([f.progress for f in frames]))
-        return [_restoration(frame, *mean_and_std(unit, frame.intensity)) for frame, unit in zip(frames, units)]
+        return [_restoration(frame, *mean_and_std(unit, frame.intensity)) for frame, unit in zip(frames, units, strict=True)]
 
     # ------------------------------------------------------------------ streaming
 
@@ -372,8 +372,8 @@ class Restorer:
 
 def _restoration(frame: _PreparedFrame, mean: np.ndarray, std: np.ndarray | None) -> Restoration:
     restorer, noise = frame.restorer, frame.noise
-    return Restoration(mean, frame.intensity, noise.sigma0, restorer.provenance(frame.intensity, noise),
-                       std if restorer.samples > 1 else None, noise.estimated_noise_std)
+    return Restoration(mean, frame.intensity, noise.sigma0, restorer.provenance(frame.intensity, noise), std,
+                       noise.estimated_noise_std)
 
 
 def cap_gpu_memory(device: str, gigabytes: float) -> None:

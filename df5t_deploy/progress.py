@@ -71,8 +71,7 @@ def shared_progress(callbacks: list[ProgressCallback | None]) -> ProgressCallbac
         return None
     jobs = len(callbacks)
 
-    def report(event: Progress) -> bool:
-        e = event
+    def report(e: Progress) -> bool:
         share = Progress(e.tiles_done // jobs, e.tiles_total // jobs, e.planes_done // jobs, e.planes_total // jobs,
                          e.step, e.steps, e.pixels_done // jobs, e.pixels_total // jobs)
         answers = [callback(share) for callback in callbacks if callback is not None]

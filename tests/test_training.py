@@ -74,12 +74,14 @@ def test_a_finished_run_bundles_into_a_model_that_restores(tmp_path, em_dir, mon
     from df5t_deploy.export.bundle import bundle
 
     monkeypatch.setattr(train_module, "LOSS_CURVE_EVERY", 1)
-    monkeypatch.setattr(bundle_module, "SIZE_LIMIT_BYTES", 2**30)  # the smallest network (C=32) is 34 MB
     train(replace(TINY, crop=64), em_dir, tmp_path / "run")  # the export takes tiles of 64 or more
     (tmp_path / "quality.md").write_text("# Restoration quality\n\n| task | PSNR |\n|---|---|\n| denoise | 1.0 |\n")
     models = tmp_path / "models"
     models.mkdir()
     artifact = bundle(tmp_path / "run", models, "tiny-test", tmp_path / "quality.md")
+    weights = torch.load(models / "tiny-test.pt", weights_only=True)
+    assert {value.dtype for value in weights.values() if value.is_floating_point()} == {torch.float16}
+    assert bundle_module.SIZE_LIMIT_BYTES > 17.3 * 2**20 + 8.7 * 2**20  # df5t-small-em (C=32) fits
     card = (models / "tiny-test.md").read_text()
     assert "![Training loss of tiny-test](tiny-test-loss.png)" in card and "every 1 steps, from step 1 to 4:" in card
     assert "| denoise | 1.0 |" in card and "# Restoration quality" not in card
