@@ -49,7 +49,7 @@ clean:
 GPU_PYTHON ?= python3
 REPORT ?= gpu-verify-report
 PART ?= all
-GPU_WHEELS := zarr mrcfile PyWavelets click tqdm "setuptools>=77" onnx onnxscript pytest
+GPU_WHEELS := zarr mrcfile PyWavelets watchdog click tqdm "setuptools>=77" onnx onnxscript pytest
 GPU_PLATFORMS := --python-version 3.12 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
 .PHONY: gpu-verify gpu-wheelhouse
 

@@ -41,7 +41,7 @@ WHEELHOUSE = "wheelhouse"
 RUNTIME_MODULES = {"numpy": "numpy", "scipy": "scipy", "onnxruntime": "onnxruntime", "tifffile": "tifffile",
                    "click": "click", "tqdm": "tqdm", "PIL": "pillow", "mrcfile": "mrcfile", "zarr": "zarr",
                    "skimage": "scikit-image", "pywt": "PyWavelets", "pytest": "pytest", "onnx": "onnx",
-                   "onnxscript": "onnxscript"}
+                   "onnxscript": "onnxscript", "watchdog": "watchdog"}
 #: The kernels' GPU tests, which the sanitizers watch.
 SANITIZED_TESTS = "tests/test_cuda_kernels.py"
 SANITIZER_TOOLS = ("memcheck", "initcheck")

@@ -13,10 +13,14 @@ import time
 import numpy as np
 import pytest
 
+from extras import require
+
 from df5t_deploy import Restorer
-from df5t_deploy.cluster import ATTEMPTS_ENV, KILL_TASK_ENV, DaskRunner, WorkerRestorer, connect
 from df5t_deploy.formats import ImageMeta, read_image, write_image
 from df5t_deploy.pipeline import restore_file
+
+require("distributed", "cluster")
+from df5t_deploy.cluster import ATTEMPTS_ENV, KILL_TASK_ENV, DaskRunner, WorkerRestorer, connect  # noqa: E402
 
 OPTIONS = {"sigma0": 0.1, "steps": 2, "seed": 8}
 

@@ -4,10 +4,10 @@ the CPU through the grid-emulation header, matches the numpy twins."""
 from __future__ import annotations
 
 import ctypes
-import os
 
 import numpy as np
 import pytest
+from extras import require
 from kernel_emulation import EmulatedKernels, build_library
 
 from df5t_deploy import cuda
@@ -20,17 +20,9 @@ from df5t_deploy.sampler import DDRM, SamplerSettings, state_to_image
 from df5t_deploy.tiling import TileGrid, axis_window, blend_tiles, gather_tiles
 
 
-def _require_nvrtc():
-    """In CI NVRTC must be installed (the [test] extra); elsewhere its absence is a stated skip."""
-    if os.environ.get("CI"):
-        from cuda.bindings import nvrtc  # noqa: F401  (fails loudly if the install step is missing)
-    else:
-        pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-bindings (NVRTC) not installed: pip install '.[test]'")
-
-
 @pytest.mark.parametrize("arch", cuda.ARCHITECTURES)
 def test_kernels_compile_with_nvrtc(arch, tmp_path, monkeypatch):
-    _require_nvrtc()
+    require("cuda.bindings.nvrtc", "test")
     monkeypatch.setenv("DF5T_CACHE", str(tmp_path))
     cubin = cuda.compile_cubin(arch)
     assert cubin[:4] == b"\x7fELF" and len(cubin) > 10_000
@@ -40,7 +32,7 @@ def test_kernels_compile_with_nvrtc(arch, tmp_path, monkeypatch):
 
 
 def test_kernels_build_for_any_architecture_nvrtc_supports_and_refuse_others(tmp_path, monkeypatch):
-    _require_nvrtc()
+    require("cuda.bindings.nvrtc", "test")
     monkeypatch.setenv("DF5T_CACHE", str(tmp_path))
     supported = cuda.nvrtc_architectures()
     beyond = [arch for arch in supported if arch not in cuda.ARCHITECTURES]
@@ -57,7 +49,7 @@ MAX_STACK_BYTES = 64
 
 @pytest.mark.parametrize("arch", cuda.ARCHITECTURES)
 def test_kernels_neither_spill_nor_keep_large_stack_frames(arch):
-    _require_nvrtc()
+    require("cuda.bindings.nvrtc", "test")
     resources = cuda.kernel_resources(arch)
     assert sorted(resources) == sorted(cuda.KERNELS), "ptxas reported other kernels than KERNELS lists"
     for name, used in resources.items():
@@ -66,7 +58,7 @@ def test_kernels_neither_spill_nor_keep_large_stack_frames(arch):
 
 
 def test_build_errors_carry_the_nvrtc_log(monkeypatch):
-    _require_nvrtc()
+    require("cuda.bindings.nvrtc", "test")
     monkeypatch.setattr(cuda, "kernel_source", lambda: "extern \"C\" __global__ void broken( { }")
     with pytest.raises(cuda.KernelBuildError, match="compilation for sm_90 failed"):
         cuda._build(cuda.kernel_source().encode(), "sm_90")
@@ -254,7 +246,7 @@ def test_state_to_grey_matches_numpy(run):
 
 
 def test_doctor_reports_kernels_per_architecture():
-    _require_nvrtc()
+    require("cuda.bindings.nvrtc", "test")
     import json
 
     from click.testing import CliRunner
@@ -298,7 +290,7 @@ def test_an_nvrtc_library_that_cannot_be_loaded_is_reported_not_raised(monkeypat
 
 
 def test_one_status_check_serves_driver_runtime_and_nvrtc_calls():
-    _require_nvrtc()
+    require("cuda.bindings.nvrtc", "test")
     from cuda.bindings import driver, nvrtc, runtime
 
     from df5t_deploy.cuda.status import checked

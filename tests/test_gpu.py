@@ -85,3 +85,35 @@ def test_bundled_model_on_pytorch_cuda_matches_the_cpu_path(gpu, mussel_tile3):
     psnr = _psnr(on_gpu.image, cpu.image, 255.0)
     print(f"bundled model: GPU fp32 vs CPU PSNR {psnr:.1f} dB")
     assert psnr > 50
+
+
+def test_frames_walked_together_on_the_device_loop_each_match_their_restore(gpu, mussel_tile3):
+    """Queued 64 x 64 frames (a tile each of the bundled model) walk as one group on the GPU,
+    each with its own seed in the walk table, and each matches its restoration alone."""
+    from test_submit import _held_first
+
+    from df5t_deploy.backends.torch_backend import TorchBackend
+    from df5t_deploy.models import default_model_path
+
+    frames = [mussel_tile3[64 * i : 64 * i + 64, 200:264] for i in range(5)]  # inside the travelling crop
+    options = [{}, {"seed": 11}, {"seed": 2**40}, {}, {"seed": 5}]
+    backend = TorchBackend(default_model_path(), device="cuda", precision="fp32")
+    tiles_per_call = []
+    network = backend.device_network
+
+    def logged(tiles, eps_tiles, t):
+        tiles_per_call.append(len(tiles))
+        network(tiles, eps_tiles, t)
+
+    backend.device_network = logged
+    with Restorer(backend=backend, sigma0=0.1, steps=10, seed=3, batch=4) as restorer:
+        results = [future.result(timeout=300) for future in _held_first(restorer, frames, options)]
+        assert 4 in tiles_per_call, f"frames 1-4 did not walk together: tiles per network call {tiles_per_call}"
+        for index, (frame, option, result) in enumerate(zip(frames, options, results, strict=True)):
+            alone = restorer.restore_full(frame, **option)
+            psnr = _psnr(result.image, alone.image, 255.0)
+            print(f"frame {index}: walked together vs alone PSNR {psnr:.1f} dB, "
+                  f"max |diff| {np.abs(result.image.astype(float) - alone.image).max()}")
+            assert psnr > 50
+            assert result.provenance == alone.provenance
+    assert len({result.image.tobytes() for result in results}) == len(frames)

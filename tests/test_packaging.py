@@ -13,6 +13,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from extras import require
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,7 +70,7 @@ def test_the_wheel_holds_the_kernels_the_models_and_the_sample(installed):
 
 
 def test_the_installed_wheel_compiles_its_kernels_and_restores(installed, tmp_path):
-    pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-bindings (NVRTC) not installed: pip install '.[test]'")
+    require("cuda.bindings.nvrtc", "test")
     _, python, site, env = installed
     where = _run(python, env, tmp_path, "import df5t_deploy; print(df5t_deploy.__file__)")
     assert Path(where.strip()).is_relative_to(site), f"the checkout was imported, not the wheel: {where}"

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import tifffile
 from click.testing import CliRunner
+from extras import require
 from test_sampler import DenseDDRM, N, _measure, dense_operator
 
 from df5t_deploy.api import Restorer
@@ -180,9 +180,7 @@ def test_philox_matches_the_random123_known_answers(counter, key, expected):
 
 
 def test_philox_matches_randomgen_at_random_counters_and_keys():
-    if os.environ.get("CI"):
-        import randomgen  # noqa: F401  (the [test] extra installs it: a missing one fails in CI)
-    randomgen = pytest.importorskip("randomgen", reason="randomgen not installed: pip install '.[test]'")
+    randomgen = require("randomgen", "test")
     rng = np.random.default_rng(1)
     for _ in range(20):
         counter = rng.integers(0, 2**32, 4, dtype=np.uint64).astype(np.uint32)
