@@ -45,6 +45,10 @@ RUNTIME_MODULES = {"numpy": "numpy", "scipy": "scipy", "onnxruntime": "onnxrunti
 #: The kernels' GPU tests, which the sanitizers watch.
 SANITIZED_TESTS = "tests/test_cuda_kernels.py"
 SANITIZER_TOOLS = ("memcheck", "initcheck")
+#: pytest's options for every GPU run: a line per test (the log streams line by line, so a run
+#: cut short still shows how far it got) and, for a test that runs this long, every thread's
+#: stack in the log (what a hang waits on).
+PYTEST_OPTIONS = ("-v", "-o", "faulthandler_timeout=120")
 BENCH_TILE = 256
 #: Phrases with which compute-sanitizer says it cannot run here at all (containers without
 #: the debugger interface, for one), as opposed to finding errors.
@@ -215,7 +219,7 @@ def collect_tests(repo: Path, report: Report) -> bool:
 def run_tests(repo: Path, report: Report) -> bool:
     junit = report.folder / "junit.xml"
     log = report.folder / "tests.log"
-    code = stream([sys.executable, "-m", "pytest", "-m", "gpu", "-rA", "-q", f"--junitxml={junit}"], repo, log)
+    code = stream([sys.executable, "-m", "pytest", "-m", "gpu", "-rA", *PYTEST_OPTIONS, f"--junitxml={junit}"], repo, log)
     report.tests = junit_outcomes(junit) if junit.is_file() else []
     counts = {outcome: sum(1 for _, o, _ in report.tests if o == outcome) for outcome in ("passed", "failed", "error", "skipped")}
     report.stage("pytest -m gpu", f"exit {code}; " + ", ".join(f"{n} {o}" for o, n in counts.items()))
@@ -247,7 +251,7 @@ def run_sanitizer(repo: Path, report: Report, tool: str) -> bool:
     log = report.folder / f"sanitizer-{tool}.log"
     env = {**os.environ, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
     code = stream([sanitizer, "--tool", tool, "--error-exitcode", "99", sys.executable, "-m", "pytest", "-m", "gpu",
-                   "-q", "-k", "gpu", SANITIZED_TESTS], repo, log, env=env)
+                   *PYTEST_OPTIONS, "-k", "gpu", SANITIZED_TESTS], repo, log, env=env)
     text = log.read_text(errors="replace")
     if code == 0:
         report.stage(f"compute-sanitizer {tool}", "no errors")

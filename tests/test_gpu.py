@@ -106,7 +106,7 @@ def test_frames_walked_together_on_the_device_loop_each_match_their_restore(gpu,
         network(tiles, eps_tiles, t)
 
     backend.device_network = logged
-    with Restorer(backend=backend, sigma0=0.1, steps=10, seed=3, batch=4) as restorer:
+    with Restorer(backend=backend, sigma0=0.1, steps=10, seed=3, batch=4, max_pending=8) as restorer:
         results = [future.result(timeout=300) for future in _held_first(restorer, frames, options)]
         assert 4 in tiles_per_call, f"frames 1-4 did not walk together: tiles per network call {tiles_per_call}"
         for index, (frame, option, result) in enumerate(zip(frames, options, results, strict=True)):
