@@ -2,6 +2,10 @@
 
     python benchmarks/quality.py            # the full run (writes results/quality.* and the README's table)
     python benchmarks/quality.py --smoke    # a few crops and steps: checks the benchmark runs (CI)
+    python benchmarks/quality.py --model M.onnx --task denoise --rows 20x4   # a partial run
+
+A partial run (``--smoke``, ``--task``, ``--rows``) writes to ``results/partial/`` (git-ignored)
+unless ``--out`` says otherwise, and never the README's table: it cannot replace the full results.
 
 Datasets, all held out from training (``export/train_data.py``): the mussel tile 3, FlyEM
 planes z >= 176 and ISBI 2012 (its terms: test data only, never training). Each is split
@@ -52,6 +56,7 @@ from df5t_deploy.tasks import TaskOptions
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
+PARTIAL_RESULTS = RESULTS / "partial"
 README = REPO / "README.md"
 ISBI_VOLUME = "sstem_isbi2012_30x512x512.tif"
 CROPS, VALIDATION_CROPS, CROP = 8, 4, 64
@@ -296,6 +301,14 @@ def _ddrm(task: Task, measured: np.ndarray, info: dict, steps: int, samples: int
     return restorer.restore(measured)
 
 
+def ddrm_row(text: str) -> tuple[int, int]:
+    """``20x4`` -> (20 steps, 4 samples)."""
+    match = re.fullmatch(r"(\d+)x(\d+)", text)
+    if not match or min(map(int, match.groups())) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not STEPSxSAMPLES, e.g. 20x4")
+    return int(match[1]), int(match[2])
+
+
 def ddrm_label(steps: int, samples: int) -> str:
     return f"DDRM {steps} steps x {samples}"
 
@@ -511,25 +524,34 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "em")
     parser.add_argument("--model", default=None, help="ONNX artifact (default: the bundled model)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results folder (default benchmarks/results; a partial run's: benchmarks/results/partial)")
     parser.add_argument("--smoke", action="store_true",
-                        help="2 test and 2 validation crops, DDRM at 3 steps x 2: checks that the benchmark runs "
-                             "(writes to --out only, never the README)")
+                        help="2 test and 2 validation crops, DDRM at 3 steps x 2: checks that the benchmark runs")
+    parser.add_argument("--task", action="append", dest="tasks", choices=[task.name for task in tasks()],
+                        help="only this task (repeatable), e.g. to check a model in training")
+    parser.add_argument("--rows", action="append", type=ddrm_row, metavar="STEPSxSAMPLES",
+                        help=f"DDRM's rows instead of {', '.join(f'{s}x{n}' for s, n in DDRM_ROWS)} (repeatable)")
     args = parser.parse_args(argv)
+    # A partial run never replaces the full results or the README's table.
+    partial = bool(args.smoke or args.tasks or args.rows)
+    args.out = args.out or (PARTIAL_RESULTS if partial else RESULTS)
     args.crops, args.validation_crops = (2, 2) if args.smoke else (CROPS, VALIDATION_CROPS)
-    args.ddrm_rows = ((3, 2),) if args.smoke else DDRM_ROWS
+    args.ddrm_rows = tuple(args.rows or (((3, 2),) if args.smoke else DDRM_ROWS))
     ensure_bm3d()
     started = time.perf_counter()
     sets = {d.name: d for d in datasets(args.data)}
     cases, examples = [], []
     for task in tasks():
+        if args.tasks and task.name not in args.tasks:
+            continue
         for name in task.datasets:
             case, example = run_case(task, sets[name], args, print)
             cases.append(case)
             if name == "FlyEM":
                 examples.append((f"{task.name}, {name}", example))
     estimates = noise_estimates(list(sets.values()), 64 if args.smoke else 256, seed=7)
-    command = "python benchmarks/quality.py" + (" --smoke" if args.smoke else "")
+    command = " ".join(["python benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])])
     header = (f"Command: `{command}` ({time.perf_counter() - started:.0f} s on this machine's 2 CPU cores). "
               f"Model: {args.model or 'the bundled model'}. {args.crops} test crops of {CROP} x {CROP} per task and "
               f"dataset (isotropic: {VOLUME_CROP}^3, k = {Z_FACTOR}), one seed each; "
@@ -540,7 +562,7 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / "quality.json").write_text(json.dumps(results, indent=1) + "\n")
     (args.out / "quality.md").write_text(markdown(results))
     figure(examples, args.out / "quality.png")
-    if not args.smoke:
+    if not partial:
         write_readme(readme_block(results))
     print(markdown(results))
 

@@ -53,3 +53,23 @@ def test_smoke_run(tmp_path, em_dir):
         lengths = {len(scores) for label, scores in case["scores"].items()}
         assert lengths == {2}, case["task"]
     assert (REPO / "README.md").read_text() == readme_before  # --smoke never rewrites the README
+
+
+def test_a_partial_run_keeps_to_its_tasks_and_rows_and_never_replaces_the_full_results(tmp_path, em_dir, monkeypatch):
+    full = {path.name: path.read_bytes() for path in (REPO / "benchmarks" / "results").glob("quality.*")}
+    readme_before = (REPO / "README.md").read_text()
+    monkeypatch.setattr(quality, "PARTIAL_RESULTS", tmp_path)
+    quality.main(["--smoke", "--task", "inpaint", "--rows", "2x1", "--data", str(em_dir)])
+    results = json.loads((tmp_path / "quality.json").read_text())
+    assert [case["task"] for case in results["cases"]] == ["inpaint"] * 3
+    assert results["ddrm_rows"] == [[2, 1]]
+    assert all("DDRM 2 steps x 1" in case["scores"] for case in results["cases"])
+    assert "--task inpaint --rows 2x1" in results["header"]
+    assert {path.name: path.read_bytes() for path in (REPO / "benchmarks" / "results").glob("quality.*")} == full
+    assert (REPO / "README.md").read_text() == readme_before
+
+
+@pytest.mark.parametrize("text", ["20", "0x4", "20x", "x4", "20*4"])
+def test_a_row_that_is_not_steps_x_samples_is_refused(text):
+    with pytest.raises(SystemExit):
+        quality.main(["--rows", text])
