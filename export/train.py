@@ -8,6 +8,10 @@ few minutes and when stopped (SIGTERM, Ctrl-C): run the same command again to co
 it stopped. When the step or time budget is spent it writes ``ema.pt`` (a plain state dict of
 the EMA weights, what ``df5t export`` takes) and ``training.json`` (the facts a model card
 needs).
+
+``--device cuda`` trains on a GPU. The random draws (crops, timesteps, noise) are made on the
+CPU whatever the device, so a run may move between devices when resumed: the device is not one
+of the run's settings.
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, type=Path, help="folder with the real EM files")
     parser.add_argument("--out", required=True, type=Path, help="run folder (resumes if it holds a state)")
+    parser.add_argument("--device", default="cpu", help="where the network trains: cpu (default), cuda, cuda:1, ...")
     for name, default in asdict(TrainConfig()).items():
         flag = "--" + name.replace("_", "-")
         if isinstance(default, bool):
@@ -73,16 +78,17 @@ def main(argv: list[str] | None = None) -> None:
         else:
             parser.add_argument(flag, type=type(default), default=default)
     args = vars(parser.parse_args(argv))
-    data, out = args.pop("data"), args.pop("out")
-    train(TrainConfig(**args), data, out)
+    data, out, device = args.pop("data"), args.pop("out"), args.pop("device")
+    train(TrainConfig(**args), data, out, device)
 
 
-def train(config: TrainConfig, data_dir: Path, out: Path) -> Path:
-    """Run (or resume) training; returns the path of the EMA state dict."""
+def train(config: TrainConfig, data_dir: Path, out: Path, device: str = "cpu") -> Path:
+    """Run (or resume) training on ``device``; returns the path of the EMA state dict."""
     torch.set_num_threads(config.threads)
+    device = training_device(device)
     out.mkdir(parents=True, exist_ok=True)
     sampler = crop_sampler(config, data_dir)
-    run = TrainingRun.resume_or_start(config, out / "state.pt")
+    run = TrainingRun.resume_or_start(config, out / "state.pt", device)
     alphas_bar = torch.from_numpy(np.cumprod(1.0 - Schedule(config.diffusion_steps).betas())).float()
     budget_s = config.max_minutes * 60.0 - run.seconds
     session_start = last_save = time.monotonic()
@@ -102,6 +108,21 @@ def train(config: TrainConfig, data_dir: Path, out: Path) -> Path:
     if stop:
         raise SystemExit(f"stopped by {stop[0]} after step {run.step}; {out / 'state.pt'} resumes from there")
     return _write_results(run, config, out)
+
+
+def training_device(name: str) -> torch.device:
+    """``name`` as a torch device, refused in one line if this machine has no such device."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise SystemExit(f"--device {name}: not a device ({err}); use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: this PyTorch sees no CUDA GPU; train with --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SystemExit(f"--device {name}: there are {torch.cuda.device_count()} CUDA GPUs")
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device {name}: training runs on cpu or cuda")
+    return device
 
 
 @contextlib.contextmanager
@@ -139,11 +160,11 @@ _BUDGET_FIELDS = frozenset({"max_steps", "max_minutes", "threads", "checkpoint_m
 class TrainingRun:
     """The mutable state of one training run, saved and restored as a whole."""
 
-    def __init__(self, config: TrainConfig):
+    def __init__(self, config: TrainConfig, device: torch.device = torch.device("cpu")):
         torch.manual_seed(config.seed)
         net_config = NetworkConfig(config.num_channels, config.num_res_blocks, config.num_heads, learn_sigma=False)
-        self.config = config
-        self.model = DF5TNetwork(net_config).train()
+        self.config, self.device = config, device
+        self.model = DF5TNetwork(net_config).to(device).train()
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=0.0)
         self.rng = np.random.default_rng(config.seed)
@@ -153,8 +174,8 @@ class TrainingRun:
         self.loss_curve: list[tuple[int, float]] = []  # (step, loss EMA) every LOSS_CURVE_EVERY steps
 
     @classmethod
-    def resume_or_start(cls, config: TrainConfig, path: Path) -> "TrainingRun":
-        run = cls(config)
+    def resume_or_start(cls, config: TrainConfig, path: Path, device: torch.device = torch.device("cpu")) -> "TrainingRun":
+        run = cls(config, device)
         if path.exists():
             state = torch.load(path, map_location="cpu", weights_only=True)
             changed = {
@@ -176,12 +197,14 @@ class TrainingRun:
 
     def train_step(self, sampler: CropSampler, alphas_bar: torch.Tensor) -> float:
         cfg = self.config
+        # Drawn on the CPU on every device, so that the stream of draws is the run's own.
         x0 = torch.from_numpy(sampler.batch(self.rng, cfg.batch)).expand(-1, 3, -1, -1)
         t = torch.randint(0, len(alphas_bar), (cfg.batch,))
         noise = torch.randn(cfg.batch, 3, cfg.crop, cfg.crop)
         a = alphas_bar[t][:, None, None, None]
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        xt = (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(self.device)
+        t, noise = t.to(self.device), noise.to(self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             eps = self.model(xt, t.float())[:, :3]
         loss = torch.nn.functional.mse_loss(eps.float(), noise)
         for group in self.optimizer.param_groups:
@@ -208,9 +231,9 @@ class TrainingRun:
     def save(self, path: Path) -> None:
         state = {
             "config": asdict(self.config),
-            "model": self.model.state_dict(),
-            "ema": self.ema.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": on_cpu(self.model.state_dict()),
+            "ema": on_cpu(self.ema.state_dict()),
+            "optimizer": on_cpu(self.optimizer.state_dict()),
             "param_names": [name for name, _ in self.model.named_parameters()],
             "numpy_rng": self.rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(),
@@ -221,6 +244,17 @@ class TrainingRun:
         }
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
+
+
+def on_cpu(state):
+    """A (nested) state dict with every tensor on the CPU: files that load on any machine."""
+    if isinstance(state, torch.Tensor):
+        return state.cpu()
+    if isinstance(state, dict):
+        return {key: on_cpu(value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(on_cpu(value) for value in state)
+    return state
 
 
 def _by_current_order(optimizer_state: dict, saved_names: list[str], model: torch.nn.Module) -> dict:
@@ -237,7 +271,7 @@ def _by_current_order(optimizer_state: dict, saved_names: list[str], model: torc
 def _write_results(run: TrainingRun, config: TrainConfig, out: Path) -> Path:
     weights = out / "ema.pt"
     with atomic_path(weights) as tmp:
-        torch.save(run.ema.state_dict(), tmp)
+        torch.save(on_cpu(run.ema.state_dict()), tmp)
     facts = {
         "config": asdict(config),
         "steps": run.step,

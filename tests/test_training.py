@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ torch = pytest.importorskip("torch", reason="training needs the [export] extra")
 from df5t_deploy.export import train as train_module  # noqa: E402
 from df5t_deploy.export.train import TrainConfig, train  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
 TINY = TrainConfig(num_channels=32, num_res_blocks=1, num_heads=1, crop=16, batch=2, warmup_steps=2, threads=1,
                    diffusion_steps=100, max_steps=4)
 
@@ -90,3 +92,43 @@ def test_a_finished_run_bundles_into_a_model_that_restores(tmp_path, em_dir, mon
     image = (np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8)
     restored = Restorer(artifact, sigma0=0.2, steps=2).restore(image)
     assert restored.shape == image.shape and restored.dtype == np.uint8
+
+
+def test_an_unusable_device_is_refused_in_one_line(tmp_path, em_dir):
+    with pytest.raises(SystemExit, match="--device cuda:7"):
+        train(replace(TINY, max_steps=1), em_dir, tmp_path, device="cuda:7")
+    with pytest.raises(SystemExit, match="not a device"):
+        train(replace(TINY, max_steps=1), em_dir, tmp_path, device="gpu")
+    assert not (tmp_path / "state.pt").exists()
+
+
+def _travelling_training_data(folder):
+    """Training files made from the EM crop that travels with the checkout (the GPU machine has
+    no shared/): the mussel crop as the tile, and a stack of its rows as the volume."""
+    import tifffile
+
+    from df5t_deploy.export.train_data import FLYEM_VOLUME, MUSSEL_TRAIN
+
+    crop = tifffile.imread(next((REPO / "tests" / "data" / "em").glob("*mussel_tile1*_crop_*.tif")))
+    folder.mkdir()
+    tifffile.imwrite(folder / MUSSEL_TRAIN, crop)
+    tifffile.imwrite(folder / FLYEM_VOLUME, np.stack([crop[8 * z : 8 * z + 128, :128] for z in range(40)]))
+    return folder
+
+
+@pytest.mark.gpu
+def test_training_on_the_gpu_follows_the_cpu_run_and_resumes_on_the_cpu(tmp_path, monkeypatch):
+    """The same draws on either device: a GPU run's losses track the CPU run's (fp32, TF32
+    convolutions: rounding only), and its state resumes on the CPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU on this machine")
+    em_dir = _travelling_training_data(tmp_path / "em")
+    monkeypatch.setattr(train_module, "LOSS_CURVE_EVERY", 1)
+    train(replace(TINY, max_steps=3), em_dir, tmp_path / "cpu")
+    train(replace(TINY, max_steps=3), em_dir, tmp_path / "gpu", device="cuda")
+    cpu, gpu = (_weights(tmp_path / run / "state.pt") for run in ("cpu", "gpu"))
+    np.testing.assert_allclose([loss for _, loss in gpu["loss_curve"]], [loss for _, loss in cpu["loss_curve"]],
+                               rtol=1e-2)
+    assert all(tensor.device.type == "cpu" for tensor in gpu["model"].values())
+    train(TINY, em_dir, tmp_path / "gpu")  # resumed on the CPU
+    assert _weights(tmp_path / "gpu" / "state.pt")["step"] == TINY.max_steps
