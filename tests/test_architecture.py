@@ -30,7 +30,7 @@ def test_the_import_contracts_hold():
 
 
 def test_there_is_no_dead_code():
-    result = subprocess.run([_tool("vulture"), "df5t_deploy", "engines", "export", "tests", "benchmarks",
+    result = subprocess.run([_tool("vulture"), "df5t_deploy", "engines", "export", "tests", "benchmarks", "training",
                              "--min-confidence", "60"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, "unused code (delete it, or whitelist a name only a framework uses):\n" + result.stdout
 

@@ -132,3 +132,31 @@ def test_training_on_the_gpu_follows_the_cpu_run_and_resumes_on_the_cpu(tmp_path
     assert all(tensor.device.type == "cpu" for tensor in gpu["model"].values())
     train(TINY, em_dir, tmp_path / "gpu")  # resumed on the CPU
     assert _weights(tmp_path / "gpu" / "state.pt")["step"] == TINY.max_steps
+
+
+def test_a_packed_state_travels_in_parts_and_resumes(tmp_path, em_dir, monkeypatch):
+    sys.path.insert(0, str(REPO / "training"))
+    import travel
+
+    train(replace(TINY, max_steps=2), em_dir, tmp_path / "here")
+    state = _weights(tmp_path / "here" / "state.pt")
+    monkeypatch.setattr(travel, "PART_BYTES", 2**16)  # this small state in several parts too
+    parts = travel.write_parts(travel.pack(state), tmp_path / "parcel")
+    assert len(parts) > 1 and all(part.stat().st_size <= 2**16 for part in parts)
+    travel.main(["unpack", str(tmp_path / "parcel"), str(tmp_path / "there")])
+    back = _weights(tmp_path / "there" / "state.pt")
+    for name, weight in state["model"].items():
+        assert torch.equal(back["model"][name], weight), name
+        gap = (state["ema"][name] - weight).abs().max()
+        assert (back["ema"][name] - state["ema"][name]).abs().max() <= gap / 100 + 1e-12, name
+    for i, entry in state["optimizer"]["state"].items():
+        torch.testing.assert_close(back["optimizer"]["state"][i]["exp_avg_sq"], entry["exp_avg_sq"], rtol=1e-2, atol=0)
+    assert {k: back[k] for k in ("step", "loss_curve", "config", "param_names")} == \
+        {k: state[k] for k in ("step", "loss_curve", "config", "param_names")}
+    train(TINY, em_dir, tmp_path / "there")  # resumes from the unpacked state
+    assert _weights(tmp_path / "there" / "state.pt")["step"] == TINY.max_steps
+    with pytest.raises(SystemExit, match="exists"):  # never over a state
+        travel.main(["unpack", str(tmp_path / "parcel"), str(tmp_path / "there")])
+    parts[0].write_bytes(parts[0].read_bytes()[:-1])
+    with pytest.raises(SystemExit, match="damaged"):
+        travel.read_parts(tmp_path / "parcel")
