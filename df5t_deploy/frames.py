@@ -58,6 +58,10 @@ class FrameQueue:
             raise ValueError(f"max_pending must be a whole number of at least 1, got {max_pending!r}")
         self._prepare, self._restore, self._joins = prepare, restore, joins
         self._held: _Frame | object | None = None  # taken from _to_restore, not yet started: goes first
+        # Every future submitted and not done, wherever its frame is (queued, being prepared,
+        # held): close(cancel_pending) must reach a frame the preparing thread holds, which is
+        # in no queue at that moment.
+        self._unfinished: set[Future] = set()
         self._slots = threading.BoundedSemaphore(max_pending)
         self._to_prepare: queue.Queue = queue.Queue()
         self._to_restore: queue.Queue = queue.Queue()
@@ -77,7 +81,8 @@ class FrameQueue:
                 self._slots.release()
                 raise RuntimeError("this Restorer is closed; frames can no longer be submitted")
             frame = _Frame(image, options, Future())
-            frame.future.add_done_callback(lambda _: self._slots.release())
+            self._unfinished.add(frame.future)
+            frame.future.add_done_callback(self._finished)
             self._to_prepare.put(frame)
         return frame.future
 
@@ -89,15 +94,21 @@ class FrameQueue:
                 return
             self._closed = True
             self._to_prepare.put(_STOP)
+            unfinished = list(self._unfinished)
         if cancel_pending:
-            for frame in [*self._to_prepare.queue, *self._to_restore.queue, self._held]:
-                if isinstance(frame, _Frame):
-                    frame.future.cancel()
+            for future in unfinished:
+                future.cancel()  # refused by a frame already being restored, which goes on
         for thread in self._threads:
             thread.join()
 
+    def _finished(self, future: Future) -> None:
+        with self._lock:
+            self._unfinished.discard(future)
+        self._slots.release()
+
     def _pending(self) -> int:
-        return self._to_prepare.qsize() + self._to_restore.qsize() + isinstance(self._held, _Frame)
+        with self._lock:
+            return len(self._unfinished)
 
     def _preparing(self) -> None:
         while (frame := self._to_prepare.get()) is not _STOP:

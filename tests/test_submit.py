@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from df5t_deploy import QueueFull, Restorer
+from df5t_deploy.frames import FrameQueue
 from df5t_deploy.progress import RestorationCancelled
 
 
@@ -109,6 +110,24 @@ def test_close_drains_and_an_exception_in_with_cancels(model, frames):
             raise KeyError("the acquisition failed")
     assert running.result(timeout=1).image.shape == frames[0].shape
     assert all(future.cancelled() for future in queued)
+
+
+def test_closing_with_cancel_reaches_a_frame_being_prepared():
+    """A frame the preparing thread holds is in neither queue; cancelling must still reach it
+    (it once escaped and was restored after the caller's exception)."""
+    preparing, release, restored = threading.Event(), threading.Event(), []
+
+    def prepare(image, options):
+        preparing.set()
+        release.wait(30)
+        return image
+
+    frames = FrameQueue(prepare, lambda group: restored.extend(group) or group, lambda group, frame: False)
+    future = frames.submit(np.zeros((4, 4)), {})
+    assert preparing.wait(30)
+    threading.Timer(0.2, release.set).start()
+    frames.close(cancel_pending=True)
+    assert future.cancelled() and restored == []
 
 
 # ------------------------------------------------------------------ frames walked together
