@@ -63,7 +63,8 @@ class TrainConfig:
     max_scale: int = 2  # crops also at 1/2 the pixel size (block means): see CropSampler
     contrast_jitter: float = 0.2
     brightness_jitter: float = 0.1
-    bf16: bool = False  # bfloat16 autocast (benchmarks/train_precision.py measures whether it pays)
+    bf16: bool = False  # bfloat16 autocast (benchmarks/train_settings.py measures whether it pays)
+    compile: bool = False  # torch.compile the training step's network (measured there too)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -153,8 +154,9 @@ def crop_sampler(config: TrainConfig, data_dir: Path) -> CropSampler:
 #: Steps between the points of the loss curve a run keeps.
 LOSS_CURVE_EVERY = 25
 
-#: Settings that may change when a run is resumed; all others must match the saved state.
-_BUDGET_FIELDS = frozenset({"max_steps", "max_minutes", "threads", "checkpoint_minutes"})
+#: Settings that may change when a run is resumed (they change the budget or only the rounding);
+#: all others must match the saved state.
+_BUDGET_FIELDS = frozenset({"max_steps", "max_minutes", "threads", "checkpoint_minutes", "compile"})
 
 
 class TrainingRun:
@@ -165,6 +167,9 @@ class TrainingRun:
         net_config = NetworkConfig(config.num_channels, config.num_res_blocks, config.num_heads, learn_sigma=False)
         self.config, self.device = config, device
         self.model = DF5TNetwork(net_config).to(device).train()
+        # Only the step's forward is compiled: the module stays eager, so its state dict, the EMA
+        # and any evaluation see the plain network (and evaluating triggers no recompilation).
+        self.step_model = torch.compile(self.model) if config.compile else self.model
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=0.0)
         self.rng = np.random.default_rng(config.seed)
@@ -205,7 +210,7 @@ class TrainingRun:
         xt = (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(self.device)
         t, noise = t.to(self.device), noise.to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            eps = self.model(xt, t.float())[:, :3]
+            eps = self.step_model(xt, t.float())[:, :3]
         loss = torch.nn.functional.mse_loss(eps.float(), noise)
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr * min(1.0, (self.step + 1) / cfg.warmup_steps)

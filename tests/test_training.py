@@ -48,6 +48,23 @@ def test_other_settings_are_refused_on_resume(tmp_path, em_dir):
         train(replace(TINY, lr=1e-3), em_dir, tmp_path)
 
 
+def test_a_run_resumes_compiled_and_follows_the_eager_run(tmp_path, em_dir, monkeypatch):
+    """--compile changes only the rounding, so a run may switch to it when resumed: the compiled
+    steps train the saved network (not a copy) and follow the eager run's losses and weights."""
+    monkeypatch.setattr(train_module, "LOSS_CURVE_EVERY", 1)
+    train(replace(TINY, max_steps=3), em_dir, tmp_path / "eager")
+    train(replace(TINY, max_steps=1), em_dir, tmp_path / "compiled")
+    start = _weights(tmp_path / "compiled" / "state.pt")["model"]
+    train(replace(TINY, max_steps=3, compile=True), em_dir, tmp_path / "compiled")
+    eager, compiled = (_weights(tmp_path / run / "state.pt") for run in ("eager", "compiled"))
+    np.testing.assert_allclose([loss for _, loss in compiled["loss_curve"]],
+                               [loss for _, loss in eager["loss_curve"]], rtol=1e-4)
+    for name, weight in eager["model"].items():
+        moved = (weight - start[name]).abs().max()
+        assert moved > 0, name
+        assert (compiled["model"][name] - weight).abs().max() <= moved / 100, name
+
+
 def test_sigterm_saves_the_state_to_resume_from(tmp_path, em_dir):
     args = [sys.executable, "-m", "df5t_deploy.export.train", "--data", str(em_dir), "--out", str(tmp_path),
             "--num-channels", "32", "--crop", "16", "--batch", "2", "--threads", "1", "--diffusion-steps", "100",
