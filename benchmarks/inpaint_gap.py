@@ -97,7 +97,7 @@ def findings(result: dict) -> list[str]:
         + (": DDRM's last step (t -> 0) keeps the network's x0 there, so the prior's error reaches measured "
            "pixels too. " if observed[one] > observed["measurement (its noise)"] else ". ")
         + f"Writing the measurement back gives {psnr['DDRM 1 sample, measurement written back']:.2f} dB against "
-        f"{psnr[one]:.2f} dB; the published sampler is kept as it is.",
+        f"{psnr[one]:.2f} dB; `--final-step weighted` weighs it back in (see the sampler).",
         f"- Steps: at one sample, 50 steps score {psnr[fifty]:.2f} dB and 20 steps {psnr[one]:.2f} dB over these "
         "crops. " + ("The mask and the measurement enter as they should: the error sits in the holes, and more "
                      "samples reduce it as a posterior's would." if holes[one] > 2 * observed[one] and

@@ -51,6 +51,7 @@ from df5t_deploy.export.train_data import FLYEM_HELDOUT_PLANES, FLYEM_VOLUME, MU
 from df5t_deploy.noise_estimate import estimate_noise_std
 from df5t_deploy.operators import gaussian_kernel
 from df5t_deploy.poisson_gaussian import PoissonGaussian, fit_poisson_gaussian
+from df5t_deploy.settings import FINAL_STEPS, PUBLISHED_FINAL_STEP
 from df5t_deploy.streaming import ArraySource
 from df5t_deploy.tasks import TaskOptions
 
@@ -63,7 +64,8 @@ CROPS, VALIDATION_CROPS, CROP = 8, 4, 64
 #: Test crops are degraded with seeds from case_seed + TEST_SEED_OFFSET on.
 TEST_SEED_OFFSET = 500
 VOLUME_CROP, Z_FACTOR = 24, 4
-#: DDRM's fixed settings: (steps, samples), one row each.
+#: DDRM's fixed settings: (steps, samples), one row each; a row may add a final step other than
+#: the published one, (steps, samples, final_step), e.g. ``--rows 20x4:weighted``.
 DDRM_ROWS = ((20, 4), (50, 4))
 SIGMA0 = {"denoise": 0.2, "sr": 0.02, "deblur": 0.02, "inpaint": 0.02, "isotropic": 0.02}
 BLUR_SIGMA, SR_SCALE, MISSING_FRACTION = 1.5, 2, 0.2
@@ -295,22 +297,25 @@ def pairs(task: Task, dataset: Dataset, split: str, count: int, seed: int) -> li
     return [(truth, *task.degrade(truth, seed + i)) for i, truth in enumerate(crops)]
 
 
-def _ddrm(task: Task, measured: np.ndarray, info: dict, steps: int, samples: int, model, seed: int) -> np.ndarray:
-    restorer = Restorer(model, task.restorer_task, steps=steps, samples=samples, seed=seed,
+def _ddrm(task: Task, measured: np.ndarray, info: dict, row: tuple, model, seed: int) -> np.ndarray:
+    steps, samples, final_step = (*row, PUBLISHED_FINAL_STEP)[:3]
+    restorer = Restorer(model, task.restorer_task, steps=steps, samples=samples, seed=seed, final_step=final_step,
                         mask=info.get("mask"), **task.settings)
     return restorer.restore(measured)
 
 
-def ddrm_row(text: str) -> tuple[int, int]:
-    """``20x4`` -> (20 steps, 4 samples)."""
-    match = re.fullmatch(r"(\d+)x(\d+)", text)
-    if not match or min(map(int, match.groups())) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not STEPSxSAMPLES, e.g. 20x4")
-    return int(match[1]), int(match[2])
+def ddrm_row(text: str) -> tuple:
+    """``20x4`` -> (20 steps, 4 samples); ``20x4:weighted`` -> (20, 4, "weighted")."""
+    match = re.fullmatch(rf"(\d+)x(\d+)(?::({'|'.join(FINAL_STEPS)}))?", text)
+    if not match or min(map(int, match.groups()[:2])) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not STEPSxSAMPLES[:FINAL_STEP], e.g. 20x4 or 20x4:weighted")
+    steps, samples, final_step = int(match[1]), int(match[2]), match[3]
+    return (steps, samples) if final_step in (None, PUBLISHED_FINAL_STEP) else (steps, samples, final_step)
 
 
-def ddrm_label(steps: int, samples: int) -> str:
-    return f"DDRM {steps} steps x {samples}"
+def ddrm_label(steps: int, samples: int, final_step: str = PUBLISHED_FINAL_STEP) -> str:
+    label = f"DDRM {steps} steps x {samples}"
+    return label if final_step == PUBLISHED_FINAL_STEP else f"{label}, {final_step} final step"
 
 
 def run_case(task: Task, dataset: Dataset, args, log) -> tuple[dict, list[np.ndarray]]:
@@ -331,9 +336,9 @@ def run_case(task: Task, dataset: Dataset, args, log) -> tuple[dict, list[np.nda
     for label, (method, _) in task.classical.items():
         scored(label, (method(measured, info, tuned[label]) for _, measured, info in test))
     timings = {}
-    for steps, samples in args.ddrm_rows:
-        started, label = time.perf_counter(), ddrm_label(steps, samples)
-        scored(label, (_ddrm(task, measured, info, steps, samples, args.model, seed + TEST_SEED_OFFSET + i)
+    for row in args.ddrm_rows:
+        started, label = time.perf_counter(), ddrm_label(*row)
+        scored(label, (_ddrm(task, measured, info, row, args.model, seed + TEST_SEED_OFFSET + i)
                        for i, (_, measured, info) in enumerate(test)))
         timings[label] = round(time.perf_counter() - started, 1)
         log(f"  {task.name}, {dataset.name}: {label} on {len(test)} crops in {timings[label]:.0f} s")
@@ -530,7 +535,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="2 test and 2 validation crops, DDRM at 3 steps x 2: checks that the benchmark runs")
     parser.add_argument("--task", action="append", dest="tasks", choices=[task.name for task in tasks()],
                         help="only this task (repeatable), e.g. to check a model in training")
-    parser.add_argument("--rows", action="append", type=ddrm_row, metavar="STEPSxSAMPLES",
+    parser.add_argument("--rows", action="append", type=ddrm_row, metavar="STEPSxSAMPLES[:FINAL_STEP]",
                         help=f"DDRM's rows instead of {', '.join(f'{s}x{n}' for s, n in DDRM_ROWS)} (repeatable)")
     args = parser.parse_args(argv)
     # A partial run never replaces the full results or the README's table.

@@ -108,7 +108,7 @@ class Restorer:
         **settings,
     ):
         """``settings``: any of ``RestoreSettings`` (sigma0 or noise_std, or noise_model
-        "poisson-gaussian" with gain, read_noise and offset; steps, eta, eta_b, seed, scale,
+        "poisson-gaussian" with gain, read_noise and offset; steps, eta, eta_b, final_step, seed, scale,
         blur_sigma, min_hole, z_factor, overlap, batch, max_region, samples);
         ``mask``: inpainting's mask array (True or nonzero = missing) or "auto";
         ``max_pending``: frames ``submit`` holds before it blocks."""
@@ -339,7 +339,8 @@ class Restorer:
         return NoiseLevel(intensity.sigma0_from_noise_std(self.noise_std))
 
     def sampler_settings(self, noise: NoiseLevel) -> SamplerSettings:
-        return SamplerSettings(sigma0=noise.sigma0, steps=self.steps, eta=self.eta, eta_b=self.eta_b)
+        return SamplerSettings(sigma0=noise.sigma0, steps=self.steps, eta=self.eta, eta_b=self.eta_b,
+                               final_step=self.settings.final_step)
 
     def group_size(self, grid: tuple[int, int]) -> int:
         """Planes restored together so that their tiles fill the backend's batch."""

@@ -14,7 +14,7 @@ from .device_loop import supports as supports_device_loop
 from .noise import NoiseKey
 from .operators import Inpainting, SpatialOperator
 from .progress import ProgressTracker
-from .sampler import SamplerSettings
+from .sampler import SamplerSettings, weigh_in_measurement
 from .tiling import BlendedDenoiser
 from .walks import restore_group
 
@@ -32,8 +32,16 @@ class GroupWalker:
     def start(self, y: np.ndarray, op: SpatialOperator, settings: SamplerSettings, key: NoiseKey,
               tracker: ProgressTracker) -> Callable[[], np.ndarray]:
         """Begin restoring measurements y [G, ...]; the collector returns samples [G, S, H, W]
-        on [0, 1]. On the device the walk is queued and the collector waits for it, reporting
-        steps as the device finishes them; the host loop runs now."""
+        on [0, 1], after the final step the settings ask for. On the device the walk is queued
+        and the collector waits for it, reporting steps as the device finishes them; the host
+        loop runs now."""
+        collect = self._walk(y, op, settings, key, tracker)
+        if settings.final_step == "weighted":
+            return lambda: weigh_in_measurement(collect(), y, op, settings.sigma0)
+        return collect
+
+    def _walk(self, y: np.ndarray, op: SpatialOperator, settings: SamplerSettings, key: NoiseKey,
+              tracker: ProgressTracker) -> Callable[[], np.ndarray]:
         schedule = self.backend.info.schedule
         device = self._trusted_device()
         if device is None or not supports_device_loop(op):

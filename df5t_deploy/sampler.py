@@ -18,7 +18,14 @@ import numpy as np
 from .artifact import Schedule
 from .operators import SpatialOperator
 from .parameters import real_number, whole_number
-from .settings import MAX_SIGMA0, PUBLISHED_ETA, PUBLISHED_ETA_B, PUBLISHED_STEPS
+from .settings import (
+    FINAL_STEPS,
+    MAX_SIGMA0,
+    PUBLISHED_ETA,
+    PUBLISHED_ETA_B,
+    PUBLISHED_FINAL_STEP,
+    PUBLISHED_STEPS,
+)
 
 #: Orthonormal channel basis: the grey direction first, then two colour differences.
 CHANNEL_BASIS = np.array(
@@ -37,6 +44,7 @@ class SamplerSettings:
     steps: int = PUBLISHED_STEPS
     eta: float = PUBLISHED_ETA
     eta_b: float = PUBLISHED_ETA_B
+    final_step: str = PUBLISHED_FINAL_STEP  # applied to the walk's images: weigh_in_measurement
 
     def __post_init__(self):
         try:
@@ -47,6 +55,8 @@ class SamplerSettings:
         whole_number("steps", self.steps, 1)
         for name in ("eta", "eta_b"):
             real_number(name, getattr(self, name), 0.0, 1.0, low_inclusive=True)
+        if self.final_step not in FINAL_STEPS:
+            raise ValueError(f"unknown final_step {self.final_step!r}; choose one of {', '.join(FINAL_STEPS)}")
 
 
 @dataclass(frozen=True)
@@ -192,3 +202,59 @@ def run_ddrm(
 def state_to_image(x: np.ndarray) -> np.ndarray:
     """Final state -> grey image in [0, 1]: clamp((x+1)/2), channels averaged."""
     return np.clip((x + 1.0) * 0.5, 0.0, 1.0).mean(axis=-3, dtype=np.float32)
+
+
+#: The final step "weighted" estimates the restoration's error separately in this many bands
+#: of measurement precision (a blur measures low frequencies far better than high ones) ...
+PRECISION_BANDS = 8
+#: ... and weighs the measurement in only where the estimate exceeds this many standard errors:
+#: in a band the measurement barely sees, the estimate is noise, and a small weight there
+#: would add far more noise than the restoration's error it removes.
+SIGNIFICANT_ERRORS = 3.0
+
+
+def weigh_in_measurement(images: np.ndarray, y: np.ndarray, op: SpatialOperator, sigma0: float) -> np.ndarray:
+    """The final step "weighted": grey images [G, S, H, W] on [0, 1] (S samples of each of G
+    measurements y [G, ...] on the [-1,1] scale) with the measurement weighed back in.
+
+    DDRM's last steps pull the observed coordinates toward the measurement only weakly, so the
+    network's x0 of t = 0 can stray from it by more than the measurement's own noise
+    (super-resolution, inpainting and deblurring at low noise). Each observed spectral
+    coordinate v0 becomes v0 + w (m - v0), with m = ybar / s the measurement's value (noise
+    variance q = sigma0^2 / s^2) and the Wiener weight w = p / (p + q) for the image's error
+    variance p. p is estimated by moments per image and band of q, from E[(m - v0)^2] = p + q,
+    each coordinate weighted by its precision 1 / q^2 (a band of a blur still spans decades of
+    q, and the least precise coordinates would otherwise swamp the estimate), and counts only
+    where it is significant (``SIGNIFICANT_ERRORS``). An image that explains the measurement
+    to within its noise (as a denoised one does) keeps its pixels; unobserved coordinates
+    never change. Every image is weighed on its own, so grouping planes or samples changes
+    nothing.
+    """
+    observed = op.observed()
+    if not observed.any():
+        return images
+    s = np.where(observed, op.singular_values, 1.0).astype(np.float64)
+    q = np.where(observed, sigma0**2 / s**2, 0.0)
+    v0 = op.vt(images.astype(np.float64) * 2.0 - 1.0)
+    m = op.ut(y.astype(np.float64))[:, None] / s
+    residual = np.where(observed, m - v0, 0.0)
+    weight = np.zeros_like(residual)
+    for band in _precision_bands(q, observed):
+        precision = q[band] ** -2.0
+        excess = (residual[..., band] ** 2 - q[band]) @ precision / precision.sum()
+        # var((m - v0)^2 - q) = 2 (p + q)^2, so with p = 0 the estimate's standard error is
+        # sqrt(2 / sum(precision)).
+        significant = excess > SIGNIFICANT_ERRORS * np.sqrt(2.0 / precision.sum())
+        p = np.where(significant, excess, 0.0)[..., None]
+        weight[..., band] = p / (p + q[band])
+    return np.clip((op.v(v0 + weight * residual) + 1.0) * 0.5, 0.0, 1.0).astype(np.float32)
+
+
+def _precision_bands(q: np.ndarray, observed: np.ndarray) -> list[np.ndarray]:
+    """The observed coordinates in up to PRECISION_BANDS groups of similar noise variance q
+    (quantiles of log q); an operator with one singular value makes one band."""
+    log_q = np.log(q[observed])
+    edges = np.unique(np.quantile(log_q, np.linspace(0.0, 1.0, PRECISION_BANDS + 1)[1:-1]))
+    band = np.full(q.shape, -1)
+    band[observed] = np.searchsorted(edges, log_q, side="right")
+    return [band == b for b in np.unique(band[observed])]

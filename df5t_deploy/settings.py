@@ -19,6 +19,10 @@ from .tasks import DEFAULT_MIN_HOLE, TASKS, TaskError, parse_blur_sigma
 
 #: The published DF5T run (REFERENCE.md, section 4).
 PUBLISHED_STEPS, PUBLISHED_ETA, PUBLISHED_ETA_B = 50, 0.85, 1.0
+#: How a walk ends: "network" keeps the network's x0 of t = 0 (the published sampler);
+#: "weighted" weighs the measurement back in (``sampler.weigh_in_measurement``).
+FINAL_STEPS = ("network", "weighted")
+PUBLISHED_FINAL_STEP = "network"
 NOISE_MODELS = ("gaussian", "poisson-gaussian")
 POISSON_GAUSSIAN_PARAMETERS = ("gain", "read_noise", "offset")
 #: The largest noise std on the [-1,1] scale: five times the whole intensity range.
@@ -51,6 +55,9 @@ class RestoreSettings:
     steps: int = _setting(PUBLISHED_STEPS, "Sampler steps.", int)
     eta: float = _setting(PUBLISHED_ETA, "DDRM eta: noise injected into unobserved coordinates (0..1).", float)
     eta_b: float = _setting(PUBLISHED_ETA_B, "DDRM eta_b: weight of the measurement (0..1).", float)
+    final_step: str = _setting(
+        PUBLISHED_FINAL_STEP, "network: the network's final estimate (published); weighted: the measurement "
+        "weighed back into it where it is the more precise.", str, FINAL_STEPS)
     scale: int | None = _setting(None, "sr: factor R (2..8, default 2).", int)
     blur_sigma: tuple[float, float] | None = _setting(None, "deblur: PSF std in pixels, or SY,SX.", str)
     min_hole: int = _setting(DEFAULT_MIN_HOLE, "inpaint auto: smallest zero/NaN region counted as missing.", int)
@@ -73,6 +80,8 @@ class RestoreSettings:
         whole_number("steps", self.steps, 1)
         for name in ("eta", "eta_b"):
             real_number(name, getattr(self, name), 0.0, 1.0, low_inclusive=True)
+        if self.final_step not in FINAL_STEPS:
+            raise ValueError(f"unknown final_step {self.final_step!r}; choose one of {', '.join(FINAL_STEPS)}")
         whole_number("min_hole", self.min_hole, 1)
         whole_number("max_region", self.max_region, 1)
         whole_number("samples", self.samples, 1)

@@ -59,12 +59,14 @@ def test_a_partial_run_keeps_to_its_tasks_and_rows_and_never_replaces_the_full_r
     full = {path.name: path.read_bytes() for path in (REPO / "benchmarks" / "results").glob("quality.*")}
     readme_before = (REPO / "README.md").read_text()
     monkeypatch.setattr(quality, "PARTIAL_RESULTS", tmp_path)
-    quality.main(["--smoke", "--task", "inpaint", "--rows", "2x1", "--data", str(em_dir)])
+    quality.main(["--smoke", "--task", "inpaint", "--rows", "2x1", "--rows", "2x1:weighted", "--data", str(em_dir)])
     results = json.loads((tmp_path / "quality.json").read_text())
     assert [case["task"] for case in results["cases"]] == ["inpaint"] * 3
-    assert results["ddrm_rows"] == [[2, 1]]
-    assert all("DDRM 2 steps x 1" in case["scores"] for case in results["cases"])
-    assert "--task inpaint --rows 2x1" in results["header"]
+    assert results["ddrm_rows"] == [[2, 1], [2, 1, "weighted"]]
+    for case in results["cases"]:
+        published, weighted = (case["scores"][f"DDRM 2 steps x 1{suffix}"] for suffix in ("", ", weighted final step"))
+        assert published != weighted  # the same walks, finished two ways
+    assert "--task inpaint --rows 2x1 --rows 2x1:weighted" in results["header"]
     assert {path.name: path.read_bytes() for path in (REPO / "benchmarks" / "results").glob("quality.*")} == full
     assert (REPO / "README.md").read_text() == readme_before
 
