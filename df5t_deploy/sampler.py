@@ -241,7 +241,8 @@ def weigh_in_measurement(images: np.ndarray, y: np.ndarray, op: SpatialOperator,
     weight = np.zeros_like(residual)
     for band in _precision_bands(q, observed):
         precision = q[band] ** -2.0
-        excess = (residual[..., band] ** 2 - q[band]) @ precision / precision.sum()
+        # a row-wise sum, not a BLAS product, so that an image's sum never depends on the batch
+        excess = np.sum((residual[..., band] ** 2 - q[band]) * precision, axis=-1) / precision.sum()
         # var((m - v0)^2 - q) = 2 (p + q)^2, so with p = 0 the estimate's standard error is
         # sqrt(2 / sum(precision)).
         significant = excess > SIGNIFICANT_ERRORS * np.sqrt(2.0 / precision.sum())

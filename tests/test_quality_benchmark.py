@@ -13,6 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
+import paired_rows  # noqa: E402
 import quality  # noqa: E402
 
 
@@ -67,6 +68,10 @@ def test_a_partial_run_keeps_to_its_tasks_and_rows_and_never_replaces_the_full_r
         published, weighted = (case["scores"][f"DDRM 2 steps x 1{suffix}"] for suffix in ("", ", weighted final step"))
         assert published != weighted  # the same walks, finished two ways
     assert "--task inpaint --rows 2x1 --rows 2x1:weighted" in results["header"]
+    table = paired_rows.table(tmp_path, (2, 1), (2, 1, "weighted")).splitlines()
+    assert len(table) == 2 + 3 and all(line.startswith("| inpaint |") for line in table[2:])
+    with pytest.raises(SystemExit, match="not these"):  # the full run's crops are other crops
+        paired_rows.table(tmp_path, (2, 1), (2, 1, "weighted"), baseline_from=REPO / "benchmarks" / "results")
     assert {path.name: path.read_bytes() for path in (REPO / "benchmarks" / "results").glob("quality.*")} == full
     assert (REPO / "README.md").read_text() == readme_before
 
