@@ -23,7 +23,7 @@ ENV = "DF5T_MUTATION"
 #: The tests that back the README's promises (the rest check kernels, export and engines).
 PROMISE_TESTS = ("tests/test_promises.py", "tests/test_hostile.py", "tests/test_sampler.py", "tests/test_restore.py",
                  "tests/test_volumes.py", "tests/test_formats.py", "tests/test_tiling.py", "tests/test_noise_model.py",
-                 "tests/test_submit.py")
+                 "tests/test_submit.py", "tests/test_final_step.py")
 
 
 def _uncertainty_doubled(mp: pytest.MonkeyPatch) -> None:
@@ -148,6 +148,20 @@ def _frames_share_the_first_seed(mp: pytest.MonkeyPatch) -> None:
     mp.setattr(stack, "_start_region", lambda *args, seeds=None: real(*args))
 
 
+def _final_step_estimate_unchecked(mp: pytest.MonkeyPatch) -> None:
+    """The weighted final step counts every band's error estimate, significant or not."""
+    from df5t_deploy import sampler
+
+    mp.setattr(sampler, "SIGNIFICANT_ERRORS", 0.0)
+
+
+def _final_step_skipped(mp: pytest.MonkeyPatch) -> None:
+    """--final-step weighted accepted and recorded, but the walk's images returned as they are."""
+    from df5t_deploy import group_walker
+
+    mp.setattr(group_walker, "weigh_in_measurement", lambda images, y, op, sigma0: images)
+
+
 MUTATIONS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
     "uncertainty doubled": _uncertainty_doubled,
     "recorded model sha256 zeroed": _model_sha256_zeroed,
@@ -163,6 +177,8 @@ MUTATIONS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
     "noise variances overestimated": _noise_variances_overestimated,
     "network calls not padded to the batch": _network_calls_unpadded,
     "frames walked together share one seed": _frames_share_the_first_seed,
+    "final step's error estimate unchecked": _final_step_estimate_unchecked,
+    "final step skipped": _final_step_skipped,
 }
 
 
