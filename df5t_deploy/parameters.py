@@ -29,3 +29,10 @@ def real_number(name: str, value, low: float, high: float = math.inf, *, low_inc
         interval = f"{'[' if low_inclusive else '('}{low:g}, {high:g}{']' if high_inclusive else ')'}"
         raise ValueError(f"{name} must be a finite number in {interval}, got {value}")
     return value
+
+
+def choice(name: str, value, choices: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+    return value

@@ -17,14 +17,14 @@ import numpy as np
 
 from .artifact import Schedule
 from .operators import SpatialOperator
-from .parameters import real_number, whole_number
+from .parameters import real_number
 from .settings import (
-    FINAL_STEPS,
     MAX_SIGMA0,
     PUBLISHED_ETA,
     PUBLISHED_ETA_B,
     PUBLISHED_FINAL_STEP,
     PUBLISHED_STEPS,
+    check_walk,
 )
 
 #: Orthonormal channel basis: the grey direction first, then two colour differences.
@@ -52,11 +52,7 @@ class SamplerSettings:
         except ValueError as err:
             raise ValueError(f"{err} (the measurement noise std on the [-1,1] scale); pass --sigma0, --noise-std "
                              "or --sigma0 auto") from None
-        whole_number("steps", self.steps, 1)
-        for name in ("eta", "eta_b"):
-            real_number(name, getattr(self, name), 0.0, 1.0, low_inclusive=True)
-        if self.final_step not in FINAL_STEPS:
-            raise ValueError(f"unknown final_step {self.final_step!r}; choose one of {', '.join(FINAL_STEPS)}")
+        check_walk(self.steps, self.eta, self.eta_b, self.final_step)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 
-from .parameters import real_number, whole_number
+from .parameters import choice, real_number, whole_number
 from .regions import DEFAULT_MAX_REGION
 from .tasks import DEFAULT_MIN_HOLE, TASKS, TaskError, parse_blur_sigma
 
@@ -27,6 +27,15 @@ NOISE_MODELS = ("gaussian", "poisson-gaussian")
 POISSON_GAUSSIAN_PARAMETERS = ("gain", "read_noise", "offset")
 #: The largest noise std on the [-1,1] scale: five times the whole intensity range.
 MAX_SIGMA0 = 10.0
+
+
+def check_walk(steps: int, eta: float, eta_b: float, final_step: str) -> None:
+    """The checks of the sampler's own settings, shared by ``RestoreSettings`` and the
+    sampler's ``SamplerSettings``."""
+    whole_number("steps", steps, 1)
+    real_number("eta", eta, 0.0, 1.0, low_inclusive=True)
+    real_number("eta_b", eta_b, 0.0, 1.0, low_inclusive=True)
+    choice("final_step", final_step, FINAL_STEPS)
 
 
 def _setting(default, help: str, kind: type, choices: tuple[str, ...] | None = None):
@@ -77,11 +86,7 @@ class RestoreSettings:
         if self.noise_std is not None:
             real_number("noise_std", self.noise_std, 0.0)
         whole_number("seed", self.seed, 0, 2**64 - 1)
-        whole_number("steps", self.steps, 1)
-        for name in ("eta", "eta_b"):
-            real_number(name, getattr(self, name), 0.0, 1.0, low_inclusive=True)
-        if self.final_step not in FINAL_STEPS:
-            raise ValueError(f"unknown final_step {self.final_step!r}; choose one of {', '.join(FINAL_STEPS)}")
+        check_walk(self.steps, self.eta, self.eta_b, self.final_step)
         whole_number("min_hole", self.min_hole, 1)
         whole_number("max_region", self.max_region, 1)
         whole_number("samples", self.samples, 1)
@@ -91,8 +96,7 @@ class RestoreSettings:
         object.__setattr__(self, "blur_sigma", parse_blur_sigma(self.blur_sigma))
 
     def _check_noise_model(self) -> None:
-        if self.noise_model not in NOISE_MODELS:
-            raise ValueError(f"unknown noise_model {self.noise_model!r}; choose one of {', '.join(NOISE_MODELS)}")
+        choice("noise_model", self.noise_model, NOISE_MODELS)
         poisson_parameters = [name for name in POISSON_GAUSSIAN_PARAMETERS if getattr(self, name) is not None]
         if self.noise_model == "gaussian":
             if (self.sigma0 is None) == (self.noise_std is None):
