@@ -30,10 +30,8 @@ PUBLISHED = "published (the network's estimate)"
 
 def projection(images: np.ndarray, y: np.ndarray, op, sigma0: float) -> np.ndarray:
     """Every observed spectral coordinate set to the measurement's value."""
-    observed = op.observed()
-    s = np.where(observed, op.singular_values, 1.0).astype(np.float64)
-    v0 = op.vt(images.astype(np.float64) * 2.0 - 1.0)
-    return np.clip((op.v(np.where(observed, op.ut(y.astype(np.float64))[:, None] / s, v0)) + 1.0) * 0.5, 0.0, 1.0)
+    v0, residual, _ = sampler.measured_residual(images, y, op, sigma0)
+    return sampler.from_spectrum(v0 + residual, op)
 
 
 def weighted_with(bands: int, significant_errors: float):

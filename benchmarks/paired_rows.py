@@ -21,11 +21,17 @@ import quality
 
 
 def _cases(folder: Path) -> dict[tuple[str, str], dict]:
-    results = json.loads((folder / "quality.json").read_text())
+    path = folder / "quality.json"
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: give the folder a quality run wrote (quality.py --out)")
+    results = json.loads(path.read_text())
     return {(case["task"], case["dataset"]): case for case in results["cases"]}
 
 
 def _psnr(case: dict, label: str) -> np.ndarray:
+    if label not in case["scores"]:
+        raise SystemExit(f"{case['task']} on {case['dataset']} has no row {label}; its rows: "
+                         f"{', '.join(case['scores'])}")
     return np.array(case["scores"][label])[:, 0]
 
 

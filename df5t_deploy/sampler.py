@@ -229,11 +229,7 @@ def weigh_in_measurement(images: np.ndarray, y: np.ndarray, op: SpatialOperator,
     observed = op.observed()
     if not observed.any():
         return images
-    s = np.where(observed, op.singular_values, 1.0).astype(np.float64)
-    q = np.where(observed, sigma0**2 / s**2, 0.0)
-    v0 = op.vt(images.astype(np.float64) * 2.0 - 1.0)
-    m = op.ut(y.astype(np.float64))[:, None] / s
-    residual = np.where(observed, m - v0, 0.0)
+    v0, residual, q = measured_residual(images, y, op, sigma0)
     weight = np.zeros_like(residual)
     for band in _precision_bands(q, observed):
         precision = q[band] ** -2.0
@@ -244,7 +240,25 @@ def weigh_in_measurement(images: np.ndarray, y: np.ndarray, op: SpatialOperator,
         significant = excess > SIGNIFICANT_ERRORS * np.sqrt(2.0 / precision.sum())
         p = np.where(significant, excess, 0.0)[..., None]
         weight[..., band] = p / (p + q[band])
-    return np.clip((op.v(v0 + weight * residual) + 1.0) * 0.5, 0.0, 1.0).astype(np.float32)
+    return from_spectrum(v0 + weight * residual, op)
+
+
+def measured_residual(images: np.ndarray, y: np.ndarray, op: SpatialOperator,
+                      sigma0: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(v0, m - v0, q): the spectral coordinates v0 of images [G, S, H, W] on [0, 1], and on the
+    observed coordinates the measurement's value m = ybar / s less v0 and m's noise variance
+    q = sigma0^2 / s^2 (both 0 on the unobserved ones)."""
+    observed = op.observed()
+    s = np.where(observed, op.singular_values, 1.0).astype(np.float64)
+    q = np.where(observed, sigma0**2 / s**2, 0.0)
+    v0 = op.vt(images.astype(np.float64) * 2.0 - 1.0)
+    m = op.ut(y.astype(np.float64))[:, None] / s
+    return v0, np.where(observed, m - v0, 0.0), q
+
+
+def from_spectrum(v: np.ndarray, op: SpatialOperator) -> np.ndarray:
+    """Images on [0, 1] (float32) of spectral coordinates v on the [-1,1] scale."""
+    return np.clip((op.v(v) + 1.0) * 0.5, 0.0, 1.0).astype(np.float32)
 
 
 def _precision_bands(q: np.ndarray, observed: np.ndarray) -> list[np.ndarray]:

@@ -72,6 +72,10 @@ def test_a_partial_run_keeps_to_its_tasks_and_rows_and_never_replaces_the_full_r
     assert len(table) == 2 + 3 and all(line.startswith("| inpaint |") for line in table[2:])
     with pytest.raises(SystemExit, match="not these"):  # the full run's crops are other crops
         paired_rows.table(tmp_path, (2, 1), (2, 1, "weighted"), baseline_from=REPO / "benchmarks" / "results")
+    with pytest.raises(SystemExit, match="has no row DDRM 3 steps x 1"):
+        paired_rows.table(tmp_path, (2, 1), (3, 1))
+    with pytest.raises(SystemExit, match="quality.json not found"):
+        paired_rows.table(tmp_path / "elsewhere", (2, 1), (2, 1, "weighted"))
     assert {path.name: path.read_bytes() for path in (REPO / "benchmarks" / "results").glob("quality.*")} == full
     assert (REPO / "README.md").read_text() == readme_before
 
