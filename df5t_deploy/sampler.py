@@ -19,10 +19,10 @@ from .artifact import Schedule
 from .operators import SpatialOperator
 from .parameters import real_number
 from .settings import (
+    DEFAULT_FINAL_STEP,
     MAX_SIGMA0,
     PUBLISHED_ETA,
     PUBLISHED_ETA_B,
-    PUBLISHED_FINAL_STEP,
     PUBLISHED_STEPS,
     check_walk,
 )
@@ -44,7 +44,7 @@ class SamplerSettings:
     steps: int = PUBLISHED_STEPS
     eta: float = PUBLISHED_ETA
     eta_b: float = PUBLISHED_ETA_B
-    final_step: str = PUBLISHED_FINAL_STEP  # applied to the walk's images: weigh_in_measurement
+    final_step: str = DEFAULT_FINAL_STEP  # applied to the walk's images: weigh_in_measurement
 
     def __post_init__(self):
         try:

@@ -120,8 +120,8 @@ def test_the_restorer_weighs_the_measurement_in_and_records_it(model, tmp_path):
     means closer to the measurement, and the setting reaches the CLI and the provenance."""
     low = (np.random.default_rng(4).random((48, 48)) * 200 + 20).astype(np.uint8)
     options = dict(task="sr", sigma0=0.02, steps=3, samples=2)
-    published = Restorer(model, **options).restore(low).astype(np.float64)
-    weighted = Restorer(model, final_step="weighted", **options).restore(low).astype(np.float64)
+    published = Restorer(model, final_step="network", **options).restore(low).astype(np.float64)
+    weighted = Restorer(model, **options).restore(low).astype(np.float64)  # the default
 
     def off_measurement(image):
         return np.sqrt(np.mean((image.reshape(48, 2, 48, 2).mean(axis=(1, 3)) - low) ** 2))

@@ -24,7 +24,7 @@ from df5t_deploy.intensity import intensity_map_for_source
 from df5t_deploy.noise import NoiseKey, philox4x32
 from df5t_deploy.operators import BlockMean, Identity, Inpainting
 from df5t_deploy.progress import ProgressTracker
-from df5t_deploy.sampler import DDRM, SamplerSettings, run_ddrm
+from df5t_deploy.sampler import DDRM, SamplerSettings, run_ddrm, weigh_in_measurement
 from df5t_deploy.streaming import ArraySource
 from df5t_deploy.walks import restore_group
 
@@ -124,7 +124,7 @@ def test_the_recorded_provenance_reads_back_from_every_format(model, crop, tmp_p
 def test_isotropic_is_the_mean_of_its_xz_and_yz_passes_computed_independently(model, mussel_tile3):
     k, seed = 2, 6
     volume = np.stack([mussel_tile3[300 + 40 * i : 324 + 40 * i, 500:520] for i in range(4)]).astype(np.float32)
-    restorer = Restorer(model, "isotropic", sigma0=0.1, steps=3, seed=seed, z_factor=k)
+    restorer = Restorer(model, "isotropic", sigma0=0.1, steps=3, seed=seed, z_factor=k, final_step="weighted")
     result = restorer.restore_full(volume)
     intensity = result.intensity
     settings = SamplerSettings(sigma0=0.1, steps=3)
@@ -133,9 +133,14 @@ def test_isotropic_is_the_mean_of_its_xz_and_yz_passes_computed_independently(mo
 
     def one_pass(planes, orientation):  # planes [N, Z, L]: each restored alone, noise keyed by its index
         op = BlockMean((z * k, planes.shape[2]), (k, 1))
-        return np.stack([restore_group(intensity.to_model(plane[None]), op, restorer.schedule, settings,
-                                       restorer.denoiser, NoiseKey(seed, orientation, [i]), 1, tracker)[0, 0]
-                         for i, plane in enumerate(planes)])
+
+        def restored(i, plane):  # the walk, then its final step
+            y = intensity.to_model(plane[None])
+            walked = restore_group(y, op, restorer.schedule, settings, restorer.denoiser,
+                                   NoiseKey(seed, orientation, [i]), 1, tracker)
+            return weigh_in_measurement(walked, y, op, settings.sigma0)[0, 0]
+
+        return np.stack([restored(i, plane) for i, plane in enumerate(planes)])
 
     xz = one_pass(np.moveaxis(volume, 1, 0), 1)  # [Y, Z*k, X]
     yz = one_pass(np.moveaxis(volume, 2, 0), 2)  # [X, Z*k, Y]

@@ -13,7 +13,8 @@ from onnx_models import exact_denoiser, gaussian_prior_denoiser, tile_mean_model
 from df5t_deploy.api import Restorer
 from df5t_deploy.cli import main
 from df5t_deploy.files import atomic_path
-from df5t_deploy.formats import read_image
+from df5t_deploy.formats import read_image, read_provenance
+from df5t_deploy.settings import PUBLISHED_ETA, TASK_ETA
 
 TILE = 32
 
@@ -59,12 +60,27 @@ def _task_kwargs(task, shape):
 
 @pytest.mark.parametrize("task", list(TASKS))
 def test_exact_denoiser_gives_back_its_x0(models, em_crop, task):
-    restorer = Restorer(models["exact"], task, sigma0=0.1, steps=20, seed=3, overlap=8, **_task_kwargs(task, em_crop.shape))
+    """The published final step keeps the network's last x0 (the weighted one: test_final_step.py)."""
+    restorer = Restorer(models["exact"], task, sigma0=0.1, steps=20, seed=3, overlap=8, final_step="network",
+                        **_task_kwargs(task, em_crop.shape))
     out = restorer.restore(em_crop)
     expected = round((0.3 + 1) / 2 * 255)  # x0 = 0.3 on the [-1,1] scale, uint8 map v/255
     assert out.dtype == np.uint8
     assert out.shape == tuple(s * restorer.options.factor for s in em_crop.shape)
     np.testing.assert_array_equal(out, expected)
+
+
+def test_eta_defaults_per_task_and_the_provenance_records_the_one_used(models, em_crop, tmp_path):
+    denoised = Restorer(models["mean"], sigma0=0.1, steps=4, seed=2)
+    assert denoised.settings.eta == TASK_ETA["denoise"] != PUBLISHED_ETA
+    published = Restorer(models["mean"], sigma0=0.1, steps=4, seed=2, eta=PUBLISHED_ETA)
+    assert np.abs(denoised.restore(em_crop).astype(int) - published.restore(em_crop).astype(int)).max() > 0
+    assert Restorer(models["mean"], task="sr", sigma0=0.1).settings.eta == PUBLISHED_ETA
+    tifffile.imwrite(tmp_path / "in.tif", em_crop)
+    code, output = cli("restore", tmp_path / "in.tif", "-o", tmp_path / "out.tif", "--model", models["mean"],
+                       "--sigma0", "0.1", "--steps", "2", "--quiet")
+    assert code == 0, output
+    assert read_provenance(tmp_path / "out.tif")["eta"] == TASK_ETA["denoise"]
 
 
 def test_same_seed_same_result_other_seed_differs(models, em_crop):
@@ -86,7 +102,7 @@ def _zero_noise_reference(model, task, image, sigma0, steps, mask_file=None, **k
     from df5t_deploy.walks import restore_group
 
     mask = read_image(mask_file)[0] if mask_file else None
-    restorer = Restorer(model, task, sigma0=sigma0, steps=steps, overlap=4, mask=mask, **kwargs)
+    restorer = Restorer(model, task, sigma0=sigma0, steps=steps, overlap=4, mask=mask, final_step="network", **kwargs)
     intensity = intensity_map_for(image)
     missing = missing_pixels(restorer.options, image) if task == "inpaint" else None
     y = intensity.to_model(image if missing is None else np.where(missing, 0, image))[None]
@@ -101,7 +117,8 @@ def _zero_noise_reference(model, task, image, sigma0, steps, mask_file=None, **k
 @pytest.mark.parametrize("task, extra", [("denoise", []), ("sr", ["--scale", "2"]), ("inpaint", ["--mask", "MASK"])])
 def test_mean_of_seeded_runs_matches_the_noise_free_sampler(tmp_path, models, em_crop, task, extra):
     """With a model linear in x the sampler is linear in its noise: the mean over seeds is the
-    noise-free run, within sampling error (and a wrong sigma0 is detected)."""
+    noise-free run, within sampling error (and a wrong sigma0 is detected). The walk alone: the
+    weighted final step, which estimates its weights from each image, is not linear."""
     image = em_crop.astype(np.float32)
     if task == "sr":
         image = image.reshape(24, 2, 20, 2).mean(axis=(1, 3))
@@ -118,7 +135,8 @@ def test_mean_of_seeded_runs_matches_the_noise_free_sampler(tmp_path, models, em
     for seed in range(32):
         out = tmp_path / f"out{seed}.tif"
         code, output = cli("restore", source, "-o", out, "--model", models["prior"], "--task", task,
-                           "--sigma0", "0.2", "--steps", "10", "--overlap", "4", "--seed", seed, "--quiet", *extra)
+                           "--sigma0", "0.2", "--steps", "10", "--overlap", "4", "--seed", seed, "--final-step", "network",
+                           "--quiet", *extra)
         assert code == 0, output
         runs.append(tifffile.imread(out))
     runs = np.stack(runs).astype(np.float64)

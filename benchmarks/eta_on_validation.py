@@ -1,0 +1,70 @@
+"""DDRM's eta chosen per task on the quality benchmark's validation crops (never its test crops).
+
+    python benchmarks/eta_on_validation.py --model M.onnx --task denoise --eta 0.85 0.7 0.5 0.3
+
+For each asked task and dataset, the ``VALIDATION_CROPS`` crops are restored with the quality
+benchmark's DDRM row (20 steps x 4 samples, the Restorer's default final step) at every eta,
+seeds as the benchmark's; eta_b stays the published 1.0. Writes eta_on_validation.json and .md
+(mean PSNR per eta, and its change over the published eta) to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import quality
+
+from df5t_deploy.api import Restorer
+from df5t_deploy.settings import PUBLISHED_ETA
+
+
+def validation_psnr(task: quality.Task, dataset: quality.Dataset, model: str, eta: float) -> list[float]:
+    steps, samples, final_step = quality.DDRM_ROWS[0]
+    seed = quality.case_seed(task, dataset)
+    scores = []
+    for i, (truth, measured, info) in enumerate(quality.pairs(task, dataset, "validation", quality.VALIDATION_CROPS,
+                                                              seed)):
+        restorer = Restorer(model, task.restorer_task, steps=steps, samples=samples, seed=seed + i, eta=eta,
+                            final_step=final_step, mask=info.get("mask"), **task.settings)
+        scores.append(quality.psnr_ssim(restorer.restore(measured), truth)[0])
+    return scores
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=quality.REPO.parent / "shared" / "data" / "em")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--task", action="append", dest="tasks", required=True,
+                        choices=[task.name for task in quality.tasks()])
+    parser.add_argument("--eta", type=float, nargs="+", required=True)
+    parser.add_argument("--out", type=Path, default=quality.RESULTS)
+    args = parser.parse_args(argv)
+    etas = sorted(set(args.eta) | {PUBLISHED_ETA}, reverse=True)
+    cases = []
+    for task in (t for t in quality.tasks() if t.name in args.tasks):
+        for dataset in (d for d in quality.datasets(args.data) if d.name in task.datasets):
+            psnr = {eta: validation_psnr(task, dataset, args.model, eta) for eta in etas}
+            cases.append({"task": task.name, "dataset": dataset.name, "psnr": {str(k): v for k, v in psnr.items()}})
+            print(f"{task.name}, {dataset.name}: " + ", ".join(f"eta {k}: {np.mean(v):.2f}" for k, v in psnr.items()),
+                  flush=True)
+    lines = [f"Command: `python benchmarks/eta_on_validation.py --model {args.model} "
+             + " ".join(f"--task '{t}'" for t in args.tasks) + f" --eta {' '.join(map(str, args.eta))}`. "
+             f"Mean PSNR (dB) on {quality.VALIDATION_CROPS} validation crops, DDRM {quality.row_text(quality.DDRM_ROWS[0])}; "
+             f"in brackets the change over the published eta {PUBLISHED_ETA}.", "",
+             "| task | dataset | " + " | ".join(f"eta {eta}" for eta in etas) + " |", "|---|---|" + "---:|" * len(etas)]
+    for case in cases:
+        published = np.mean(case["psnr"][str(PUBLISHED_ETA)])
+        cells = [f"{np.mean(case['psnr'][str(eta)]):.2f} ({np.mean(case['psnr'][str(eta)]) - published:+.2f})"
+                 for eta in etas]
+        lines.append(f"| {case['task']} | {case['dataset']} | " + " | ".join(cells) + " |")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "eta_on_validation.json").write_text(json.dumps(cases, indent=1) + "\n")
+    (args.out / "eta_on_validation.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
