@@ -84,3 +84,9 @@ def test_a_partial_run_keeps_to_its_tasks_and_rows_and_never_replaces_the_full_r
 def test_a_row_that_is_not_steps_x_samples_is_refused(text):
     with pytest.raises(SystemExit):
         quality.main(["--rows", text])
+
+
+@pytest.mark.parametrize("row", [*quality.DDRM_ROWS, (50, 4), (20, 4, "weighted"), (20, 4, "network")])
+def test_a_row_reads_back_from_its_text_and_names_only_departures_from_the_published_sampler(row):
+    assert quality.ddrm_row(quality.row_text(row)) == (row[:2] if row[2:] == ("network",) else row)
+    assert ("final step" in quality.ddrm_label(*row)) == (row[2:] not in ((), ("network",)))
