@@ -1,12 +1,14 @@
 """Turn a finished training run into the bundled model: checkpoint, ONNX artifact, model card.
 
-    python -m df5t_deploy.export.bundle runs/df5t-tiny-em [--name df5t-tiny-em] [--quality QUALITY.md]
+    python -m df5t_deploy.export.bundle runs/df5t-small-em [--name df5t-small-em] [--quality QUALITY.md]
+        [--notes NOTES.md]
 
 reads ``ema.pt`` and ``training.json`` from the run folder (see ``train``), exports the
 artifact at the training crop size, and writes ``NAME.{pt,onnx,md}`` and the loss curve
 ``NAME-loss.png`` into ``df5t_deploy/models`` (the default name is the bundled model's,
 ``models.DEFAULT_MODEL``). ``--quality`` puts the quality benchmark's table for this model
-(``benchmarks/quality.py --model ...`` writes it) into the model card.
+(``benchmarks/quality.py --model ...`` writes it) into the model card, ``--notes`` what the
+run's facts do not tell (how it was stopped and resumed, what shared its machine).
 """
 
 from __future__ import annotations
@@ -32,9 +34,11 @@ MODELS_DIR = Path(models.__file__).parent
 SIZE_LIMIT_BYTES = 30 * 2**20
 
 
-def bundle(run: Path, models_dir: Path = MODELS_DIR, name: str = DEFAULT_MODEL, quality: Path | None = None) -> Path:
+def bundle(run: Path, models_dir: Path = MODELS_DIR, name: str = DEFAULT_MODEL, quality: Path | None = None,
+           notes: Path | None = None) -> Path:
     facts = json.loads((run / "training.json").read_text())
     quality_table = _without_title(quality.read_text()) if quality is not None else None
+    run_notes = notes.read_text().strip() if notes is not None else None
     checkpoint = models_dir / f"{name}.pt"
     artifact = models_dir / f"{name}.onnx"
     with atomic_path(checkpoint) as tmp:
@@ -51,7 +55,7 @@ def bundle(run: Path, models_dir: Path = MODELS_DIR, name: str = DEFAULT_MODEL, 
     card = models_dir / f"{name}.md"
     with atomic_path(card) as tmp:
         tmp.write_text(model_card(name, facts, report.relative_error, sha256_of(checkpoint), sha256_of(artifact),
-                                  curve.name, quality_table))
+                                  curve.name, quality_table, run_notes))
     print(f"bundled {name}: {checkpoint.name} + {artifact.name} ({size / 2**20:.1f} MB), card {card.name}")
     return artifact
 
@@ -109,8 +113,18 @@ def loss_figure(curve: list, path: Path, size: tuple[int, int] = (480, 240)) -> 
     image.save(path, format="PNG")
 
 
+def augmentation(config: dict) -> str:
+    """The crops' augmentations, as ``CropSampler`` draws them for ``config``."""
+    parts = [f"at pixel sizes 1 to {config['max_scale']} times the data's (block means)"] if config["max_scale"] > 1 else []
+    parts.append("turned by flips and 90-degree rotations")
+    if config["contrast_jitter"] or config["brightness_jitter"]:
+        parts.append(f"contrast jittered by up to {config['contrast_jitter']:g} (relative) and brightness by up to "
+                     f"{config['brightness_jitter']:g} (on [-1, 1])")
+    return ", ".join(parts)
+
+
 def model_card(name: str, facts: dict, export_error: float, ckpt_sha: str, onnx_sha: str, curve_file: str,
-               quality_table: str | None = None) -> str:
+               quality_table: str | None = None, notes: str | None = None) -> str:
     cfg = facts["config"]
     curve = facts.get("loss_curve", [])
     curve_text = "No loss curve was recorded."
@@ -118,6 +132,7 @@ def model_card(name: str, facts: dict, export_error: float, ckpt_sha: str, onnx_
         every, first = curve[1][0] - curve[0][0], curve[0][0]
         curve_text = (f"Loss (EMA of the batch MSE) every {every} steps, from step {first:,} to {curve[-1][0]:,}"
                       + (f" (the training kept no curve before step {first:,})" if first > every else "") + ":")
+    history = f"\n\n{notes}\n" if notes else ""
     quality = quality_table or "Not measured for this model yet: `python benchmarks/quality.py --model MODEL.onnx`."
     data = "\n".join(f"  - `{file}`: {what}" for file, what in facts["training_data"].items())
     held_out = "\n".join(f"  - `{file}`: {what}" for file, what in facts["held_out"].items())
@@ -133,13 +148,13 @@ quality benchmark (`benchmarks/results/quality.md`) for what it does and does no
 - Objective: DDPM noise prediction, linear betas {facts['schedule']['beta_start']}..{facts['schedule']['beta_end']},
   T = {facts['schedule']['num_diffusion_timesteps']}; AdamW lr {cfg['lr']} ({cfg['warmup_steps']} warm-up steps),
   batch {cfg['batch']}, EMA {cfg['ema_decay']}, gradient clipping 1.0, seed {cfg['seed']}.
-- Data: random {cfg['crop']} x {cfg['crop']} crops with flips and 90-degree rotations, grey replicated to
+- Data: random {cfg['crop']} x {cfg['crop']} crops {augmentation(cfg)}; grey replicated to
   three channels, intensities v/255 mapped to [-1, 1]; half the crops from each source:
 {data}
 - Held out (never seen in training):
 {held_out}
 - Steps: {facts['steps']:,} ({facts['samples_seen']:,} crops), wall time {facts['wall_time_minutes']} min
-  on 2 CPU cores ({facts['torch']}), final loss (EMA of the batch MSE) {facts['final_loss_ema']}.
+  on 2 CPU cores ({facts['torch']}), final loss (EMA of the batch MSE) {facts['final_loss_ema']}.{history}
 - Reproduce: `python -m df5t_deploy.export.train --data ../shared/data/em --out runs/{name}
   {training_flags(cfg)}` then `python -m df5t_deploy.export.bundle runs/{name}`
   (the step count reached in a time budget depends on the machine).
@@ -171,8 +186,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", default=DEFAULT_MODEL, help=f"the bundled model's name (default {DEFAULT_MODEL})")
     parser.add_argument("--quality", type=Path, default=None,
                         help="the quality benchmark's table for this model (results/quality.md), for the card")
+    parser.add_argument("--notes", type=Path, default=None,
+                        help="a Markdown paragraph for the card's training section: what the facts do not tell")
     args = parser.parse_args(argv)
-    bundle(args.run, name=args.name, quality=args.quality)
+    bundle(args.run, name=args.name, quality=args.quality, notes=args.notes)
 
 
 if __name__ == "__main__":

@@ -97,13 +97,17 @@ def test_a_finished_run_bundles_into_a_model_that_restores(tmp_path, em_dir, mon
     (tmp_path / "quality.md").write_text("# Restoration quality\n\n| task | PSNR |\n|---|---|\n| denoise | 1.0 |\n")
     models = tmp_path / "models"
     models.mkdir()
-    artifact = bundle(tmp_path / "run", models, "tiny-test", tmp_path / "quality.md")
+    (tmp_path / "notes.md").write_text("Stopped once and resumed.\n")
+    artifact = bundle(tmp_path / "run", models, "tiny-test", tmp_path / "quality.md", tmp_path / "notes.md")
     weights = torch.load(models / "tiny-test.pt", weights_only=True)
     assert {value.dtype for value in weights.values() if value.is_floating_point()} == {torch.float16}
     assert bundle_module.SIZE_LIMIT_BYTES > 17.3 * 2**20 + 8.7 * 2**20  # df5t-small-em (C=32) fits
     card = (models / "tiny-test.md").read_text()
     assert "![Training loss of tiny-test](tiny-test-loss.png)" in card and "every 1 steps, from step 1 to 4:" in card
     assert "| denoise | 1.0 |" in card and "# Restoration quality" not in card
+    assert "Stopped once and resumed." in card
+    # TrainConfig's default augmentations, as the crop sampler draws them
+    assert "pixel sizes 1 to 2 times" in card and "contrast jittered by up to 0.2" in card
     curve = np.asarray(Image.open(models / "tiny-test-loss.png"))
     assert curve.ndim == 2 and (curve[20:-40, 60:-20] < 128).any()  # the curve is drawn inside the axes
     image = (np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8)
