@@ -19,6 +19,7 @@ import numpy as np
 
 from .backends import BACKENDS
 from .formats import OUTPUT_FORMATS
+from .models import DEFAULT_MODEL
 from .settings import setting_fields
 from .version import __version__
 
@@ -174,7 +175,7 @@ _input_options = _options(
 )
 _run_options = _options(
     click.option("--model", type=click.Path(exists=True, dir_okay=False), default=None,
-                 help="ONNX artifact (or .pt checkpoint for --backend torch). Default: the bundled df5t-tiny-em."),
+                 help=f"ONNX artifact (or .pt checkpoint for --backend torch). Default: the bundled {DEFAULT_MODEL}."),
     click.option("--backend", type=click.Choice(BACKENDS), default="auto",
                  show_default=True, help="auto: TensorRT, onnxruntime-gpu, PyTorch CUDA, then onnxruntime CPU."),
     click.option("--device", default="cpu", show_default=True,

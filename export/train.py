@@ -1,6 +1,6 @@
 """Train a small DF5T network on real EM with the standard DDPM objective.
 
-    python -m df5t_deploy.export.train --data ../shared/data/em --out runs/df5t-tiny-em
+    python -m df5t_deploy.export.train --data ../shared/data/em --out runs/df5t-small-em
 
 predicts the noise (linear betas 1e-4..0.02, T = 1000) from random augmented crops (see
 ``train_data.CropSampler``), keeps EMA weights, and writes a resumable training state every

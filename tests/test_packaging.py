@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from extras import require
 
+from df5t_deploy.models import DEFAULT_MODEL
+
 REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
@@ -63,7 +65,7 @@ def _run(python: Path, env: dict[str, str], cwd: Path, *code: str) -> str:
 def test_the_wheel_holds_the_kernels_the_models_and_the_sample(installed):
     wheel = installed[0]
     names = set(zipfile.ZipFile(wheel).namelist())
-    for required in ("df5t_deploy/cuda/kernels.cu", "df5t_deploy/cuda/launch.py", "df5t_deploy/models/df5t-tiny-em.onnx",
+    for required in ("df5t_deploy/cuda/kernels.cu", "df5t_deploy/cuda/launch.py", f"df5t_deploy/models/{DEFAULT_MODEL}.onnx",
                      "df5t_deploy/samples/mussel_nuclei_256.tif", "df5t_deploy/export/network.py",
                      "df5t_deploy/engines/cache.py"):
         assert required in names, f"{required} is missing from {wheel.name}"
