@@ -20,9 +20,10 @@ from .tasks import DEFAULT_MIN_HOLE, TASKS, TaskError, parse_blur_sigma
 #: The published DF5T run (REFERENCE.md, section 4).
 PUBLISHED_STEPS, PUBLISHED_ETA, PUBLISHED_ETA_B = 50, 0.85, 1.0
 #: DDRM's eta where we depart from the published one, per task: chosen on the quality
-#: benchmark's validation crops (``benchmarks/eta_on_validation.py``). Denoising gains 0.04 to
-#: 0.81 dB with less noise injected (the mean of a few samples is then the closer to the
-#: posterior mean); super-resolution and deblurring lose with it.
+#: benchmark's validation crops (``benchmarks/results/eta_on_validation.md``). Denoising gains
+#: 0.04 to 0.81 dB with less noise injected (0.05 to 0.23 with Poisson-Gaussian noise): the mean
+#: of a few samples is then the closer to the posterior mean. Super-resolution and deblurring
+#: lost with it (training/df5t-small-em/README.md, the check at step 5,748).
 TASK_ETA = {"denoise": 0.5}
 #: How a walk ends: "network" keeps the network's x0 of t = 0 (the published sampler);
 #: "weighted" weighs the measurement back in (``sampler.weigh_in_measurement``).
