@@ -115,8 +115,9 @@ def loss_figure(curve: list, path: Path, size: tuple[int, int] = (480, 240)) -> 
 
 def augmentation(config: dict) -> str:
     """The crops' augmentations, as ``CropSampler`` draws them for ``config``."""
-    parts = [f"at pixel sizes 1 to {config['max_scale']} times the data's (block means)"] if config["max_scale"] > 1 else []
-    parts.append("turned by flips and 90-degree rotations")
+    parts = ["turned by flips and 90-degree rotations"]
+    if config["max_scale"] > 1:
+        parts.insert(0, f"at pixel sizes 1 to {config['max_scale']} times the data's (block means)")
     if config["contrast_jitter"] or config["brightness_jitter"]:
         parts.append(f"contrast jittered by up to {config['contrast_jitter']:g} (relative) and brightness by up to "
                      f"{config['brightness_jitter']:g} (on [-1, 1])")
