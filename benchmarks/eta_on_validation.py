@@ -11,7 +11,6 @@ seeds as the benchmark's; eta_b stays the published 1.0. Writes eta_on_validatio
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -60,9 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         cells = [f"{np.mean(case['psnr'][str(eta)]):.2f} ({np.mean(case['psnr'][str(eta)]) - published:+.2f})"
                  for eta in etas]
         lines.append(f"| {case['task']} | {case['dataset']} | " + " | ".join(cells) + " |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "eta_on_validation.json").write_text(json.dumps(cases, indent=1) + "\n")
-    (args.out / "eta_on_validation.md").write_text("\n".join(lines) + "\n")
+    quality.save_results(args.out, "eta_on_validation", cases, "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -14,7 +14,6 @@ where significant). Writes final_step_variants.json and .md (mean PSNR change pe
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from unittest import mock
 
@@ -97,9 +96,7 @@ def main(argv: list[str] | None = None) -> None:
             values = [case["change"][name] for case in cases if case["task"] == task]
             ranges.append(f"{min(values):+.2f} to {max(values):+.2f}")
         lines.append(f"| {name} | " + " | ".join(ranges) + " |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "final_step_variants.json").write_text(json.dumps(cases, indent=1) + "\n")
-    (args.out / "final_step_variants.md").write_text("\n".join(lines) + "\n")
+    quality.save_results(args.out, "final_step_variants", cases, "\n".join(lines))
     print("\n".join(lines))
 
 

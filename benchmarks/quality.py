@@ -527,6 +527,13 @@ def figure(examples: list[tuple[str, list[np.ndarray]]], path: Path) -> None:
     Image.fromarray(np.concatenate(sheet)).save(path)
 
 
+def save_results(folder: Path, stem: str, data, markdown_text: str) -> None:
+    """``stem``.json (the data) and ``stem``.md (the report) in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stem}.json").write_text(json.dumps(data, indent=1) + "\n")
+    (folder / f"{stem}.md").write_text(markdown_text + "\n")
+
+
 def ensure_bm3d() -> None:
     """BM3D is this benchmark's alone (non-commercial licence): installed here, never a dependency."""
     try:
