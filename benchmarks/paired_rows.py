@@ -3,7 +3,7 @@ classical method.
 
     python benchmarks/paired_rows.py benchmarks/results/final-step/tiny 20x4 20x4:weighted
     python benchmarks/paired_rows.py benchmarks/results/final-step/tiny-isotropic 20x4 20x4:weighted \\
-        --baseline-from benchmarks/results
+        --baseline-from benchmarks/results/df5t-tiny-em
 
 Rows are written as for ``quality.py --rows``. ``--baseline-from`` takes the first row from
 another run's results (a partial run that added a row to a full one); its crops must be the

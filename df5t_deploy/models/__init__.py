@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-DEFAULT_MODEL = "df5t-tiny-em"
+DEFAULT_MODEL = "df5t-small-em"
 
 
 def default_model_path() -> Path:
