@@ -25,7 +25,9 @@ from df5t_deploy.noise import NoiseKey, philox4x32
 from df5t_deploy.operators import BlockMean, Identity, Inpainting
 from df5t_deploy.progress import ProgressTracker
 from df5t_deploy.sampler import DDRM, SamplerSettings, run_ddrm, weigh_in_measurement
+from df5t_deploy.settings import PUBLISHED_ETA, TASK_ETA, RestoreSettings
 from df5t_deploy.streaming import ArraySource
+from df5t_deploy.tasks import TASKS
 from df5t_deploy.walks import restore_group
 
 TILE = 32
@@ -215,12 +217,15 @@ def test_cli_defaults_are_the_published_run_and_the_design(shared_dir, model):
                           reference, re.S)
     assert published, "REFERENCE.md no longer states the published run"
     defaults = {p.name: p.default for p in main.commands["restore"].params}
-    assert defaults["steps"] == int(published.group(1))
-    assert defaults["eta"] == float(published.group(2)) and defaults["eta_b"] == float(published.group(3))
+    assert defaults["steps"] == int(published.group(1)) and defaults["eta_b"] == float(published.group(3))
+    # eta: the published one for every task but those we depart for on purpose (settings.TASK_ETA, README)
+    assert defaults["eta"] is None and PUBLISHED_ETA == float(published.group(2))
+    for task in TASKS:
+        assert RestoreSettings(task=task, sigma0=0.1).eta == TASK_ETA.get(task, PUBLISHED_ETA), task
     assert "default tile/8" in (shared_dir / "DESIGN.md").read_text() and defaults["overlap"] is None
     assert Restorer(model, sigma0=0.1).overlap == TILE // 8
-    restorer = Restorer(model, sigma0=0.1)
-    assert (restorer.steps, restorer.eta, restorer.eta_b) == (defaults["steps"], defaults["eta"], defaults["eta_b"])
+    restorer = Restorer(model, "sr", sigma0=0.1)
+    assert (restorer.steps, restorer.eta, restorer.eta_b) == (defaults["steps"], PUBLISHED_ETA, defaults["eta_b"])
 
 
 # ------------------------------------------------------------------ export checks itself
