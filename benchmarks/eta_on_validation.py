@@ -16,20 +16,15 @@ from pathlib import Path
 import numpy as np
 import quality
 
-from df5t_deploy.api import Restorer
 from df5t_deploy.settings import PUBLISHED_ETA
 
 
 def validation_psnr(task: quality.Task, dataset: quality.Dataset, model: str, eta: float) -> list[float]:
-    steps, samples, final_step = quality.DDRM_ROWS[0]
     seed = quality.case_seed(task, dataset)
-    scores = []
-    for i, (truth, measured, info) in enumerate(quality.pairs(task, dataset, "validation", quality.VALIDATION_CROPS,
-                                                              seed)):
-        restorer = Restorer(model, task.restorer_task, steps=steps, samples=samples, seed=seed + i, eta=eta,
-                            final_step=final_step, mask=info.get("mask"), **task.settings)
-        scores.append(quality.psnr_ssim(restorer.restore(measured), truth)[0])
-    return scores
+    crops = quality.pairs(task, dataset, "validation", quality.VALIDATION_CROPS, seed)
+    return [quality.psnr_ssim(quality.ddrm_restore(task, measured, info, quality.DDRM_ROWS[0], model, seed + i,
+                                                   eta=eta), truth)[0]
+            for i, (truth, measured, info) in enumerate(crops)]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -299,10 +299,13 @@ def pairs(task: Task, dataset: Dataset, split: str, count: int, seed: int) -> li
     return [(truth, *task.degrade(truth, seed + i)) for i, truth in enumerate(crops)]
 
 
-def _ddrm(task: Task, measured: np.ndarray, info: dict, row: tuple, model, seed: int) -> np.ndarray:
+def ddrm_restore(task: Task, measured: np.ndarray, info: dict, row: tuple, model, seed: int,
+                 **overrides) -> np.ndarray:
+    """``measured`` restored by the Restorer as ``row`` runs it; ``overrides`` are further
+    Restorer settings (what a study varies)."""
     steps, samples, final_step = (*row, PUBLISHED_FINAL_STEP)[:3]
     restorer = Restorer(model, task.restorer_task, steps=steps, samples=samples, seed=seed, final_step=final_step,
-                        mask=info.get("mask"), **task.settings)
+                        mask=info.get("mask"), **task.settings, **overrides)
     return restorer.restore(measured)
 
 
@@ -348,7 +351,7 @@ def run_case(task: Task, dataset: Dataset, args, log) -> tuple[dict, list[np.nda
     timings = {}
     for row in args.ddrm_rows:
         started, label = time.perf_counter(), ddrm_label(*row)
-        scored(label, (_ddrm(task, measured, info, row, args.model, seed + TEST_SEED_OFFSET + i)
+        scored(label, (ddrm_restore(task, measured, info, row, args.model, seed + TEST_SEED_OFFSET + i)
                        for i, (_, measured, info) in enumerate(test)))
         timings[label] = round(time.perf_counter() - started, 1)
         log(f"  {task.name}, {dataset.name}: {label} on {len(test)} crops in {timings[label]:.0f} s")

@@ -89,6 +89,16 @@ def training_flags(config: dict) -> str:
     return " ".join(flags)
 
 
+def learning_rate_schedule(config: dict) -> str:
+    """The warm-up and cooldown of ``config``'s learning rate, in words (states trained
+    before the cooldown existed have no such setting: their rate stayed constant)."""
+    words = f"{config['warmup_steps']} warm-up steps"
+    cooldown = config.get("cooldown_steps", 0)
+    if cooldown:
+        words += f", then linear decay to 0 over the last {cooldown:,} of {config['max_steps']:,} steps"
+    return words
+
+
 def loss_figure(curve: list, path: Path, size: tuple[int, int] = (480, 240)) -> None:
     """The loss curve (EMA of the batch MSE against steps) as a PNG, with its axes' ranges."""
     from PIL import Image, ImageDraw
@@ -147,7 +157,7 @@ quality benchmark (`benchmarks/results/quality.md`) for what it does and does no
 
 ## Training
 - Objective: DDPM noise prediction, linear betas {facts['schedule']['beta_start']}..{facts['schedule']['beta_end']},
-  T = {facts['schedule']['num_diffusion_timesteps']}; AdamW lr {cfg['lr']} ({cfg['warmup_steps']} warm-up steps),
+  T = {facts['schedule']['num_diffusion_timesteps']}; AdamW lr {cfg['lr']} ({learning_rate_schedule(cfg)}),
   batch {cfg['batch']}, EMA {cfg['ema_decay']}, gradient clipping 1.0, seed {cfg['seed']}.
 - Data: random {cfg['crop']} x {cfg['crop']} crops {augmentation(cfg)}; grey replicated to
   three channels, intensities v/255 mapped to [-1, 1]; half the crops from each source:

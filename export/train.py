@@ -53,6 +53,7 @@ class TrainConfig:
     batch: int = 16
     lr: float = 3e-4
     warmup_steps: int = 200
+    cooldown_steps: int = 0  # the last steps before max_steps decay the learning rate linearly to 0
     ema_decay: float = 0.999
     max_steps: int = 200_000
     max_minutes: float = 600.0
@@ -154,9 +155,10 @@ def crop_sampler(config: TrainConfig, data_dir: Path) -> CropSampler:
 #: Steps between the points of the loss curve a run keeps.
 LOSS_CURVE_EVERY = 25
 
-#: Settings that may change when a run is resumed (they change the budget or only the rounding);
-#: all others must match the saved state.
-_BUDGET_FIELDS = frozenset({"max_steps", "max_minutes", "threads", "checkpoint_minutes", "compile"})
+#: Settings that may change when a run is resumed (they change the budget, where the learning
+#: rate's decay ends it, or only the rounding); all others must match the saved state. The
+#: cooldown is among them because a constant-rate run is cooled down once its length is known.
+_BUDGET_FIELDS = frozenset({"max_steps", "max_minutes", "threads", "checkpoint_minutes", "compile", "cooldown_steps"})
 
 
 class TrainingRun:
@@ -213,7 +215,7 @@ class TrainingRun:
             eps = self.step_model(xt, t.float())[:, :3]
         loss = torch.nn.functional.mse_loss(eps.float(), noise)
         for group in self.optimizer.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (self.step + 1) / cfg.warmup_steps)
+            group["lr"] = learning_rate(cfg, self.step)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -249,6 +251,15 @@ class TrainingRun:
         }
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """The rate for ``step`` (0-based): a linear warm-up, constant, then a linear cooldown to 0
+    over the last ``cooldown_steps`` before ``max_steps`` (warm-up, stable, decay: the decay takes
+    the loss below the constant rate's plateau)."""
+    warmup = min(1.0, (step + 1) / config.warmup_steps)
+    cooldown = 1.0 if config.cooldown_steps <= 0 else min(1.0, (config.max_steps - step) / config.cooldown_steps)
+    return config.lr * warmup * max(cooldown, 0.0)
 
 
 def on_cpu(state):

@@ -90,3 +90,15 @@ def test_a_row_that_is_not_steps_x_samples_is_refused(text):
 def test_a_row_reads_back_from_its_text_and_names_only_departures_from_the_published_sampler(row):
     assert quality.ddrm_row(quality.row_text(row)) == (row[:2] if row[2:] == ("network",) else row)
     assert ("final step" in quality.ddrm_label(*row)) == (row[2:] not in ((), ("network",)))
+
+
+def test_the_eta_study_restores_each_validation_crop_at_the_eta_it_names(em_dir, monkeypatch):
+    import eta_on_validation
+
+    monkeypatch.setattr(quality, "VALIDATION_CROPS", 1)
+    monkeypatch.setattr(quality, "DDRM_ROWS", ((2, 1, "weighted"),))
+    denoise = next(task for task in quality.tasks() if task.name == "denoise")
+    dataset = next(d for d in quality.datasets(em_dir) if d.name in denoise.datasets)
+    deterministic, stochastic = (eta_on_validation.validation_psnr(denoise, dataset, None, eta) for eta in (0.0, 1.0))
+    assert len(deterministic) == len(stochastic) == 1
+    assert deterministic != stochastic  # the eta reached the Restorer

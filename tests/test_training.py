@@ -16,7 +16,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="training needs the [export] extra")
 
 from df5t_deploy.export import train as train_module  # noqa: E402
-from df5t_deploy.export.train import TrainConfig, train  # noqa: E402
+from df5t_deploy.export.train import TrainConfig, learning_rate, train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = TrainConfig(num_channels=32, num_res_blocks=1, num_heads=1, crop=16, batch=2, warmup_steps=2, threads=1,
@@ -46,6 +46,23 @@ def test_other_settings_are_refused_on_resume(tmp_path, em_dir):
     train(replace(TINY, max_steps=1), em_dir, tmp_path)
     with pytest.raises(SystemExit, match="other settings"):
         train(replace(TINY, lr=1e-3), em_dir, tmp_path)
+
+
+def test_the_learning_rate_warms_up_holds_and_cools_down_to_zero():
+    config = replace(TINY, lr=1.0, warmup_steps=2, max_steps=10, cooldown_steps=4)
+    assert [learning_rate(config, step) for step in range(10)] == [0.5, 1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25]
+    constant = replace(config, cooldown_steps=0)
+    assert [learning_rate(constant, step) for step in (0, 1, 9)] == [0.5, 1, 1]
+
+
+def test_a_constant_rate_run_is_cooled_down_when_resumed(tmp_path, em_dir):
+    """The cooldown is decided once the run's length is known: a resumed run may add it."""
+    train(replace(TINY, max_steps=2), em_dir, tmp_path)
+    cooled = replace(TINY, max_steps=4, cooldown_steps=2)
+    train(cooled, em_dir, tmp_path)
+    state = _weights(tmp_path / "state.pt")
+    assert state["step"] == 4
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(learning_rate(cooled, 3)) == TINY.lr / 2
 
 
 def test_a_run_resumes_compiled_and_follows_the_eager_run(tmp_path, em_dir, monkeypatch):
@@ -93,7 +110,7 @@ def test_a_finished_run_bundles_into_a_model_that_restores(tmp_path, em_dir, mon
     from df5t_deploy.export.bundle import bundle
 
     monkeypatch.setattr(train_module, "LOSS_CURVE_EVERY", 1)
-    train(replace(TINY, crop=64), em_dir, tmp_path / "run")  # the export takes tiles of 64 or more
+    train(replace(TINY, crop=64, cooldown_steps=3), em_dir, tmp_path / "run")  # the export takes tiles of 64 or more
     (tmp_path / "quality.md").write_text("# Restoration quality\n\n| task | PSNR |\n|---|---|\n| denoise | 1.0 |\n")
     models = tmp_path / "models"
     models.mkdir()
@@ -106,6 +123,7 @@ def test_a_finished_run_bundles_into_a_model_that_restores(tmp_path, em_dir, mon
     assert "![Training loss of tiny-test](tiny-test-loss.png)" in card and "every 1 steps, from step 1 to 4:" in card
     assert "| denoise | 1.0 |" in card and "# Restoration quality" not in card
     assert "Stopped once and resumed." in card
+    assert "2 warm-up steps, then linear decay to 0 over the last 3 of 4 steps" in card
     # TrainConfig's default augmentations, as the crop sampler draws them
     assert "pixel sizes 1 to 2 times" in card and "contrast jittered by up to 0.2" in card
     curve = np.asarray(Image.open(models / "tiny-test-loss.png"))
