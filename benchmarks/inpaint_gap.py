@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     seed = quality.case_seed(task, flyem) + quality.TEST_SEED_OFFSET
     rows = [measure(truth, measured, info["mask"], seed + i, args.model)
             for i, (truth, measured, info) in enumerate(quality.pairs(task, flyem, "test", args.crops, seed))]
-    result = {"model": args.model or f"the bundled {DEFAULT_MODEL}", "crops": len(rows), "holes_rms": _mean(rows, "holes_rms"), "observed_rms": _mean(rows, "observed_rms"),
+    result = {"model": args.model or f"the bundled {DEFAULT_MODEL}", "crops": len(rows),
+              "holes_rms": _mean(rows, "holes_rms"), "observed_rms": _mean(rows, "observed_rms"),
               "psnr": _mean(rows, "psnr"),
               "holes_posterior_spread": float(np.mean([r["holes_posterior_spread"] for r in rows])),
               "per_crop": rows, "seconds": time.perf_counter() - started}

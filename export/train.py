@@ -158,7 +158,8 @@ LOSS_CURVE_EVERY = 25
 #: Settings that may change when a run is resumed (they change the budget, where the learning
 #: rate's decay ends it, or only the rounding); all others must match the saved state. The
 #: cooldown is among them because a constant-rate run is cooled down once its length is known.
-_BUDGET_FIELDS = frozenset({"max_steps", "max_minutes", "threads", "checkpoint_minutes", "compile", "cooldown_steps"})
+_RESUMABLE_CHANGES = frozenset({"max_steps", "max_minutes", "threads", "checkpoint_minutes", "compile",
+                                "cooldown_steps"})
 
 
 class TrainingRun:
@@ -188,7 +189,7 @@ class TrainingRun:
             changed = {
                 k: (v, state["config"].get(k))
                 for k, v in asdict(config).items()
-                if k not in _BUDGET_FIELDS and state["config"].get(k) != v
+                if k not in _RESUMABLE_CHANGES and state["config"].get(k) != v
             }
             if changed:
                 raise SystemExit(f"{path} was trained with other settings (now, then): {changed}")
