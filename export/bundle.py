@@ -63,11 +63,14 @@ def bundle(run: Path, models_dir: Path = MODELS_DIR, name: str = DEFAULT_MODEL, 
 def save_in_fp16(weights: Path, path: Path) -> None:
     """The state dict ``weights`` with its floating tensors stored in fp16: half the size, and
     what the PyTorch backend runs anyway. The artifact is exported from these same rounded
-    weights, so the two files hold one model (the artifact records this file's sha256)."""
+    weights, so the two files hold one model (the artifact records this file's sha256).
+    Saved through a file object: given a path, torch.save names the archive's records after
+    it, and ``path`` is a random temporary name, so the same weights would hash differently."""
     import torch
 
     state = torch.load(weights, map_location="cpu", weights_only=True)
-    torch.save({key: value.half() if value.is_floating_point() else value for key, value in state.items()}, path)
+    with open(path, "wb") as file:
+        torch.save({key: value.half() if value.is_floating_point() else value for key, value in state.items()}, file)
 
 
 def _without_title(markdown: str) -> str:

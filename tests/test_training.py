@@ -131,6 +131,12 @@ def test_a_finished_run_bundles_into_a_model_that_restores(tmp_path, em_dir, mon
     image = (np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8)
     restored = Restorer(artifact, sigma0=0.2, steps=2).restore(image)
     assert restored.shape == image.shape and restored.dtype == np.uint8
+    # reproducible: the same run bundles into the same bytes (the card records their sha256)
+    again = tmp_path / "again"
+    again.mkdir()
+    bundle(tmp_path / "run", again, "tiny-test", tmp_path / "quality.md", tmp_path / "notes.md")
+    for name in ("tiny-test.pt", "tiny-test.onnx", "tiny-test.md"):
+        assert (models / name).read_bytes() == (again / name).read_bytes(), name
 
 
 def test_an_unusable_device_is_refused_in_one_line(tmp_path, em_dir):
