@@ -35,7 +35,7 @@ display-libraries:
 	@dpkg -s $(X11_PACKAGES) >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q --no-install-recommends $(X11_PACKAGES); }
 
 test: $(VENV)/.test-installed display-libraries
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=15
 
 clean:
 	rm -rf $(VENV) build *.egg-info
