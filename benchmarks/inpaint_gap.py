@@ -6,9 +6,9 @@ DDRM loses to biharmonic inpainting on FlyEM. A defect in how the mask or the me
 enters would show as error on the observed pixels, or as error that more samples or more
 steps do not reduce; a weak prior shows as error in the holes that averaging posterior
 samples reduces (a single posterior draw misses the truth by about the posterior spread).
-For each crop this restores, with the published sampler (its final step keeps the network's
-estimate), 16 samples at 20 steps and one at 50, and one sample at 20 steps with the default
-weighted final step; it splits the RMS error (grey levels) into the holes and the observed
+For each crop this restores, with the published final step (which keeps the network's
+estimate) and the default eta, 16 samples at 20 steps and one at 50, and one sample at 20 steps
+with the default weighted final step; it splits the RMS error (grey levels) into the holes and the observed
 pixels, the measurement's own error on the observed pixels being its noise. Writes
 results/inpaint_gap.md and .json, and the README's block.
 """
@@ -25,7 +25,7 @@ import quality
 
 from df5t_deploy.api import Restorer
 from df5t_deploy.models import DEFAULT_MODEL
-from df5t_deploy.settings import DEFAULT_FINAL_STEP, PUBLISHED_FINAL_STEP
+from df5t_deploy.settings import DEFAULT_FINAL_STEP, PUBLISHED_FINAL_STEP, RestoreSettings
 
 SAMPLES = 16
 WEIGHTED = f"DDRM 1 sample, 20 steps, {DEFAULT_FINAL_STEP} final step (the default)"
@@ -77,7 +77,8 @@ def report(result: dict) -> str:
     holes, observed, psnr = result["holes_rms"], result["observed_rms"], result["psnr"]
     lines = [README_BEGIN, "", f"Command: `python benchmarks/inpaint_gap.py` ({result['seconds']:.0f} s). "
              f"Model: {result['model']}. {result['crops']} FlyEM inpainting test crops of the quality benchmark; "
-             "DDRM with the published final step but where said; RMS error in grey levels, mean over crops.", "",
+             f"DDRM with the published final step but where said, eta {result['eta']:g}; RMS error in grey levels, "
+             "mean over crops.", "",
              "| | in the holes | on the observed pixels | PSNR (dB) |", "|---|---:|---:|---:|"]
     for label in dict.fromkeys([*holes, *observed, *psnr]):
         cells = [f"{d[label]:.1f}" if label in d else "" for d in (holes, observed)]
@@ -132,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = [measure(truth, measured, info["mask"], seed + i, args.model)
             for i, (truth, measured, info) in enumerate(quality.pairs(task, flyem, "test", args.crops, seed))]
     result = {"model": args.model or f"the bundled {DEFAULT_MODEL}", "crops": len(rows),
+              "eta": RestoreSettings(task="inpaint", sigma0=quality.SIGMA0["inpaint"]).eta,
               "holes_rms": _mean(rows, "holes_rms"), "observed_rms": _mean(rows, "observed_rms"),
               "psnr": _mean(rows, "psnr"),
               "holes_posterior_spread": float(np.mean([r["holes_posterior_spread"] for r in rows])),

@@ -51,7 +51,7 @@ from df5t_deploy.export.train_data import FLYEM_HELDOUT_PLANES, FLYEM_VOLUME, MU
 from df5t_deploy.noise_estimate import estimate_noise_std
 from df5t_deploy.operators import gaussian_kernel
 from df5t_deploy.poisson_gaussian import PoissonGaussian, fit_poisson_gaussian
-from df5t_deploy.settings import DEFAULT_FINAL_STEP, FINAL_STEPS, PUBLISHED_FINAL_STEP
+from df5t_deploy.settings import DEFAULT_FINAL_STEP, FINAL_STEPS, PUBLISHED_FINAL_STEP, eta_defaults
 from df5t_deploy.streaming import ArraySource
 from df5t_deploy.tasks import TaskOptions
 
@@ -579,7 +579,7 @@ def main(argv: list[str] | None = None) -> None:
     command = " ".join(["python benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])])
     header = (f"Command: `{command}` ({time.perf_counter() - started:.0f} s on this machine's 2 CPU cores). "
               f"Model: {args.model or 'the bundled model'}. {args.crops} test crops of {CROP} x {CROP} per task and "
-              f"dataset (isotropic: {VOLUME_CROP}^3, k = {Z_FACTOR}), one seed each; "
+              f"dataset (isotropic: {VOLUME_CROP}^3, k = {Z_FACTOR}), one seed each; DDRM's eta {eta_defaults()}; "
               f"classical methods tuned on {args.validation_crops} validation crops; mean ± sd over crops.")
     results = {"header": header, "ddrm_rows": [list(r) for r in args.ddrm_rows], "cases": cases,
                "noise_estimates": estimates}

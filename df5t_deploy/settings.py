@@ -22,9 +22,22 @@ PUBLISHED_STEPS, PUBLISHED_ETA, PUBLISHED_ETA_B = 50, 0.85, 1.0
 #: DDRM's eta where we depart from the published one, per task: chosen on the quality
 #: benchmark's validation crops (``benchmarks/results/eta_on_validation.md``). Denoising gains
 #: 0.04 to 0.81 dB with less noise injected (0.05 to 0.23 with Poisson-Gaussian noise): the mean
-#: of a few samples is then the closer to the posterior mean. Super-resolution and deblurring
-#: lost with it (training/df5t-small-em/README.md, the check at step 5,748).
-TASK_ETA = {"denoise": 0.5}
+#: of a few samples is then the closer to the posterior mean. The other tasks, where part of the
+#: image is measured weakly or not at all, gain with more (eta 1.0: super-resolution up to 0.31
+#: dB, deblurring 0.24, inpainting 0.99, isotropic 0.12; ``benchmarks/results/eta-on-validation-17600``)
+#: and lose with less.
+TASK_ETA = {"denoise": 0.5, "sr": 1.0, "deblur": 1.0, "inpaint": 1.0, "isotropic": 1.0}
+
+
+def eta_defaults() -> str:
+    """The default eta of every task, in words (the CLI's help, the quality benchmark's header)."""
+    tasks_by_eta: dict[float, list[str]] = {}
+    for task in TASKS:
+        tasks_by_eta.setdefault(TASK_ETA.get(task, PUBLISHED_ETA), []).append(task)
+    return "; ".join(f"{eta:g}{' (published)' if eta == PUBLISHED_ETA else ''} for {', '.join(tasks)}"
+                     for eta, tasks in tasks_by_eta.items())
+
+
 #: How a walk ends: "network" keeps the network's x0 of t = 0 (the published sampler);
 #: "weighted" weighs the measurement back in (``sampler.weigh_in_measurement``).
 FINAL_STEPS = ("network", "weighted")
@@ -73,9 +86,7 @@ class RestoreSettings:
     seed: int = _setting(0, "Seed of the counter-based noise (0 to 2^64 - 1).", int)
     steps: int = _setting(PUBLISHED_STEPS, "Sampler steps.", int)
     eta: float | None = _setting(
-        None, "DDRM eta: noise injected into unobserved coordinates (0..1). Default: "
-        + ", ".join(f"{eta:g} for {task}" for task, eta in TASK_ETA.items()) + f", {PUBLISHED_ETA:g} (published) "
-        "otherwise.", float)
+        None, f"DDRM eta: noise injected into unobserved coordinates (0..1). Default: {eta_defaults()}.", float)
     eta_b: float = _setting(PUBLISHED_ETA_B, "DDRM eta_b: weight of the measurement (0..1).", float)
     final_step: str = _setting(
         DEFAULT_FINAL_STEP, "weighted: the measurement weighed back into the network's final estimate where it "

@@ -129,7 +129,7 @@ def test_isotropic_is_the_mean_of_its_xz_and_yz_passes_computed_independently(mo
     restorer = Restorer(model, "isotropic", sigma0=0.1, steps=3, seed=seed, z_factor=k, final_step="weighted")
     result = restorer.restore_full(volume)
     intensity = result.intensity
-    settings = SamplerSettings(sigma0=0.1, steps=3)
+    settings = SamplerSettings(sigma0=0.1, steps=3, eta=restorer.eta)  # the task's default eta
     z, ny, nx = volume.shape
     tracker = ProgressTracker(None, 1, 1, 1)
 
@@ -225,7 +225,8 @@ def test_cli_defaults_are_the_published_run_and_the_design(shared_dir, model):
     assert "default tile/8" in (shared_dir / "DESIGN.md").read_text() and defaults["overlap"] is None
     assert Restorer(model, sigma0=0.1).overlap == TILE // 8
     restorer = Restorer(model, "sr", sigma0=0.1)
-    assert (restorer.steps, restorer.eta, restorer.eta_b) == (defaults["steps"], PUBLISHED_ETA, defaults["eta_b"])
+    assert (restorer.steps, restorer.eta, restorer.eta_b) == (defaults["steps"], TASK_ETA.get("sr", PUBLISHED_ETA),
+                                                              defaults["eta_b"])
 
 
 # ------------------------------------------------------------------ export checks itself
