@@ -7,10 +7,10 @@ enters would show as error on the observed pixels, or as error that more samples
 steps do not reduce; a weak prior shows as error in the holes that averaging posterior
 samples reduces (a single posterior draw misses the truth by about the posterior spread).
 For each crop this restores, with the published final step (which keeps the network's
-estimate) and the default eta, 16 samples at 20 steps and one at 50, and one sample at 20 steps
-with the default weighted final step; it splits the RMS error (grey levels) into the holes and the observed
-pixels, the measurement's own error on the observed pixels being its noise. Writes
-results/inpaint_gap.md and .json, and the README's block.
+estimate) and the default eta, 16 samples at 20 steps and one at 50, and one sample at 20
+steps with the default weighted final step; it splits the RMS error (grey levels) into the
+holes and the observed pixels, the measurement's own error on the observed pixels being its
+noise. Writes results/inpaint_gap.md and .json, and the README's block.
 """
 
 from __future__ import annotations
