@@ -123,12 +123,13 @@ _MEASURE = textwrap.dedent("""
 @pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".tif", ".zarr", ".mrc"])
 def test_memory_is_bounded_by_a_plane_not_the_stack(tmp_path, flyem, suffix):
-    """Peak RSS for 512 planes of 512 x 512 exceeds the 64-plane peak by < 32 MB, read from and
-    written to TIFF, zarr and MRC alike."""
+    """Peak RSS for 256 planes of 512 x 512 exceeds the 32-plane peak by < 32 MB, read from and
+    written to TIFF, zarr and MRC alike: holding the 224 more planes whole, even as 8-bit input
+    or output alone, would add 56 MB."""
     model = tile_mean_model(tmp_path / "m512.onnx", 512)
     plane = np.tile(flyem[100], (2, 2))
     peaks = {}
-    for planes in (64, 512):
+    for planes in (32, 256):
         path = tmp_path / f"stack{planes}{suffix}"
         write_image(path, np.broadcast_to(plane, (planes, 512, 512)), ImageMeta("ZYX"))
         out_path = tmp_path / f"out{planes}{suffix}"
@@ -140,7 +141,7 @@ def test_memory_is_bounded_by_a_plane_not_the_stack(tmp_path, flyem, suffix):
         peaks[planes] = int(out.stdout.split("PEAK_RSS_KB")[1]) / 1024
         with open_source(out_path) as restored:
             assert restored.shape == (planes, 512, 512)
-    assert peaks[512] - peaks[64] < 32, peaks
+    assert peaks[256] - peaks[32] < 32, peaks
 
 
 def test_interrupted_zarr_output_resumes_to_the_same_result(tmp_path, flyem):
