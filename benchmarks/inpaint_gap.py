@@ -25,7 +25,7 @@ import quality
 
 from df5t_deploy.api import Restorer
 from df5t_deploy.models import DEFAULT_MODEL
-from df5t_deploy.settings import DEFAULT_FINAL_STEP, PUBLISHED_FINAL_STEP, RestoreSettings
+from df5t_deploy.settings import DEFAULT_FINAL_STEP, PUBLISHED_FINAL_STEP, default_eta
 
 SAMPLES = 16
 WEIGHTED = f"DDRM 1 sample, 20 steps, {DEFAULT_FINAL_STEP} final step (the default)"
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = [measure(truth, measured, info["mask"], seed + i, args.model)
             for i, (truth, measured, info) in enumerate(quality.pairs(task, flyem, "test", args.crops, seed))]
     result = {"model": args.model or f"the bundled {DEFAULT_MODEL}", "crops": len(rows),
-              "eta": RestoreSettings(task="inpaint", sigma0=quality.SIGMA0["inpaint"]).eta,
+              "eta": default_eta("inpaint"),
               "holes_rms": _mean(rows, "holes_rms"), "observed_rms": _mean(rows, "observed_rms"),
               "psnr": _mean(rows, "psnr"),
               "holes_posterior_spread": float(np.mean([r["holes_posterior_spread"] for r in rows])),
