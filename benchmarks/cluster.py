@@ -34,7 +34,8 @@ EM_FILE = "micrograph_vemstitch-mussel_tile3_2_2_1768x2048.tif"
 def _restore(folder: Path, steps: int, *extra: str) -> tuple[float, Path]:
     output = folder / f"out{'-'.join(extra).replace(':', '')}.zarr"
     command = [sys.executable, "-c", "from df5t_deploy.cli import entry; entry()", "restore", str(folder / "stack.tif"),
-               "-o", str(output), "--sigma0", "0.1", "--steps", str(steps), "--quiet", *extra]
+               "-o", str(output), "--sigma0", "0.1", "--steps", str(steps), "--samples", "1", "--walk", "full",
+               "--quiet", *extra]
     started = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True)
     return time.perf_counter() - started, output

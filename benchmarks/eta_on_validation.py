@@ -3,7 +3,7 @@
     python benchmarks/eta_on_validation.py --model M.onnx --task denoise --eta 0.85 0.7 0.5 0.3
 
 For each asked task and dataset, the ``VALIDATION_CROPS`` crops are restored with the quality
-benchmark's DDRM row (20 steps x 4 samples, the Restorer's default final step) at every eta,
+benchmark's DDRM row (``quality.default_rows``) at every eta,
 seeds as the benchmark's; eta_b stays the published 1.0. Writes eta_on_validation.json and .md
 (mean PSNR per eta, and its change over the published eta) to ``--out``.
 """
@@ -22,7 +22,7 @@ from df5t_deploy.settings import PUBLISHED_ETA
 def validation_psnr(task: quality.Task, dataset: quality.Dataset, model: str, eta: float) -> list[float]:
     seed = quality.case_seed(task, dataset)
     crops = quality.pairs(task, dataset, "validation", quality.VALIDATION_CROPS, seed)
-    return [quality.psnr_ssim(quality.ddrm_restore(task, measured, info, quality.DDRM_ROWS[0], model, seed + i,
+    return [quality.psnr_ssim(quality.ddrm_restore(task, measured, info, quality.default_rows(task)[0], model, seed + i,
                                                    eta=eta), truth)[0]
             for i, (truth, measured, info) in enumerate(crops)]
 
@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> None:
                   flush=True)
     lines = [f"Command: `python benchmarks/eta_on_validation.py --model {args.model} "
              + " ".join(f"--task '{t}'" for t in args.tasks) + f" --eta {' '.join(map(str, args.eta))}`. "
-             f"Mean PSNR (dB) on {quality.VALIDATION_CROPS} validation crops, DDRM {quality.row_text(quality.DDRM_ROWS[0])}; "
+             f"Mean PSNR (dB) on {quality.VALIDATION_CROPS} validation crops, each task's DDRM row of the quality "
+             "benchmark (quality.default_rows); "
              f"in brackets the change over the published eta {PUBLISHED_ETA}.", "",
              "| task | dataset | " + " | ".join(f"eta {eta}" for eta in etas) + " |", "|---|---|" + "---:|" * len(etas)]
     for case in cases:

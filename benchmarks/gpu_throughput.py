@@ -178,7 +178,9 @@ class _TileBench:
 
         self.torch, self.tile, self.steps, self.checkpoint, self.peak = torch, tile, steps, checkpoint, peak
         self.overlap = tile // 8
-        self.settings = {"sigma0": SIGMA0, "steps": steps, "seed": 0, "overlap": self.overlap}
+        # the published walk of one sample, as the plain PyTorch loop runs it: the same network calls
+        self.settings = {"sigma0": SIGMA0, "steps": steps, "seed": 0, "overlap": self.overlap, "samples": 1,
+                         "walk": "full"}
         self.schedule = PRESETS["df5t-512"].schedule
         self.calls = len(Timesteps(self.schedule, steps))
         self.fp16 = TorchBackend(checkpoint, "cuda", tile=tile, precision="fp16")

@@ -15,9 +15,10 @@ seed per crop, at ``CROPS`` random places on several planes or regions of the te
 
 Every classical method is tuned by a grid search on ``VALIDATION_CROPS`` crops of the
 validation part, never on test crops; DDRM runs at settings fixed in advance (20 steps and 4
-samples, with the Restorer's default final step), never the best of several on the test
-crops. Reported: mean and standard deviation of PSNR and SSIM (data range 255) over the test
-crops, and DDRM's paired PSNR difference to the best classical method on the same crops.
+samples, with the Restorer's default final step; denoising at the Restorer's defaults, chosen
+on validation crops by ``walk_frontier.py``), never the best of several on the test crops.
+Reported: mean and standard deviation of PSNR and SSIM (data range 255) over the test crops,
+and DDRM's paired PSNR difference to the best classical method on the same crops.
 
 BM3D comes from the ``bm3d`` package (non-commercial licence): this benchmark installs it for
 itself; the package never depends on it.
@@ -51,7 +52,17 @@ from df5t_deploy.export.train_data import FLYEM_HELDOUT_PLANES, FLYEM_VOLUME, MU
 from df5t_deploy.noise_estimate import estimate_noise_std
 from df5t_deploy.operators import gaussian_kernel
 from df5t_deploy.poisson_gaussian import PoissonGaussian, fit_poisson_gaussian
-from df5t_deploy.settings import DEFAULT_FINAL_STEP, FINAL_STEPS, PUBLISHED_FINAL_STEP, eta_defaults
+from df5t_deploy.settings import (
+    DEFAULT_FINAL_STEP,
+    DEFAULT_WALK,
+    FINAL_STEPS,
+    PUBLISHED_FINAL_STEP,
+    PUBLISHED_WALK,
+    WALKS,
+    default_samples,
+    default_steps,
+    eta_defaults,
+)
 from df5t_deploy.streaming import ArraySource
 from df5t_deploy.tasks import TaskOptions
 
@@ -64,11 +75,15 @@ CROPS, VALIDATION_CROPS, CROP = 8, 4, 64
 #: Test crops are degraded with seeds from case_seed + TEST_SEED_OFFSET on.
 TEST_SEED_OFFSET = 500
 VOLUME_CROP, Z_FACTOR = 24, 4
-#: DDRM's fixed settings: (steps, samples), one row each; a row may add a final step other than
-#: the published one, (steps, samples, final_step), e.g. ``--rows 20x4:weighted``. One row: the
-#: Restorer's defaults but for the steps (the published 50 cost 2.5 times as much, and
-#: ``--rows 50x4:weighted`` adds them).
-DDRM_ROWS = ((20, 4, DEFAULT_FINAL_STEP),)
+#: DDRM's fixed settings, one row each: (steps, samples), and after them the departures from the
+#: published sampler where there are any: a final step other than the published one, then a walk
+#: other than the published full one, e.g. ``--rows 20x4:weighted`` or ``--rows 2x4:weighted:matched``.
+#: By default each task runs one row (``default_rows``): the Restorer's defaults for denoising,
+#: whose matched walk makes them cheap; for the other tasks, whose walk is the full one, the
+#: Restorer's defaults but 20 steps x 4 samples (the published 50 steps cost 2.5 times as much,
+#: and ``--rows 50x4:weighted`` adds them).
+FULL_WALK_ROW = (20, 4, DEFAULT_FINAL_STEP)
+ROW_DEFAULTS = (PUBLISHED_FINAL_STEP, PUBLISHED_WALK)  # what a row without departures runs
 SIGMA0 = {"denoise": 0.2, "sr": 0.02, "deblur": 0.02, "inpaint": 0.02, "isotropic": 0.02}
 BLUR_SIGMA, SR_SCALE, MISSING_FRACTION = 1.5, 2, 0.2
 #: Detector noise of the Poisson-Gaussian case, in grey levels (the truth's 0..255).
@@ -299,36 +314,63 @@ def pairs(task: Task, dataset: Dataset, split: str, count: int, seed: int) -> li
     return [(truth, *task.degrade(truth, seed + i)) for i, truth in enumerate(crops)]
 
 
+def default_rows(task: Task) -> tuple[tuple, ...]:
+    """A task's DDRM rows when ``--rows`` gives none (``FULL_WALK_ROW``)."""
+    if task.restorer_task == "denoise":
+        steps, samples = default_steps("denoise"), default_samples("denoise")
+        return (_without_published_tail((steps, samples, DEFAULT_FINAL_STEP, DEFAULT_WALK)),)
+    return (FULL_WALK_ROW,)
+
+
+def _full_row(row: tuple) -> tuple:
+    """(steps, samples, final_step, walk), the published ones where the row names none."""
+    return (*row, *ROW_DEFAULTS[len(row) - 2:])
+
+
+def _without_published_tail(row: tuple) -> tuple:
+    """The row with the published values at its end left out: a row names only departures."""
+    row = tuple(row)
+    while len(row) > 2 and row[-1] == ROW_DEFAULTS[len(row) - 3]:
+        row = row[:-1]
+    return row
+
+
 def ddrm_restore(task: Task, measured: np.ndarray, info: dict, row: tuple, model, seed: int,
                  **overrides) -> np.ndarray:
     """``measured`` restored by the Restorer as ``row`` runs it; ``overrides`` are further
-    Restorer settings (what a study varies)."""
-    steps, samples, final_step = (*row, PUBLISHED_FINAL_STEP)[:3]
-    restorer = Restorer(model, task.restorer_task, steps=steps, samples=samples, seed=seed, final_step=final_step,
-                        mask=info.get("mask"), **task.settings, **overrides)
+    Restorer arguments (what a study varies)."""
+    steps, samples, final_step, walk = _full_row(row)
+    restorer = Restorer(model, task.restorer_task, **{
+        "steps": steps, "samples": samples, "seed": seed, "final_step": final_step, "walk": walk,
+        "mask": info.get("mask"), **task.settings, **overrides})
     return restorer.restore(measured)
 
 
 def ddrm_row(text: str) -> tuple:
-    """``20x4`` -> (20 steps, 4 samples, the published final step); ``20x4:weighted`` -> (20, 4,
-    "weighted"). A row names its departures from the published sampler, so that results files
-    keep their meaning when the Restorer's defaults change."""
-    match = re.fullmatch(rf"(\d+)x(\d+)(?::({'|'.join(FINAL_STEPS)}))?", text)
+    """``20x4`` -> (20 steps, 4 samples); ``20x4:weighted`` -> (20, 4, "weighted");
+    ``2x4:weighted:matched`` -> (2, 4, "weighted", "matched"). A row names its departures from
+    the published sampler, so that results files keep their meaning when the Restorer's
+    defaults change."""
+    match = re.fullmatch(rf"(\d+)x(\d+)(?::({'|'.join(FINAL_STEPS)}))?(?::({'|'.join(WALKS)}))?", text)
     if not match or min(map(int, match.groups()[:2])) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not STEPSxSAMPLES[:FINAL_STEP], e.g. 20x4 or 20x4:weighted")
-    steps, samples, final_step = int(match[1]), int(match[2]), match[3]
-    return (steps, samples) if final_step in (None, PUBLISHED_FINAL_STEP) else (steps, samples, final_step)
+        raise argparse.ArgumentTypeError(f"{text!r} is not STEPSxSAMPLES[:FINAL_STEP[:WALK]], e.g. 20x4, "
+                                         "20x4:weighted or 2x4:weighted:matched")
+    steps, samples, final_step, walk = int(match[1]), int(match[2]), match[3], match[4]
+    return _without_published_tail((steps, samples, final_step or PUBLISHED_FINAL_STEP, walk or PUBLISHED_WALK))
 
 
 def row_text(row: tuple) -> str:
     """A row as ``--rows`` takes it: the inverse of ``ddrm_row``."""
-    steps, samples, final_step = (*row, PUBLISHED_FINAL_STEP)[:3]
-    return f"{steps}x{samples}" + ("" if final_step == PUBLISHED_FINAL_STEP else f":{final_step}")
+    steps, samples, *departures = _without_published_tail(row)
+    return ":".join([f"{steps}x{samples}", *departures])
 
 
-def ddrm_label(steps: int, samples: int, final_step: str = PUBLISHED_FINAL_STEP) -> str:
+def ddrm_label(*row) -> str:
+    steps, samples, final_step, walk = _full_row(row)
     label = f"DDRM {steps} steps x {samples}"
-    return label if final_step == PUBLISHED_FINAL_STEP else f"{label}, {final_step} final step"
+    if final_step != PUBLISHED_FINAL_STEP:
+        label += f", {final_step} final step"
+    return label if walk == PUBLISHED_WALK else f"{label}, {walk} walk"
 
 
 def run_case(task: Task, dataset: Dataset, args, log) -> tuple[dict, list[np.ndarray]]:
@@ -349,19 +391,21 @@ def run_case(task: Task, dataset: Dataset, args, log) -> tuple[dict, list[np.nda
     for label, (method, _) in task.classical.items():
         scored(label, (method(measured, info, tuned[label]) for _, measured, info in test))
     timings = {}
-    for row in args.ddrm_rows:
+    rows = args.ddrm_rows or default_rows(task)
+    for row in rows:
         started, label = time.perf_counter(), ddrm_label(*row)
         scored(label, (ddrm_restore(task, measured, info, row, args.model, seed + TEST_SEED_OFFSET + i)
                        for i, (_, measured, info) in enumerate(test)))
         timings[label] = round(time.perf_counter() - started, 1)
         log(f"  {task.name}, {dataset.name}: {label} on {len(test)} crops in {timings[label]:.0f} s")
-    case = {"task": task.name, "dataset": dataset.name, "tuned": {k: _jsonable(v) for k, v in tuned.items()},
+    case = {"task": task.name, "dataset": dataset.name, "ddrm_rows": [list(row) for row in rows],
+            "tuned": {k: _jsonable(v) for k, v in tuned.items()},
             "scores": {label: [[round(p, 3), round(s, 4)] for p, s in values] for label, values in scores.items()},
             "ddrm_seconds": timings}
     truth, measured, _ = test[0]
     shown = measured if measured.shape == truth.shape else scipy.ndimage.zoom(
         measured.astype(np.float64), np.array(truth.shape) / np.array(measured.shape), order=0)
-    example = [shown, first[summary(case)["best_classical"]], first[ddrm_label(*args.ddrm_rows[0])], truth]
+    example = [shown, first[summary(case)["best_classical"]], first[ddrm_label(*rows[0])], truth]
     return case, example
 
 
@@ -474,27 +518,23 @@ def noise_table(rows: list[dict]) -> str:
 
 
 def readme_block(results: dict) -> str:
-    """The README's quality table: DDRM's first row against the best tuned classical method."""
-    first = ddrm_label(*results["ddrm_rows"][0])
-    second = ddrm_label(*results["ddrm_rows"][1]) if len(results["ddrm_rows"]) > 1 else None
+    """The README's quality table: each case's first DDRM row against the best tuned classical
+    method."""
     lines = [README_BEGIN, "", results["header"], "",
-             f"| task | dataset | best tuned classical (dB) | {first} (dB) | paired difference (dB, crops won) "
-             + (f"| {second}: paired difference |" if second else "|"),
-             "|---|---|---|---|---|" + ("---|" if second else "")]
+             "| task | dataset | best tuned classical (dB) | DDRM row | DDRM (dB) | paired difference (dB, crops won) |",
+             "|---|---|---|---|---|---|"]
+    wins = 0
     for case in results["cases"]:
         s = summary(case)
-        best, ours = s["methods"][s["best_classical"]], s["methods"][first]
+        label = ddrm_label(*case["ddrm_rows"][0])
+        best, ours = s["methods"][s["best_classical"]], s["methods"][label]
         vs = ours["vs_best"]
-        row = (f"| {case['task']} | {case['dataset']} | {s['best_classical']} {best['psnr']:.2f} "
-               f"| {ours['psnr']:.2f} | {vs['mean']:+.2f} ± {vs['sd']:.2f} ({vs['won']}/{vs['crops']}) |")
-        if second:
-            vs2 = s["methods"][second]["vs_best"]
-            row += f" {vs2['mean']:+.2f} ± {vs2['sd']:.2f} ({vs2['won']}/{vs2['crops']}) |"
-        lines.append(row)
-    for label in filter(None, (first, second)):
-        wins = sum(summary(case)["methods"][label]["vs_best"]["mean"] > 0 for case in results["cases"])
-        lines.append(f"\n{label} beats the best tuned classical method on average in {wins} of "
-                     f"{len(results['cases'])} cases.")
+        wins += vs["mean"] > 0
+        lines.append(f"| {case['task']} | {case['dataset']} | {s['best_classical']} {best['psnr']:.2f} "
+                     f"| {label.removeprefix('DDRM ')} | {ours['psnr']:.2f} "
+                     f"| {vs['mean']:+.2f} ± {vs['sd']:.2f} ({vs['won']}/{vs['crops']}) |")
+    lines.append(f"\nDDRM beats the best tuned classical method on average in {wins} of {len(results['cases'])} "
+                 "cases.")
     lines += ["", "Noise estimates on real EM with known added noise (slope 1: the added noise is recovered):", "",
               noise_table(results["noise_estimates"]), "", README_END]
     return "\n".join(lines)
@@ -555,14 +595,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="2 test and 2 validation crops, DDRM at 3 steps x 2: checks that the benchmark runs")
     parser.add_argument("--task", action="append", dest="tasks", choices=[task.name for task in tasks()],
                         help="only this task (repeatable), e.g. to check a model in training")
-    parser.add_argument("--rows", action="append", type=ddrm_row, metavar="STEPSxSAMPLES[:FINAL_STEP]",
-                        help=f"DDRM's rows instead of {', '.join(map(row_text, DDRM_ROWS))} (repeatable)")
+    parser.add_argument("--rows", action="append", type=ddrm_row, metavar="STEPSxSAMPLES[:FINAL_STEP[:WALK]]",
+                        help="DDRM's rows for every task instead of each task's own (repeatable; default: "
+                             f"{row_text(default_rows(tasks()[0])[0])} for denoising, {row_text(FULL_WALK_ROW)} "
+                             "for the other tasks)")
     args = parser.parse_args(argv)
     # A partial run never replaces the full results or the README's table.
     partial = bool(args.smoke or args.tasks or args.rows)
     args.out = args.out or (PARTIAL_RESULTS if partial else RESULTS)
     args.crops, args.validation_crops = (2, 2) if args.smoke else (CROPS, VALIDATION_CROPS)
-    args.ddrm_rows = tuple(args.rows or (((3, 2, DEFAULT_FINAL_STEP),) if args.smoke else DDRM_ROWS))
+    args.ddrm_rows = tuple(args.rows or (((3, 2, DEFAULT_FINAL_STEP),) if args.smoke else ()))
     ensure_bm3d()
     started = time.perf_counter()
     sets = {d.name: d for d in datasets(args.data)}
@@ -581,8 +623,7 @@ def main(argv: list[str] | None = None) -> None:
               f"Model: {args.model or 'the bundled model'}. {args.crops} test crops of {CROP} x {CROP} per task and "
               f"dataset (isotropic: {VOLUME_CROP}^3, k = {Z_FACTOR}), one seed each; DDRM's eta {eta_defaults()}; "
               f"classical methods tuned on {args.validation_crops} validation crops; mean ± sd over crops.")
-    results = {"header": header, "ddrm_rows": [list(r) for r in args.ddrm_rows], "cases": cases,
-               "noise_estimates": estimates}
+    results = {"header": header, "cases": cases, "noise_estimates": estimates}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quality.json").write_text(json.dumps(results, indent=1) + "\n")
     (args.out / "quality.md").write_text(markdown(results))

@@ -113,7 +113,8 @@ def start_server(steps: int, device: str):
     import subprocess
 
     process = subprocess.Popen([sys.executable, "-c", "from df5t_deploy.cli import entry; entry()", "serve",
-                                "--port", "0", "--sigma0", "0.1", "--steps", str(steps), "--device", device,
+                                "--port", "0", "--sigma0", "0.1", "--steps", str(steps), "--samples", "1", "--walk", "full",
+                                "--device", device,
                                 "--max-pending", "4", "--request-timeout", "86400"], stdout=subprocess.PIPE, text=True)
     line = process.stdout.readline()
     if not line.startswith("listening on "):
@@ -169,7 +170,7 @@ def main() -> None:
     from df5t_deploy import Restorer
 
     sets = frame_sets(args.data, args.tiny, args.small, args.large)
-    restorer = Restorer(sigma0=0.1, steps=args.steps, device=args.device, max_pending=4)
+    restorer = Restorer(sigma0=0.1, steps=args.steps, samples=1, walk="full", device=args.device, max_pending=4)
     restorer.restore(next(iter(sets.values()))[0][:256, :256])  # warm-up: the session and its first shapes
     table = {}
     for name, images in sets.items():

@@ -132,7 +132,8 @@ def _reference_ddrm(net, y, timesteps):
 def run_ours(image: np.ndarray, model: str, steps: int, threads: int, batch: int | None) -> dict:
     from df5t_deploy.api import Restorer
 
-    restorer = Restorer(model, "denoise", sigma0=SIGMA0, steps=steps, overlap=OVERLAP, batch=batch, threads=threads)
+    restorer = Restorer(model, "denoise", sigma0=SIGMA0, steps=steps, overlap=OVERLAP, batch=batch, threads=threads,
+                        samples=1, walk="full")  # the reference's walk: the same network calls
     started = time.perf_counter()
     restorer.restore(image)
     seconds = time.perf_counter() - started

@@ -30,7 +30,7 @@ from .models import default_model_path
 from .parameters import whole_number
 from .progress import ProgressCallback, RestorationCancelled, shared_progress
 from .regions import layout
-from .sampler import SamplerSettings
+from .sampler import SamplerSettings, Timesteps, walk_timesteps
 from .settings import RestoreSettings, setting_fields
 from .stack import plane_regions, restore_frames, restore_planes
 from .streaming import ArraySource
@@ -340,7 +340,12 @@ class Restorer:
 
     def sampler_settings(self, noise: NoiseLevel) -> SamplerSettings:
         return SamplerSettings(sigma0=noise.sigma0, steps=self.steps, eta=self.eta, eta_b=self.eta_b,
-                               final_step=self.settings.final_step)
+                               final_step=self.settings.final_step, walk=self.settings.walk)
+
+    def walk_timesteps(self, grid: tuple[int, int], settings: SamplerSettings) -> Timesteps:
+        """The timesteps a plane's walk visits on this restoration grid (progress totals,
+        provenance); the sampler derives the same from the plane's own operator."""
+        return walk_timesteps(self.schedule, settings, self.options.walk_operator(grid))
 
     def group_size(self, grid: tuple[int, int]) -> int:
         """Planes restored together so that their tiles fill the backend's batch."""
@@ -349,10 +354,11 @@ class Restorer:
         per_plane = self.denoiser.tiles_per_call(self.samples, *grid)
         return max(1, self.batch // per_plane)
 
-    def provenance(self, intensity: IntensityMap, noise: NoiseLevel) -> dict:
+    def provenance(self, source: Source, intensity: IntensityMap, noise: NoiseLevel) -> dict:
         """What an output records: the settings (RestoreSettings), as resolved for this call
-        (sigma0 and the noise std used, the overlap and batch the tile gave), the model and
-        the intensity map."""
+        (sigma0 and the noise std used, the walk's timesteps and network calls, the overlap and
+        batch the tile gave), the model and the intensity map."""
+        grid = self.options.grid_shape(source.shape[-2:])
         return {
             "software": f"df5t-deploy {__version__}",
             "model": str(self.model_path),
@@ -364,6 +370,7 @@ class Restorer:
             "sigma0": noise.sigma0,
             "sigma0_rule": _sigma0_rule(self.settings),
             "noise_std": self.noise_std if self.sigma0 != "auto" else noise.estimated_noise_std,
+            "walk_timesteps": self.walk_timesteps(grid, self.sampler_settings(noise)).to_dict(),
             "tile": self.backend.info.tile,
             "overlap": self.overlap,
             "batch": self.batch,
@@ -373,7 +380,7 @@ class Restorer:
 
 def _restoration(frame: _PreparedFrame, mean: np.ndarray, std: np.ndarray | None) -> Restoration:
     restorer, noise = frame.restorer, frame.noise
-    return Restoration(mean, frame.intensity, noise.sigma0, restorer.provenance(frame.intensity, noise), std,
+    return Restoration(mean, frame.intensity, noise.sigma0, restorer.provenance(frame.source, frame.intensity, noise), std,
                        noise.estimated_noise_std)
 
 

@@ -425,11 +425,18 @@ def _chunk_shape(text: str | None) -> tuple[int, ...] | None:
         raise ValueError(f"--chunks {text!r}: give whole numbers separated by commas, e.g. 1,512,512") from None
 
 
+def _walk_words(restorer, walk: dict) -> str:
+    """'2 network calls x 4 samples from t=98 (matched walk)'."""
+    samples = restorer.settings.samples
+    return (f"{walk['network_calls']} network calls x {samples} sample{'s' if samples > 1 else ''} from "
+            f"t={walk['start']} ({restorer.settings.walk} walk)")
+
+
 def _report_restoration(restorer, input_path, result, seconds: float) -> None:
     megapixels = float(np.prod(result.output_shape)) / 1e6
     click.echo(
         f"restored {input_path} {result.input_shape} {result.dtype} -> {result.output_shape} "
-        f"({restorer.settings.task}, {restorer.settings.steps} steps, "
+        f"({restorer.settings.task}, {_walk_words(restorer, result.provenance['walk_timesteps'])}, "
         f"sigma0={result.sigma0:.4g}, {restorer.backend.name}) in {seconds:.1f} s, {megapixels / seconds:.3f} MPix/s"
     )
     if result.estimated_noise_std is not None:

@@ -127,9 +127,10 @@ def step_table(ddrm: DDRM) -> np.ndarray:
     """The kernels' DF5TStep table [steps + 1, 7] float32: sqrt(abar), sqrt(1 - abar), sn,
     sigma0, eta, eta_b, sqrt(abar_next) for each walk step, then the initial value's row.
 
-    The initial value is a step from x = eps = 0 with eta = eta_b = 1 and sn = sig_T, scaled
-    by 1/sig_T: its three cases are then exactly DDRM's initialisation (REFERENCE.md section
-    4), and it draws the noise of step id len(timesteps), as the host loop does.
+    The initial value is a step from x = eps = 0 with eta = eta_b = 1 and sn = sigma_t of the
+    walk's start, divided by ``Timesteps.init_divisor``: its three cases are then exactly DDRM's
+    initialisation (REFERENCE.md section 4) at that start, and it draws the noise of step id
+    len(timesteps), as the host loop does.
     """
     cfg = ddrm.settings
     rows = []
@@ -137,8 +138,7 @@ def step_table(ddrm: DDRM) -> np.ndarray:
         sn = np.sqrt(1.0 - plan.alpha_bar_next) / np.sqrt(plan.alpha_bar_next)
         rows.append([np.sqrt(plan.alpha_bar), np.sqrt(1.0 - plan.alpha_bar), sn, cfg.sigma0, cfg.eta, cfg.eta_b,
                      np.sqrt(plan.alpha_bar_next)])
-    sig = ddrm.timesteps.init_sigma
-    rows.append([1.0, 0.0, sig, cfg.sigma0, 1.0, 1.0, 1.0 / sig])
+    rows.append([1.0, 0.0, ddrm.timesteps.init_sigma, cfg.sigma0, 1.0, 1.0, 1.0 / ddrm.timesteps.init_divisor])
     return np.ascontiguousarray(rows, dtype=np.float32)
 
 

@@ -200,7 +200,7 @@ class RestoreWidget(Container):
         std = np.stack([stds[z] for z in sorted(stds)]) if restorer.samples > 1 else None
         if data.ndim == 2:
             mean, std = mean[0], None if std is None else std[0]
-        return mean, std, restorer.provenance(intensity, noise), (restorer, source)
+        return mean, std, restorer.provenance(source, intensity, noise), (restorer, source)
 
     def _show_progress(self, done: int, total: int) -> None:
         self.progress.max, self.progress.value = total, done

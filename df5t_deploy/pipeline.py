@@ -136,7 +136,7 @@ def open_input(input_path: str | Path, series: int | None = None, roi: str | Non
 def _plan(restorer: Restorer, source: Source, input_path: str | Path, series: int | None) -> _Plan:
     intensity = restorer.intensity_for(source)
     noise = restorer.noise_level(source, intensity)
-    provenance = restorer.provenance(intensity, noise) | ({"series": series} if series is not None else {})
+    provenance = restorer.provenance(source, intensity, noise) | ({"series": series} if series is not None else {})
     if isinstance(source, RoiSource):
         provenance["roi"] = {"origin": list(source.origin), "shape": list(source.shape)}
     identity = RunIdentity.of(input_path, restorer.model_sha256, provenance)

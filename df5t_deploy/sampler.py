@@ -20,6 +20,7 @@ from .operators import SpatialOperator
 from .parameters import real_number
 from .settings import (
     DEFAULT_FINAL_STEP,
+    DEFAULT_WALK,
     MAX_SIGMA0,
     PUBLISHED_ETA,
     PUBLISHED_ETA_B,
@@ -45,6 +46,7 @@ class SamplerSettings:
     eta: float = PUBLISHED_ETA
     eta_b: float = PUBLISHED_ETA_B
     final_step: str = DEFAULT_FINAL_STEP  # applied to the walk's images: weigh_in_measurement
+    walk: str = DEFAULT_WALK  # where the walk starts: walk_timesteps
 
     def __post_init__(self):
         try:
@@ -52,7 +54,7 @@ class SamplerSettings:
         except ValueError as err:
             raise ValueError(f"{err} (the measurement noise std on the [-1,1] scale); pass --sigma0, --noise-std "
                              "or --sigma0 auto") from None
-        check_walk(self.steps, self.eta, self.eta_b, self.final_step)
+        check_walk(self.steps, self.eta, self.eta_b, self.final_step, self.walk)
 
 
 @dataclass(frozen=True)
@@ -64,18 +66,29 @@ class StepPlan:
 
 
 class Timesteps:
-    """The published skip schedule: seq = 0, skip, 2*skip, ... < T, walked from the end."""
+    """The timesteps of a walk, ``seq`` ascending and walked from its end.
 
-    def __init__(self, schedule: Schedule, steps: int):
+    Without ``start``, the published skip schedule: seq = 0, skip, 2*skip, ... < T, so the
+    network is called ceil(T / skip) times, which exceeds ``steps`` when T is not a multiple
+    of it. With ``start``, exactly ``steps`` calls spread evenly over [0, start]; a start
+    below ``steps`` - 1 leaves no room for them, and the walk starts at ``steps`` - 1 instead.
+    """
+
+    def __init__(self, schedule: Schedule, steps: int, start: int | None = None):
         T = schedule.num_diffusion_timesteps
         if steps > T:
             raise ValueError(f"steps ({steps}) exceeds the model's {T} diffusion timesteps")
-        skip = T // steps
-        self.seq = list(range(0, T, skip))
         self.alphas_bar = np.cumprod(1.0 - schedule.betas())
+        self.published = start is None
+        if start is None:
+            self.seq = list(range(0, T, T // steps))
+        else:
+            top = min(max(start, steps - 1), T - 1)
+            # spacing >= 1, so the rounded timesteps are distinct; linspace from the top keeps it for one step
+            self.seq = sorted(int(t) for t in np.rint(np.linspace(top, 0, steps)))
 
     def __len__(self) -> int:
-        """Network calls per restoration (exceeds ``steps`` when T is not a multiple of it)."""
+        """Network calls per restoration."""
         return len(self.seq)
 
     def abar(self, t: int) -> float:
@@ -88,9 +101,74 @@ class Timesteps:
             yield StepPlan(index, t, self.abar(t), self.abar(t_next))
 
     @property
+    def start(self) -> int:
+        """The first timestep of the walk (where its initial value is drawn)."""
+        return self.seq[-1]
+
+    @property
     def init_sigma(self) -> float:
-        a = self.abar(self.seq[-1])
+        """sigma_t = sqrt(1 - abar) / sqrt(abar) at the start: the initial value's noise std on
+        the variance-exploding scale of DDRM's spectral coordinates."""
+        a = self.abar(self.start)
         return float(np.sqrt(1.0 - a) / np.sqrt(a))
+
+    @property
+    def init_divisor(self) -> float:
+        """x = V(v) / init_divisor for the initial spectral value v.
+
+        Exactly, the variance-preserving state of v is V(v) / sqrt(1 + sigma_t^2) (= sqrt(abar)
+        V(v)), and a walk with a ``start`` divides so. The published walk divides by sigma_t,
+        the limit for abar -> 0: right to 3e-5 at the first step of 50, to 0.2% at the first
+        of 4, and far off where a matched walk starts (a factor of 2.9 at sigma_t 0.35). It
+        keeps that division, so that its results stay the published sampler's.
+        """
+        sig = self.init_sigma
+        return sig if self.published else float(np.sqrt(1.0 + sig**2))
+
+    def to_dict(self) -> dict:
+        """What provenance records of the walk: its first timestep and every network call's."""
+        return {"start": self.start, "timesteps": list(reversed(self.seq)), "network_calls": len(self)}
+
+
+def matched_start(alphas_bar: np.ndarray, weakest_gain: float, sigma0: float) -> int:
+    """The first timestep of a matched walk: the smallest t with s * sigma_t > sigma0 for the
+    operator's weakest singular value s, or T - 1 if there is none.
+
+    From there up, DDRM's update of every observed coordinate is ybar / s plus fresh noise
+    (eta_b = 1; REFERENCE.md section 4): the network's estimate is discarded, and the state
+    at t is exactly DDRM's initial value drawn at t. A walk that starts there and spends its
+    steps on [0, t] loses nothing the measurement decides and calls the network only where it
+    counts. The colour differences, never observed, start from noise there rather than from
+    the network's pull toward zero above it.
+    """
+    sigma_t = np.sqrt(1.0 - alphas_bar) / np.sqrt(alphas_bar)
+    # in float32, as ddrm_init and the kernels compare: at a start on the edge, the initial
+    # value must still count every coordinate as decided by the measurement
+    decided = np.float32(weakest_gain) * sigma_t.astype(np.float32) > np.float32(sigma0)
+    return int(np.argmax(decided)) if decided.any() else len(alphas_bar) - 1
+
+
+def weakest_observing_gain(op: SpatialOperator) -> float | None:
+    """The full operator's smallest singular value when its spatial operator observes every
+    grey coordinate (denoising), else None: a coordinate never observed must be generated by
+    the network from pure noise, so its walk must be the full one."""
+    observed = op.observed()
+    if not observed.all():
+        return None
+    return float(np.float32(np.min(op.singular_values) * GREY_GAIN))  # DDRM.s's float32 value
+
+
+def walk_timesteps(schedule: Schedule, settings: SamplerSettings, op: SpatialOperator | None) -> Timesteps:
+    """The timesteps of a walk as ``settings.walk`` asks: "full", the published walk from
+    t = T - 1; "matched", from ``matched_start`` where the operator observes every grey
+    coordinate, and the full walk where it does not, where eta_b < 1 (the network's estimate
+    then counts at every t) or where no operator is given (a task whose operator never
+    observes everything: ``TaskOptions.walk_operator``)."""
+    gain = weakest_observing_gain(op) if op is not None and settings.walk == "matched" else None
+    if gain is None or settings.eta_b != 1.0:
+        return Timesteps(schedule, settings.steps)
+    alphas_bar = np.cumprod(1.0 - schedule.betas())
+    return Timesteps(schedule, settings.steps, matched_start(alphas_bar, gain, settings.sigma0))
 
 
 def to_channel_basis(x: np.ndarray) -> np.ndarray:
@@ -140,7 +218,7 @@ class DDRM:
     def __init__(self, op: SpatialOperator, schedule: Schedule, settings: SamplerSettings):
         self.op = op
         self.settings = settings
-        self.timesteps = Timesteps(schedule, settings.steps)
+        self.timesteps = walk_timesteps(schedule, settings, op)
         self.s = (op.singular_values * GREY_GAIN).astype(np.float32)
 
     def spectral_measurement(self, y: np.ndarray) -> np.ndarray:
@@ -148,13 +226,14 @@ class DDRM:
         return self.op.ut(y)
 
     def initial_state(self, ybar: np.ndarray, z: np.ndarray) -> np.ndarray:
-        """x at the first timestep; the colour differences start from pure noise."""
+        """x at the first timestep (``Timesteps.init_divisor``); the colour differences start
+        from pure noise."""
         sig = self.timesteps.init_sigma
         az = to_channel_basis(z)
         a = az * np.float32(sig)
         grey = ddrm_init(ybar, self.s, self.op.vt(az[..., 0, :, :]), sig, self.settings.sigma0)
         a[..., 0, :, :] = self.op.v(grey)
-        return from_channel_basis(a) / np.float32(sig)
+        return from_channel_basis(a) / np.float32(self.timesteps.init_divisor)
 
     def step(self, plan: StepPlan, x: np.ndarray, eps: np.ndarray, ybar: np.ndarray, z: np.ndarray) -> np.ndarray:
         """x at the next timestep from x, the network's eps, ybar and pixel-space normals z."""

@@ -35,8 +35,7 @@ def restore_planes(restorer: "Restorer", source: Source, intensity: IntensityMap
     grid = r.options.grid_shape(source.shape[-2:])
     regions = plane_regions(r, source)
     f = r.options.factor
-    cost = sum(tiles_per_plane(r.denoiser, (region.height * f, region.width * f), r.samples, r.steps, r.schedule)
-               for region in regions)
+    cost = sum(_region_tiles(r, region, settings) for region in regions)
     tracker = ProgressTracker(progress, cost * len(planes), len(planes), len(planes) * grid[0] * grid[1])
     tracker.report()
     group = r.group_size((regions[0].height * f, regions[0].width * f))
@@ -62,7 +61,7 @@ def restore_frames(r: "Restorer", frames: list[np.ndarray], intensities: list[In
     source = ArraySource(frames[0])
     (region,) = plane_regions(r, source)
     grid = r.options.grid_shape(source.shape)
-    per_frame = tiles_per_plane(r.denoiser, grid, r.samples, r.steps, r.schedule)
+    per_frame = tiles_per_plane(r.denoiser, grid, r.samples, r.walk_timesteps(grid, settings))
     tracker = ProgressTracker(progress, per_frame * len(frames), len(frames), len(frames) * grid[0] * grid[1])
     tracker.report()
     y = np.concatenate([_measurement(r, intensity, frame[None], None)[0]
@@ -70,6 +69,12 @@ def restore_frames(r: "Restorer", frames: list[np.ndarray], intensities: list[In
     unit = _start_region(r, y, None, region, [0] * len(frames), settings, tracker, seeds=seeds)()
     tracker.planes_finished(len(frames), len(frames) * grid[0] * grid[1])
     return unit
+
+
+def _region_tiles(r: "Restorer", region: Region, settings: SamplerSettings) -> int:
+    """Network tiles one plane of a region costs (progress totals)."""
+    grid = (region.height * r.options.factor, region.width * r.options.factor)
+    return tiles_per_plane(r.denoiser, grid, r.samples, r.walk_timesteps(grid, settings))
 
 
 def plane_regions(r: "Restorer", source: Source) -> list[Region]:
@@ -127,7 +132,6 @@ def _start_regions(r: "Restorer", y, missing, regions: list[Region], plane_ids: 
     """Begin restoring planes y [G, h, w]; the collector returns samples [G, S, H, W]. A
     plane over max_region is restored one super-tile after another when collected (or found
     in ``store``), and the super-tiles blended (the one WindowedSum)."""
-    f = r.options.factor
 
     def start(region):
         return _start_region(r, y, missing, region, plane_ids, settings, tracker)
@@ -141,8 +145,7 @@ def _start_regions(r: "Restorer", y, missing, regions: list[Region], plane_ids: 
             if store is None:
                 yield start(region)
             elif all(store.is_done(task) for task in tasks):
-                tracker.already_done(len(plane_ids) * tiles_per_plane(
-                    r.denoiser, (region.height * f, region.width * f), r.samples, r.steps, r.schedule))
+                tracker.already_done(len(plane_ids) * _region_tiles(r, region, settings))
                 yield lambda tasks=tasks: np.stack([store.load(task) for task in tasks])
             else:
                 yield _kept(start(region), store, tasks)

@@ -88,6 +88,13 @@ class TaskOptions:
             return Inpainting(missing)
         raise TaskError("--task isotropic restores volumes (ZYX); it has no 2D operator")
 
+    def walk_operator(self, grid_shape: tuple[int, int]) -> SpatialOperator | None:
+        """The operator that decides where a walk on this grid starts (``sampler.walk_timesteps``),
+        or None where the walk is the full one whatever the input: an inpainting mask misses
+        pixels by definition, and isotropic restoration's z block mean leaves k - 1 of every k
+        coordinates unmeasured."""
+        return None if self.task in ("inpaint", "isotropic") else self.operator(grid_shape)
+
     def to_dict(self) -> dict:
         """The task and its own options as resolved (sr's factor, whether a mask was given)."""
         resolved = {"scale": self.factor, "blur_sigma": list(self.blur_sigma or ()), "min_hole": self.min_hole,

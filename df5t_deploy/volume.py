@@ -98,7 +98,7 @@ class IsotropicRun:
         self.xz_slabs, self.yz_slabs = slabs(ny, z * nx), slabs(nx, z * ny)
         self.block = max(1, PLANE_BLOCK_PIXELS // (ny * nx))
         self.cost = {orientation: tiles_per_plane(restorer.denoiser, (z * self.k, length), restorer.samples,
-                                                  restorer.steps, restorer.schedule)
+                                                  restorer.walk_timesteps((z * self.k, length), settings))
                      for orientation, length in (("xz", nx), ("yz", ny))}
         self.tracker = ProgressTracker(progress, ny * self.cost["xz"] + nx * self.cost["yz"], ny + nx,
                                        2 * z * self.k * ny * nx)

@@ -54,11 +54,9 @@ def restore_group(
     return state_to_image(state).reshape(groups, samples, height, width)
 
 
-def tiles_per_plane(
-    denoiser: BlendedDenoiser, shape: tuple[int, int], samples: int, steps: int, schedule: Schedule
-) -> int:
+def tiles_per_plane(denoiser: BlendedDenoiser, shape: tuple[int, int], samples: int, timesteps: Timesteps) -> int:
     """Network tiles one plane costs (for progress totals)."""
-    return denoiser.tiles_per_call(samples, *shape) * len(Timesteps(schedule, steps))
+    return denoiser.tiles_per_call(samples, *shape) * len(timesteps)
 
 
 def overlapped(started: Iterable[Callable[[], T]]) -> Iterator[T]:

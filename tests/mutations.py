@@ -23,7 +23,7 @@ ENV = "DF5T_MUTATION"
 #: The tests that back the README's promises (the rest check kernels, export and engines).
 PROMISE_TESTS = ("tests/test_promises.py", "tests/test_hostile.py", "tests/test_sampler.py", "tests/test_restore.py",
                  "tests/test_volumes.py", "tests/test_formats.py", "tests/test_tiling.py", "tests/test_noise_model.py",
-                 "tests/test_submit.py", "tests/test_final_step.py")
+                 "tests/test_submit.py", "tests/test_final_step.py", "tests/test_walk.py")
 
 
 def _uncertainty_doubled(mp: pytest.MonkeyPatch) -> None:
@@ -162,6 +162,28 @@ def _final_step_skipped(mp: pytest.MonkeyPatch) -> None:
     mp.setattr(group_walker, "weigh_in_measurement", lambda images, y, op, sigma0: images)
 
 
+def _matched_start_one_late(mp: pytest.MonkeyPatch) -> None:
+    """The matched walk starts at the timestep above the one where the measurement stops deciding."""
+    from df5t_deploy import sampler
+
+    real = sampler.matched_start
+    mp.setattr(sampler, "matched_start", lambda *args: min(real(*args) + 1, len(args[0]) - 1))
+
+
+def _initial_state_published_scale(mp: pytest.MonkeyPatch) -> None:
+    """Every walk's initial value divided by sigma_t, as the published walk from t = T-1 does."""
+    from df5t_deploy import sampler
+
+    mp.setattr(sampler.Timesteps, "init_divisor", property(lambda self: self.init_sigma))
+
+
+def _matched_walk_from_the_top(mp: pytest.MonkeyPatch) -> None:
+    """--walk matched accepted and recorded, but the steps spread from t = T-1 as in the full walk."""
+    from df5t_deploy import sampler
+
+    mp.setattr(sampler, "walk_timesteps", lambda schedule, settings, op: sampler.Timesteps(schedule, settings.steps))
+
+
 MUTATIONS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
     "uncertainty doubled": _uncertainty_doubled,
     "recorded model sha256 zeroed": _model_sha256_zeroed,
@@ -179,6 +201,9 @@ MUTATIONS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
     "frames walked together share one seed": _frames_share_the_first_seed,
     "final step's error estimate unchecked": _final_step_estimate_unchecked,
     "final step skipped": _final_step_skipped,
+    "matched walk starts one timestep late": _matched_start_one_late,
+    "initial state at the published scale": _initial_state_published_scale,
+    "matched walk spread from the top": _matched_walk_from_the_top,
 }
 
 

@@ -25,7 +25,15 @@ from df5t_deploy.noise import NoiseKey, philox4x32
 from df5t_deploy.operators import BlockMean, Identity, Inpainting
 from df5t_deploy.progress import ProgressTracker
 from df5t_deploy.sampler import DDRM, SamplerSettings, run_ddrm, weigh_in_measurement
-from df5t_deploy.settings import PUBLISHED_ETA, TASK_ETA, RestoreSettings
+from df5t_deploy.settings import (
+    PUBLISHED_ETA,
+    PUBLISHED_SAMPLES,
+    PUBLISHED_STEPS,
+    TASK_ETA,
+    TASK_SAMPLES,
+    TASK_STEPS,
+    RestoreSettings,
+)
 from df5t_deploy.streaming import ArraySource
 from df5t_deploy.tasks import TASKS
 from df5t_deploy.walks import restore_group
@@ -60,7 +68,9 @@ def _whole_loop(op, y, noises, steps=6, sigma0=0.05):
                     lambda step: noises[step])
     y_dense = y[~op.missing] if isinstance(op, Inpainting) else y.ravel()
     ybar = dense.ybar(y_dense)
-    x = dense.init(ybar, noises[len(ddrm.timesteps)].ravel().astype(np.float64), ddrm.timesteps.init_sigma)
+    walk = ddrm.timesteps
+    x = dense.init(ybar, noises[len(walk)].ravel().astype(np.float64), walk.init_sigma, walk.alphas_bar[walk.start],
+                   walk.published)
     for plan in ddrm.timesteps:
         x = dense.step(x, eps_fn(x, plan.t), ybar, noises[plan.index].ravel().astype(np.float64),
                        plan.alpha_bar, plan.alpha_bar_next)
@@ -217,15 +227,21 @@ def test_cli_defaults_are_the_published_run_and_the_design(shared_dir, model):
                           reference, re.S)
     assert published, "REFERENCE.md no longer states the published run"
     defaults = {p.name: p.default for p in main.commands["restore"].params}
-    assert defaults["steps"] == int(published.group(1)) and defaults["eta_b"] == float(published.group(3))
-    # eta: the published one for every task but those we depart for on purpose (settings.TASK_ETA, README)
-    assert defaults["eta"] is None and PUBLISHED_ETA == float(published.group(2))
+    assert PUBLISHED_STEPS == int(published.group(1)) and defaults["eta_b"] == float(published.group(3))
+    # steps, samples and eta: the published ones for every task but those we depart for on purpose
+    # (settings.TASK_STEPS, TASK_SAMPLES, TASK_ETA; README)
+    assert defaults["eta"] is defaults["steps"] is defaults["samples"] is None
+    assert PUBLISHED_ETA == float(published.group(2)) and PUBLISHED_SAMPLES == 1
     for task in TASKS:
-        assert RestoreSettings(task=task, sigma0=0.1).eta == TASK_ETA.get(task, PUBLISHED_ETA), task
+        settings = RestoreSettings(task=task, sigma0=0.1)
+        assert settings.eta == TASK_ETA.get(task, PUBLISHED_ETA), task
+        assert settings.steps == TASK_STEPS.get(task, PUBLISHED_STEPS), task
+        assert settings.samples == TASK_SAMPLES.get(task, PUBLISHED_SAMPLES), task
+    assert set(TASK_STEPS) == set(TASK_SAMPLES) == {"denoise"}  # the matched walk's task (README)
     assert "default tile/8" in (shared_dir / "DESIGN.md").read_text() and defaults["overlap"] is None
     assert Restorer(model, sigma0=0.1).overlap == TILE // 8
     restorer = Restorer(model, "sr", sigma0=0.1)
-    assert (restorer.steps, restorer.eta, restorer.eta_b) == (defaults["steps"], TASK_ETA.get("sr", PUBLISHED_ETA),
+    assert (restorer.steps, restorer.eta, restorer.eta_b) == (PUBLISHED_STEPS, TASK_ETA.get("sr", PUBLISHED_ETA),
                                                               defaults["eta_b"])
 
 

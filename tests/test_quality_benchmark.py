@@ -63,8 +63,8 @@ def test_a_partial_run_keeps_to_its_tasks_and_rows_and_never_replaces_the_full_r
     quality.main(["--smoke", "--task", "inpaint", "--rows", "2x1", "--rows", "2x1:weighted", "--data", str(em_dir)])
     results = json.loads((tmp_path / "quality.json").read_text())
     assert [case["task"] for case in results["cases"]] == ["inpaint"] * 3
-    assert results["ddrm_rows"] == [[2, 1], [2, 1, "weighted"]]
     for case in results["cases"]:
+        assert case["ddrm_rows"] == [[2, 1], [2, 1, "weighted"]]
         published, weighted = (case["scores"][f"DDRM 2 steps x 1{suffix}"] for suffix in ("", ", weighted final step"))
         assert published != weighted  # the same walks, finished two ways
     assert "--task inpaint --rows 2x1 --rows 2x1:weighted" in results["header"]
@@ -86,17 +86,34 @@ def test_a_row_that_is_not_steps_x_samples_is_refused(text):
         quality.main(["--rows", text])
 
 
-@pytest.mark.parametrize("row", [*quality.DDRM_ROWS, (50, 4), (20, 4, "weighted"), (20, 4, "network")])
-def test_a_row_reads_back_from_its_text_and_names_only_departures_from_the_published_sampler(row):
-    assert quality.ddrm_row(quality.row_text(row)) == (row[:2] if row[2:] == ("network",) else row)
-    assert ("final step" in quality.ddrm_label(*row)) == (row[2:] not in ((), ("network",)))
+@pytest.mark.parametrize("row, named", [
+    (quality.FULL_WALK_ROW, quality.FULL_WALK_ROW), ((50, 4), (50, 4)), ((20, 4, "network"), (20, 4)),
+    ((2, 4, "weighted", "matched"), (2, 4, "weighted", "matched")), ((2, 4, "network", "matched"), (2, 4, "network", "matched")),
+    ((20, 4, "weighted", "full"), (20, 4, "weighted")), ((20, 4, "network", "full"), (20, 4))])
+def test_a_row_reads_back_from_its_text_and_names_only_departures_from_the_published_sampler(row, named):
+    assert quality.ddrm_row(quality.row_text(row)) == named
+    full = quality._full_row(row)
+    assert ("final step" in quality.ddrm_label(*row)) == (full[2] != "network")
+    assert ("matched walk" in quality.ddrm_label(*row)) == (full[3] == "matched")
+
+
+def test_denoising_runs_the_restorers_defaults_and_the_other_tasks_20_x_4():
+    from df5t_deploy.settings import DEFAULT_WALK, TASK_SAMPLES, TASK_STEPS
+
+    for task in quality.tasks():
+        (row,) = quality.default_rows(task)
+        if task.restorer_task == "denoise":
+            assert quality._full_row(row)[:2] == (TASK_STEPS["denoise"], TASK_SAMPLES["denoise"])
+            assert quality._full_row(row)[3] == DEFAULT_WALK
+        else:
+            assert row == (20, 4, "weighted")
 
 
 def test_the_eta_study_restores_each_validation_crop_at_the_eta_it_names(em_dir, monkeypatch):
     import eta_on_validation
 
     monkeypatch.setattr(quality, "VALIDATION_CROPS", 1)
-    monkeypatch.setattr(quality, "DDRM_ROWS", ((2, 1, "weighted"),))
+    monkeypatch.setattr(quality, "default_rows", lambda task: ((2, 1, "weighted"),))
     denoise = next(task for task in quality.tasks() if task.name == "denoise")
     dataset = next(d for d in quality.datasets(em_dir) if d.name in denoise.datasets)
     deterministic, stochastic = (eta_on_validation.validation_psnr(denoise, dataset, None, eta) for eta in (0.0, 1.0))

@@ -182,8 +182,8 @@ def _assert_fails_cleanly(workdir, args, message):
     (["--task", "sr", "--scale", "9", "--sigma0", "0.1"], "--scale must be an integer from 2 to 8"),
     (["--sigma0", "0"], "sigma0 must be a finite number in (0, 10]"),
     (["--sigma0", "-0.5"], "sigma0 must be a finite number in (0, 10]"),
-    ([], "give exactly one of sigma0"),
-    (["--sigma0", "0.1", "--noise-std", "3"], "give exactly one of sigma0"),
+    (["--task", "sr"], "no noise level: give one, --sigma0 (on the [-1,1] scale, or --sigma0 auto"),
+    (["--sigma0", "0.1", "--noise-std", "3"], "two noise levels: give one, --sigma0"),
 ])
 def test_bad_options(workdir, models, extra, message):
     args = ["restore", workdir / "in.tif", "-o", workdir / "out.tif", "--model", models["mean"], *extra]

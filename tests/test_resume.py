@@ -14,7 +14,7 @@ from df5t_deploy.progress import RestorationCancelled
 
 
 def _restorer(model, **options) -> Restorer:
-    return Restorer(model, sigma0=0.1, steps=2, seed=5, **options)
+    return Restorer(model, **{"sigma0": 0.1, "steps": 2, "seed": 5, "samples": 1, **options})
 
 
 def _cancel_at(tiles: int):

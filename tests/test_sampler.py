@@ -51,14 +51,16 @@ class DenseDDRM:
         out[: self.m] = self.U.T @ y
         return out
 
-    def init(self, ybar, z, sig):
+    def init(self, ybar, z, sig, abar, published):
+        """At a start where sigma_t = sig and alpha_bar = abar: the state is sqrt(abar) V(v)
+        exactly, V(v) / sig in the published walk (the limit for abar -> 0)."""
         v = np.empty_like(z)
         for i, (s, zi) in enumerate(zip(self.s, self.Vt @ z)):
             if s > 0 and s * sig > self.sigma0:
                 v[i] = ybar[i] / s + np.sqrt(sig**2 - self.sigma0**2 / s**2) * zi
             else:
                 v[i] = sig * zi
-        return self.Vt.T @ v / sig
+        return (1.0 / sig if published else np.sqrt(abar)) * (self.Vt.T @ v)
 
     def step(self, x, eps, ybar, z, a, a_next):
         x0 = (x - np.sqrt(1 - a) * eps) / np.sqrt(a)
@@ -104,7 +106,9 @@ def test_one_step_equals_dense_ddrm(task, eta, eta_b):
 
     z = rng.standard_normal((3, N, N)).astype(np.float32)
     x_init = ddrm.initial_state(ybar, z)
-    x_init_dense = dense.init(ybar_dense, z.ravel().astype(np.float64), ddrm.timesteps.init_sigma)
+    start = ddrm.timesteps.start
+    x_init_dense = dense.init(ybar_dense, z.ravel().astype(np.float64), ddrm.timesteps.init_sigma,
+                              ddrm.timesteps.alphas_bar[start], ddrm.timesteps.published)
     np.testing.assert_allclose(x_init.ravel(), x_init_dense, atol=1e-5)
 
     # a middle step and the last (abar_next = 1) step, with injected eps and noise

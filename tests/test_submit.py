@@ -21,7 +21,7 @@ def frames(mussel_tile3):
 
 
 def _restorer(model, **options) -> Restorer:
-    return Restorer(model, sigma0=0.1, steps=2, seed=3, **options)
+    return Restorer(model, **{"sigma0": 0.1, "steps": 2, "seed": 3, "samples": 1, **options})
 
 
 def test_each_frame_equals_restore_of_that_frame_with_its_own_options(model, frames):
@@ -188,18 +188,18 @@ def test_queued_frames_share_network_calls_and_each_equals_restore_of_it(small_f
     backend = CallLog()
     steps = 3
     options = [{}, {"seed": 11}, {"seed": 2**40}, {}, {"seed": 5}, {"samples": 2}]
-    with Restorer(backend=backend, sigma0=0.1, steps=steps, seed=3, max_pending=8) as restorer:
+    with Restorer(backend=backend, sigma0=0.1, steps=steps, seed=3, samples=1, max_pending=8) as restorer:
         futures = _held_first(restorer, small_frames, options)
         results = [future.result(timeout=120) for future in futures]
         # frame 0 alone (its walk was held), frames 1-4 in one walk (batch 4, a tile each),
-        # frame 5 alone (two samples: other sampler states)
-        assert backend.calls == [4] * (steps + 1) + [4] * (steps + 1) + [4] * (steps + 1)
+        # frame 5 alone (two samples: other sampler states); a matched walk calls the network `steps` times
+        assert backend.calls == [4] * steps + [4] * steps + [4] * steps
         backend.calls.clear()
         for frame, option, result in zip(small_frames, options, results, strict=True):
             alone = restorer.restore_full(frame, **option)
             assert result.image.tobytes() == alone.image.tobytes()
             assert result.provenance == alone.provenance
-        assert backend.calls == [4] * 6 * (steps + 1)  # alone, each pads its one tile to the batch
+        assert backend.calls == [4] * 6 * steps  # alone, each pads its one tile to the batch
         assert len({result.image.tobytes() for result in results[:5]}) == 5
 
 

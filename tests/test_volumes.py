@@ -50,8 +50,8 @@ def test_stack_planes_are_restored_as_2d_images(tmp_path, flyem):
 def test_planes_grouped_into_one_batch_give_the_same_result(tmp_path, flyem):
     model = tile_mean_model(tmp_path / "mean.onnx", 32)
     stack = flyem[:4, :32, :32].astype(np.float32)  # one tile per plane
-    one = Restorer(model, sigma0=0.1, steps=5, batch=1).restore(stack)
-    grouped_restorer = Restorer(model, sigma0=0.1, steps=5, batch=4)
+    one = Restorer(model, sigma0=0.1, steps=5, samples=1, batch=1).restore(stack)
+    grouped_restorer = Restorer(model, sigma0=0.1, steps=5, samples=1, batch=4)
     assert grouped_restorer.group_size((32, 32)) == 4
     grouped = grouped_restorer.restore(stack)
     assert np.abs(one - grouped).max() / np.ptp(stack) < 1e-4
@@ -135,7 +135,7 @@ def test_memory_is_bounded_by_a_plane_not_the_stack(tmp_path, flyem, suffix):
         out_path = tmp_path / f"out{planes}{suffix}"
         out = subprocess.run(
             [sys.executable, "-c", _MEASURE, "restore", str(path), "-o", str(out_path),
-             "--model", str(model), "--sigma0", "0.1", "--steps", "1", "--quiet"],
+             "--model", str(model), "--sigma0", "0.1", "--steps", "1", "--samples", "1", "--quiet"],
             capture_output=True, text=True, check=True,
         )
         peaks[planes] = int(out.stdout.split("PEAK_RSS_KB")[1]) / 1024
