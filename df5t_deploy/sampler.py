@@ -22,6 +22,7 @@ from .settings import (
     DEFAULT_FINAL_STEP,
     DEFAULT_WALK,
     MAX_SIGMA0,
+    MIN_SIGMA0,
     PUBLISHED_ETA,
     PUBLISHED_ETA_B,
     PUBLISHED_STEPS,
@@ -50,7 +51,7 @@ class SamplerSettings:
 
     def __post_init__(self):
         try:
-            real_number("sigma0", self.sigma0, 0.0, MAX_SIGMA0)
+            real_number("sigma0", self.sigma0, MIN_SIGMA0, MAX_SIGMA0, low_inclusive=True)
         except ValueError as err:
             raise ValueError(f"{err} (the measurement noise std on the [-1,1] scale); pass --sigma0, --noise-std "
                              "or --sigma0 auto") from None

@@ -92,6 +92,10 @@ NOISE_MODELS = ("gaussian", "poisson-gaussian")
 POISSON_GAUSSIAN_PARAMETERS = ("gain", "read_noise", "offset")
 #: The largest noise std on the [-1,1] scale: five times the whole intensity range.
 MAX_SIGMA0 = 10.0
+#: The smallest: below float32's range (1e-45) sigma0 is 0 to the kernels, and the final step's
+#: precisions (sigma0^-4) overflow float64 below 1e-77; 1e-6 keeps far from both and is still
+#: 30 times below the quantisation noise of 16-bit data over its whole range.
+MIN_SIGMA0 = 1e-6
 
 
 def check_walk(steps: int, eta: float, eta_b: float, final_step: str, walk: str) -> None:
@@ -158,7 +162,7 @@ class RestoreSettings:
             raise TaskError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
         self._check_noise_model()
         if self.sigma0 != "auto" and self.sigma0 is not None:
-            real_number("sigma0", self.sigma0, 0.0, MAX_SIGMA0)
+            real_number("sigma0", self.sigma0, MIN_SIGMA0, MAX_SIGMA0, low_inclusive=True)
         if self.noise_std is not None:
             real_number("noise_std", self.noise_std, 0.0)
         whole_number("seed", self.seed, 0, 2**64 - 1)

@@ -302,6 +302,10 @@ def test_an_invalid_schedule_is_refused_when_the_model_opens(work, model, tmp_pa
     (["--sigma0", "inf"], "sigma0 must be a finite number"),
     (["--sigma0", "nan"], "sigma0 must be a finite number"),
     (["--noise-std", "inf", "--sigma0", None], "noise_std must be a finite number"),
+    # noise levels the arithmetic cannot carry (float32 underflow, sigma0^-4 overflow): refused with the range
+    (["--sigma0", "1e-46"], "sigma0 must be a finite number in [1e-06, 10], got 1e-46"),
+    (["--sigma0", "1e-300"], "sigma0 must be a finite number in [1e-06, 10], got 1e-300"),
+    (["--noise-std", "1e-45", "--sigma0", None], "sigma0 must be a finite number in [1e-06, 10]"),
     (["--task", "sr", "--scale", "0"], "--scale must be an integer from 2 to 8"),
     (["--task", "deblur", "--blur-sigma", "nan"], "--blur-sigma must be finite and positive"),
     (["--task", "deblur", "--blur-sigma", "inf"], "--blur-sigma must be finite and positive"),
@@ -321,6 +325,15 @@ def test_bad_options_are_refused_before_compute_with_their_range(work, model, ar
     code, output = cli(*base, *args)
     assert code == 2 and message in output, output
     assert snapshot(work) == before
+
+
+def test_the_smallest_noise_level_allowed_restores_to_finite_pixels(model, mussel_tile3):
+    from df5t_deploy.settings import MIN_SIGMA0
+
+    image = mussel_tile3[:48, :40].astype(np.float32)
+    for walk in ("matched", "full"):
+        restored = Restorer(model, sigma0=MIN_SIGMA0, steps=3, walk=walk, final_step="weighted").restore(image)
+        assert np.isfinite(restored).all() and np.ptp(restored) > 0, walk
 
 
 def test_isotropic_restoration_of_a_2d_image_is_refused_in_words(work, model):

@@ -180,8 +180,8 @@ def _assert_fails_cleanly(workdir, args, message):
     (["--task", "sr", "--blur-sigma", "1", "--sigma0", "0.1"], "--blur-sigma applies only to --task deblur"),
     (["--task", "deblur", "--sigma0", "0.1"], "needs --blur-sigma"),
     (["--task", "sr", "--scale", "9", "--sigma0", "0.1"], "--scale must be an integer from 2 to 8"),
-    (["--sigma0", "0"], "sigma0 must be a finite number in (0, 10]"),
-    (["--sigma0", "-0.5"], "sigma0 must be a finite number in (0, 10]"),
+    (["--sigma0", "0"], "sigma0 must be a finite number in [1e-06, 10]"),
+    (["--sigma0", "-0.5"], "sigma0 must be a finite number in [1e-06, 10]"),
     (["--task", "sr"], "no noise level: give one, --sigma0 (on the [-1,1] scale, or --sigma0 auto"),
     (["--sigma0", "0.1", "--noise-std", "3"], "two noise levels: give one, --sigma0"),
 ])

@@ -145,10 +145,10 @@ def test_published_skip_schedule():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(sigma0=0.0), r"sigma0 must be a finite number in \(0, 10\]"),
-    (dict(sigma0=-0.1), r"sigma0 must be a finite number in \(0, 10\]"),
-    (dict(sigma0=float("inf")), r"sigma0 must be a finite number in \(0, 10\]"),
-    (dict(sigma0=float("nan")), r"sigma0 must be a finite number in \(0, 10\]"),
+    (dict(sigma0=0.0), r"sigma0 must be a finite number in \[1e-06, 10\]"),
+    (dict(sigma0=-0.1), r"sigma0 must be a finite number in \[1e-06, 10\]"),
+    (dict(sigma0=float("inf")), r"sigma0 must be a finite number in \[1e-06, 10\]"),
+    (dict(sigma0=float("nan")), r"sigma0 must be a finite number in \[1e-06, 10\]"),
     (dict(sigma0=0.1, eta=1.5), r"eta must be a finite number in \[0, 1\]"),
     (dict(sigma0=0.1, steps=0), "steps must be"),
 ])
