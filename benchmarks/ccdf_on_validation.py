@@ -23,6 +23,7 @@ Restorer, which has no such start: it is the measurement that decides whether to
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -96,13 +97,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--task", action="append", dest="tasks", choices=list(TASKS))
     parser.add_argument("--steps", type=int, nargs="+", default=[2, 5, 10])
     parser.add_argument("--margin", type=float, nargs="+", default=[1.0, 2.0, 3.0])
-    parser.add_argument("--out", type=Path, default=quality.RESULTS)
+    parser.add_argument("--out", type=Path, default=quality.RESULTS / "ccdf-on-validation")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     backend = open_backend("auto", args.model)
     denoiser = BlendedDenoiser(backend, backend.info.tile, backend.info.tile // 8, backend.preferred_batch)
     chosen = args.tasks or list(TASKS)
-    cases, lines = [], []
+    cases = []
     for task in (t for t in quality.tasks() if t.name in chosen):
         method, grid = task.classical[TASKS[task.name]]
         for dataset in (d for d in quality.datasets(args.data) if d.name in task.datasets):
@@ -130,8 +131,8 @@ def main(argv: list[str] | None = None) -> None:
                   + ", ".join(f"{k} {np.mean(v):.2f}" for k, v in case["ccdf"].items()), flush=True)
     backend.close()
     labels = list(cases[0]["ccdf"])
-    lines = [f"Command: `python benchmarks/ccdf_on_validation.py {' '.join(argv or [])}`".rstrip() + "` "
-             f"({time.perf_counter() - started:.0f} s on this machine's 2 CPU cores). Mean PSNR (dB) on "
+    command = " ".join(["python benchmarks/ccdf_on_validation.py", *(argv if argv is not None else sys.argv[1:])])
+    lines = [f"Command: `{command}` ({time.perf_counter() - started:.0f} s on this machine's 2 CPU cores). Mean PSNR (dB) on "
              f"{quality.VALIDATION_CROPS} validation crops; DDRM from the forward-diffused estimate at STEPS x "
              f"{SAMPLES} samples (calls per pixel: STEPS x {SAMPLES}) against the full walk's 20 x 4 (80 calls); in "
              "brackets the change over the full walk.", "",
