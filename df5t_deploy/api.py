@@ -380,8 +380,8 @@ class Restorer:
 
 def _restoration(frame: _PreparedFrame, mean: np.ndarray, std: np.ndarray | None) -> Restoration:
     restorer, noise = frame.restorer, frame.noise
-    return Restoration(mean, frame.intensity, noise.sigma0, restorer.provenance(frame.source, frame.intensity, noise), std,
-                       noise.estimated_noise_std)
+    provenance = restorer.provenance(frame.source, frame.intensity, noise)
+    return Restoration(mean, frame.intensity, noise.sigma0, provenance, std, noise.estimated_noise_std)
 
 
 def cap_gpu_memory(device: str, gigabytes: float) -> None:

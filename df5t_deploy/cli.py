@@ -426,7 +426,7 @@ def _chunk_shape(text: str | None) -> tuple[int, ...] | None:
 
 
 def _walk_words(restorer, walk: dict) -> str:
-    """'2 network calls x 4 samples from t=98 (matched walk)'."""
+    """'3 network calls x 4 samples from t=102 (matched walk)'."""
     samples = restorer.settings.samples
     return (f"{walk['network_calls']} network calls x {samples} sample{'s' if samples > 1 else ''} from "
             f"t={walk['start']} ({restorer.settings.walk} walk)")
