@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import tifffile
 from click.testing import CliRunner
-from onnx_models import tile_mean_model
 
 from df5t_deploy.api import Restorer
 from df5t_deploy.cli import main
@@ -141,11 +140,6 @@ def test_steps_are_network_calls_even_for_a_start_below_them():
     assert Timesteps(SCHEDULE, 5, start=2).seq == [0, 1, 2, 3, 4]
     assert Timesteps(SCHEDULE, 1, start=140).seq == [140]
     assert Timesteps(SCHEDULE, 4, start=100).seq == [0, 33, 67, 100]
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return tile_mean_model(tmp_path_factory.mktemp("model") / "mean.onnx", 32, gain=0.5)
 
 
 def test_denoising_defaults_and_provenance(model, mussel_tile3, tmp_path):
