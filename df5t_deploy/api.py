@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backends import Backend, open_backend
+from .backends import AUTO_DEVICE, Backend, open_backend
 from .files import sha256_of
 from .formats.base import Source
 from .frames import DEFAULT_MAX_PENDING, FrameQueue, QueueFull
@@ -49,7 +49,7 @@ Emit = Callable[[int, np.ndarray], None]
 #: Settings a single call (``restore``, ``submit``) may give in place of the Restorer's.
 PER_CALL_SETTINGS = ("seed", "sigma0", "noise_std", "samples")
 
-__all__ = ["NoiseLevel", "PER_CALL_SETTINGS", "QueueFull", "Restoration", "RestorationCancelled", "Restorer"]
+__all__ = ["AUTO_DEVICE", "NoiseLevel", "PER_CALL_SETTINGS", "QueueFull", "Restoration", "RestorationCancelled", "Restorer"]
 
 
 @dataclass
@@ -99,7 +99,7 @@ class Restorer:
         *,
         mask: np.ndarray | str | None = None,
         backend: str | Backend = "auto",
-        device: str = "cpu",
+        device: str = AUTO_DEVICE,
         threads: int | None = None,
         report: Callable[[str], None] | None = None,
         gpu_memory_gb: float | None = None,
@@ -387,13 +387,15 @@ def _restoration(frame: _PreparedFrame, mean: np.ndarray, std: np.ndarray | None
 def cap_gpu_memory(device: str, gigabytes: float) -> None:
     """Cap what this process takes through PyTorch's allocator on ``device`` (the device
     loop's buffers and a PyTorch network live there); TensorRT's workspace and onnxruntime's
-    CUDA arena have their own limits."""
-    if not device.startswith("cuda"):
-        raise ValueError("--gpu-memory applies to --device cuda[:N]")
+    CUDA arena have their own limits. On device ``auto`` it applies to the GPU auto takes."""
+    if not device.startswith("cuda") and device != AUTO_DEVICE:
+        raise ValueError("--gpu-memory applies to --device cuda[:N] (or auto, on a machine with a GPU)")
     try:
         import torch
     except ImportError:
         raise ValueError("--gpu-memory caps PyTorch's CUDA allocator; PyTorch is not installed") from None
+    if not torch.cuda.is_available():
+        raise ValueError(f"--gpu-memory applies to --device cuda[:N]; PyTorch sees no CUDA GPU here (--device {device})")
     index = int(device.partition(":")[2] or 0)
     total = torch.cuda.get_device_properties(index).total_memory
     if not 0 < gigabytes * 2**30 <= total:

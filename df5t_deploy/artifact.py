@@ -156,7 +156,8 @@ def _precision_of(name: str, dtype: str) -> str:
 # --------------------------------------------------------------------------- reading a file
 
 #: ONNX TensorProto element types of the artifacts' ``x``, as onnxruntime names them.
-_ELEMENT_TYPES = {1: "tensor(float)", 10: "tensor(float16)"}
+_FLOAT = 1
+_ELEMENT_TYPES = {_FLOAT: "tensor(float)", 7: "tensor(int64)", 10: "tensor(float16)"}
 
 
 def read_artifact(path: str | Path) -> tuple[ArtifactInfo, dict[str, str]]:
@@ -170,6 +171,10 @@ def read_artifact(path: str | Path) -> tuple[ArtifactInfo, dict[str, str]]:
         raise ArtifactError(f"{path}: not a readable ONNX model ({err})") from None
     if set(inputs) != {"x", "t"}:
         raise ArtifactError(f"{path}: inputs {sorted(inputs)}; a DF5T artifact has x and t")
+    t_type = inputs["t"][1]
+    if t_type != _FLOAT:  # every backend feeds t as float32; anything else fails at the first call
+        raise ArtifactError(f"{path}: input t is {_ELEMENT_TYPES.get(t_type, f'element type {t_type}')}; a DF5T "
+                            "artifact takes t as float32 (tensor(float)): re-export it with `df5t export`")
     shape, element_type = inputs["x"]
     info = parse_artifact(str(path), metadata, shape, _ELEMENT_TYPES.get(element_type, f"element type {element_type}"))
     return info, metadata

@@ -1,10 +1,12 @@
 """Whole runs: many files restored into a folder, one after another, resumable.
 
 ``df5t restore IN... -o FOLDER/`` restores every input into the folder under its own name
-(the format kept, or ``--format``). A file whose output is already there with the same run
-identity (input, model, settings) is skipped, so rerunning a batch finishes it; one that
-fails is reported and the batch goes on. Each file goes through ``pipeline.restore_file``,
-with all its safety (outputs checked, locked, atomic).
+(the format kept, or ``--format``). ``earlier_output`` decides what to do about an output
+already there: with the same run identity (input content, model, settings) it is skipped, so
+rerunning a batch finishes it; one of an input whose content changed is replaced; one by
+other settings or another model is replaced only with ``overwrite``; the report says what
+differed. Anything not ours is never replaced. A file that fails is reported and the batch goes on. Each file goes through
+``pipeline.restore_file``, with all its safety (outputs checked, locked, atomic).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 from .api import Restorer
 from .formats import OUTPUT_FORMATS, SUPPORTED, read_provenance
-from .output_safety import FOLDER_SUFFIXES
+from .output_safety import FOLDER_SUFFIXES, check_replaceable
 from .pipeline import FileResult, restore_file, run_identity_of
 from .progress import ProgressCallback
 from .run_identity import RunIdentity
@@ -100,40 +102,68 @@ def restore_many(
     report: Callable[[str], None] = print,
     **restore_options,
 ) -> BatchSummary:
-    """Restore each input into its output; skip those done by this very run (unless
-    ``overwrite``); report and go on past a file that fails. ``resume``: a zarr output this
-    run left unfinished is continued, not begun again. ``progress(source)`` gives the
-    progress callback of one file."""
+    """Restore each input into its output, as ``earlier_output`` decides; report and go on
+    past a file that fails. ``resume``: a zarr output this run left unfinished is continued,
+    not begun again. ``progress(source)`` gives the progress callback of one file."""
     summary = BatchSummary()
     for folder in {out.parent for out in outputs.values()}:
-        folder.mkdir(parents=True, exist_ok=True)
+        make_output_folder(folder)
     for source, out in outputs.items():
         try:
-            if not overwrite and done_by_this_run(restorers[0], source, out, restore_options.get("series"),
-                                                   restore_options.get("roi")):
+            replacing = earlier_output(restorers[0], source, out, restore_options.get("series"),
+                                       restore_options.get("roi"), overwrite)
+            if replacing is SAME_RUN:
                 summary.skipped.append(source)
                 report(f"skipped {source}: {out} is its restoration by these settings and model")
                 continue
             result: FileResult = restore_file(restorers, source, out, progress=progress(source),
                                               resume=resume and out.suffix.lower() == ".zarr", **restore_options)
             summary.restored.append(source)
-            report(f"restored {source} -> {out} {result.output_shape} {result.dtype}")
+            replaced = f" (replaced its earlier restoration: {replacing})" if replacing else ""
+            report(f"restored {source} -> {out} {result.output_shape} {result.dtype}{replaced}")
         except Exception as err:  # one bad file is reported and the batch goes on
             summary.failed.append((source, str(err)))
             report(f"failed {source}: {err}")
     return summary
 
 
-def done_by_this_run(restorer: Restorer, source: Path, out: Path, series: int | None, roi: str | None) -> bool:
-    """Whether ``out`` holds this input's restoration by these settings and model; an
-    existing output that is not one of ours is never replaced (an error for this file)."""
-    if not out.exists():
-        return False
+def check_output_folder(folder: Path) -> None:
+    """Refuse an output folder that is a file (before anything is loaded)."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} is a file, not a folder; choose an output folder (or remove the file yourself)")
+
+
+def make_output_folder(folder: Path) -> None:
+    """Create an output folder (and its parents), or say in one line why it cannot be."""
+    check_output_folder(folder)
     try:
-        recorded = read_provenance(out)
-    except ValueError:
-        recorded = None
-    if recorded is None:
-        raise ValueError(f"{out} exists and is not an output of df5t-deploy; move it, or pass --overwrite")
-    earlier = RunIdentity.from_dict(recorded.get("run_identity") or {})
-    return earlier == run_identity_of(restorer, source, series, roi)
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create the output folder {folder}: {err.strerror}; choose a writable place") from None
+
+
+#: ``earlier_output``'s answer for an output that already holds this very run's result.
+SAME_RUN = "the same run"
+
+
+def earlier_output(restorer: Restorer, source: Path, out: Path, series: int | None, roi: str | None,
+                   overwrite: bool = False) -> str | None:
+    """What restoring ``source`` into ``out`` would replace: None (nothing there, or with
+    ``overwrite`` an earlier restoration by this very run), SAME_RUN (it is there already:
+    skip it), or what differs from the earlier restoration, which is then replaced: an input
+    whose content changed (its old restoration is of data that is gone), or with ``overwrite``
+    other settings or another model. Without ``overwrite``, a restoration by other settings or
+    another model is an error for this file (hours of someone's work); anything not ours is
+    never replaced."""
+    if not out.exists():
+        return None
+    check_replaceable("output", out)
+    recorded = read_provenance(out) or {}
+    identity = run_identity_of(restorer, source, series, roi)
+    differences = identity.differences(RunIdentity.from_dict(recorded.get("run_identity") or {}))
+    if not differences:
+        return None if overwrite else SAME_RUN
+    if not overwrite and differences != [RunIdentity.CONTENT]:
+        raise ValueError(f"{out} is a restoration by another run ({', '.join(differences)} differ); pass "
+                         "--overwrite to replace it, or restore into another folder")
+    return f"{', '.join(differences)} differed"

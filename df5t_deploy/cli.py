@@ -17,11 +17,11 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .backends import BACKENDS
+from .backends import AUTO_DEVICE, BACKENDS
 from .formats import OUTPUT_FORMATS
 from .models import DEFAULT_MODEL
 from .settings import setting_fields
-from .version import __version__
+from .version import __version__, install_extra
 
 EXIT_REFUSED = 2
 EXIT_SIGINT = 130
@@ -108,7 +108,7 @@ def export_command(checkpoint: str, output: str, tile: int | None, fp16: bool, d
         from .export.presets import DEFAULT_TILE, resolve_schedule
     except ImportError as err:
         raise click.ClickException(
-            f"export needs PyTorch and ONNX ({err.name} is missing): pip install 'df5t-deploy[export]'"
+            f"export needs PyTorch and ONNX ({err.name} is missing): {install_extra('export')}"
         ) from None
     try:
         loaded = load_checkpoint(checkpoint)
@@ -150,23 +150,35 @@ def _options(*options):
     return decorate
 
 
-def _setting_options(*names: str):
+def _setting_options(*names: str, helps: dict[str, str] | None = None):
     """click options for these RestoreSettings fields (all by default): names, defaults and
-    help come from RestoreSettings, so the CLI states none of them again."""
+    help come from RestoreSettings, so the CLI states none of them again. ``helps``: a
+    command that uses a setting otherwise (degrade adds the noise restore estimates) says
+    so in its own help, and takes no 'auto' there."""
+    helps = helps or {}
+
     def option_type(f):
         if f.metadata["choices"]:
             return click.Choice(f.metadata["choices"])
-        return _Sigma0() if f.name == "sigma0" else f.metadata["type"]
+        return _Sigma0() if f.name == "sigma0" and f.name not in helps else f.metadata["type"]
 
     return _options(*(
         click.option("--" + f.name.replace("_", "-"), type=option_type(f), default=f.default,
-                     show_default=f.default is not None, help=f.metadata["help"])
+                     show_default=f.default is not None, help=helps.get(f.name, f.metadata["help"]))
         for f in setting_fields(*names)))
 
 
 #: The settings of the measurement model, which degrade applies and restore inverts.
 MEASUREMENT_SETTINGS = ("task", "sigma0", "noise_std", "noise_model", "gain", "read_noise", "offset", "seed", "scale",
                         "blur_sigma", "min_hole", "z_factor")
+#: degrade's own words for the noise settings: it adds a known noise, so nothing is estimated or fitted.
+DEGRADE_NOISE_HELP = {
+    "sigma0": "Std of the grey noise to add, on the [-1,1] scale (published runs: 0.2); this or --noise-std.",
+    "noise_std": "The same noise std in input units.",
+    "gain": "poisson-gaussian (required): input units per detected count.",
+    "read_noise": "poisson-gaussian (required): read-noise std in input units.",
+    "offset": "poisson-gaussian: black level in input units.  [default: 0]",
+}
 
 _input_options = _options(
     click.option("--mask", default=None, help="inpaint: mask image (nonzero = missing) or 'auto'."),
@@ -177,9 +189,11 @@ _run_options = _options(
     click.option("--model", type=click.Path(exists=True, dir_okay=False), default=None,
                  help=f"ONNX artifact (or .pt checkpoint for --backend torch). Default: the bundled {DEFAULT_MODEL}."),
     click.option("--backend", type=click.Choice(BACKENDS), default="auto",
-                 show_default=True, help="auto: TensorRT, onnxruntime-gpu, PyTorch CUDA, then onnxruntime CPU."),
-    click.option("--device", default="cpu", show_default=True,
-                 help="cpu, cuda[:N], or several GPUs (cuda:0,1) that share the planes of a stack."),
+                 show_default=True, help="auto: TensorRT, onnxruntime-gpu, PyTorch CUDA, then (on --device auto "
+                                         "or cpu) onnxruntime on the CPU."),
+    click.option("--device", default=AUTO_DEVICE, show_default=True,
+                 help="auto (a GPU if one can run, else the CPU, said so), cpu, cuda[:N], or several GPUs "
+                      "(cuda:0,1) that share the planes of a stack. An explicit device that cannot run is an error."),
     click.option("--threads", type=int, default=None, help="CPU threads. Default: all cores."),
     click.option("--gpu-memory", type=float, default=None,
                  help="GB of GPU memory this process may take through PyTorch (per GPU)."),
@@ -230,8 +244,8 @@ def restore_command(inputs, output, mask, series, model, backend, device, thread
                     cluster_config, **settings):
     """Restore EM images, stacks or volumes with DDRM and a DF5T model: one INPUT into the
     OUTPUT file, or several (files, folders, glob patterns) into the OUTPUT folder."""
-    from .batch import expand_inputs, is_folder_run, output_paths
-    from .formats import ZarrLayout
+    from .batch import check_output_folder, expand_inputs, is_folder_run, output_paths
+    from .formats import ZarrLayout, check_layout_applies
     from .models import default_model_path
     from .output_safety import check_outputs
     from .pipeline import restore_file
@@ -246,18 +260,22 @@ def restore_command(inputs, output, mask, series, model, backend, device, thread
     with _reported():
         layout = ZarrLayout(_chunk_shape(chunks), pyramid)
         if folder_run:
+            check_output_folder(Path(output))
             outputs = output_paths(expand_inputs(inputs), Path(output), output_format)
             for source, out in outputs.items():  # before loading anything
                 check_outputs({"output": out}, {"input": source, **model_reads})
+                check_layout_applies(out, layout, resume and out.suffix.lower() == ".zarr")
         elif not Path(inputs[0]).exists():
             raise FileNotFoundError(f"{inputs[0]}: no such file")
         else:
             check_outputs({"output": output, "--uncertainty": uncertainty}, {"input": inputs[0], **model_reads})
+            check_layout_applies(output, layout, resume)
         restorers = _restorers(model, mask, backend, device, threads, gpu_memory, strict_gpu, quiet, settings)
     with _dask_runner(cluster, cluster_config, restorers[0], backend, device, threads, quiet) as runner:
         if folder_run:
-            _restore_folder(restorers, outputs, quiet, overwrite, reads=model_reads, break_lock=break_lock,
-                            series=series, roi=roi, layout=layout, resume=resume, runner=runner)
+            with _reported():
+                _restore_folder(restorers, outputs, quiet, overwrite, reads=model_reads, break_lock=break_lock,
+                                series=series, roi=roi, layout=layout, resume=resume, runner=runner)
             return
         with _reported(), _ProgressBar(quiet or runner is not None) as bar:
             result = restore_file(restorers, inputs[0], output, uncertainty_path=uncertainty, resume=resume,
@@ -279,7 +297,7 @@ def _dask_runner(spec, config_path, restorer, backend, device, threads, quiet):
         try:
             from .cluster import DaskRunner, WorkerRestorer, connect
         except ImportError:
-            raise Refused("--cluster needs the [cluster] extra: pip install 'df5t-deploy[cluster]'") from None
+            raise Refused(f"--cluster needs the [cluster] extra: {install_extra('cluster')}") from None
         config = _yaml(config_path) if config_path else {}
         local_workers = int(spec.partition(":")[2] or os.cpu_count() or 1) if spec.startswith("local") else None
         worker_threads = threads or (max(1, (os.cpu_count() or 1) // local_workers) if local_workers else None)
@@ -455,7 +473,8 @@ def _restore_folder(restorers, outputs: dict, quiet: bool, overwrite: bool, **re
 
     from .batch import restore_many
 
-    files = tqdm(total=len(outputs), unit="file", desc="files", disable=quiet, position=0, dynamic_ncols=True)
+    files = tqdm(total=len(outputs), unit="file", desc="files", disable=quiet or not sys.stderr.isatty(), position=0,
+                 dynamic_ncols=True)
     current: list[_ProgressBar] = []
 
     def progress(source):
@@ -466,7 +485,7 @@ def _restore_folder(restorers, outputs: dict, quiet: bool, overwrite: bool, **re
 
     def report(line: str) -> None:
         files.update(1)
-        (files.write if not quiet else click.echo)(line)
+        (files.write if not files.disable else click.echo)(line)
 
     try:
         summary = restore_many(restorers, outputs, overwrite=overwrite, progress=progress, report=report,
@@ -490,13 +509,22 @@ def parse_devices(text: str) -> list[str]:
     return [text]
 
 
+#: Seconds between the plain progress lines written where stderr is not a terminal (a log).
+PLAIN_PROGRESS_S = 10.0
+
+
 class _ProgressBar:
-    """A tqdm bar over network tiles, fed by the Restorer's progress callback."""
+    """Progress of one restoration on stderr, fed by the Restorer's progress callback: a tqdm
+    bar over network tiles on a terminal; in a log, a plain line every PLAIN_PROGRESS_S
+    seconds and at the end. Both give tiles per second and the time left, from the first
+    tiles on (the network's warm-up before them is not counted)."""
 
     def __init__(self, quiet: bool):
         self.quiet = quiet
+        self.terminal = sys.stderr.isatty()
         self.bar = None
-        self.started = time.perf_counter()
+        self.first: tuple[float, int] | None = None  # when the first event came, and its tiles
+        self.printed_at, self.printed_end = -float("inf"), False
 
     def __enter__(self):
         return self
@@ -511,23 +539,44 @@ class _ProgressBar:
     def update(self, event) -> None:
         if self.quiet:
             return
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = (now, event.tiles_done)
+        where = f"planes {event.planes_done}/{event.planes_total}" + (
+            f", step {event.step}/{event.steps}" if event.steps else "")
+        if self.terminal:
+            self._draw(event, where)
+            return
+        end = event.planes_done == event.planes_total
+        if now - self.printed_at >= PLAIN_PROGRESS_S or (end and not self.printed_end):
+            self.printed_at, self.printed_end = now, end
+            click.echo(f"restoring: {event.tiles_done}/{event.tiles_total} tiles, {self._speed(event, now)}, {where}",
+                       err=True)
+
+    def _draw(self, event, where: str) -> None:
         if self.bar is None:
             from tqdm import tqdm
 
             self.bar = tqdm(total=event.tiles_total, unit="tile", desc="restoring", leave=False, dynamic_ncols=True)
         self.bar.n = event.tiles_done
-        # output pixels' worth of work done per second, counted in tiles for a live figure
-        done = event.pixels_total * event.tiles_done / max(1, event.tiles_total)
-        rate = done / 1e6 / max(time.perf_counter() - self.started, 1e-9)
-        step = f" step {event.step}/{event.steps}" if event.steps else ""
-        self.bar.set_postfix_str(f"planes {event.planes_done}/{event.planes_total}{step} {rate:.3f} MPix/s")
-        self.bar.refresh()
+        self.bar.set_postfix_str(where, refresh=False)
+        self.bar.refresh()  # once per event: each refresh is a write
+
+    def _speed(self, event, now: float) -> str:
+        """'3.2 tiles/s, 1m52s left' (or '... left: after the first tiles')."""
+        since, tiles_then = self.first
+        ran, seconds = event.tiles_done - tiles_then, now - since
+        if ran <= 0 or seconds <= 0:
+            return "time left: after the first tiles"
+        rate = ran / seconds
+        left = round((event.tiles_total - event.tiles_done) / rate)
+        return f"{rate:.3g} tiles/s, {left // 60}m{left % 60:02d}s left"
 
 
 @main.command("degrade")
 @click.argument("input_path", metavar="INPUT", type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Degraded image to write.")
-@_setting_options(*MEASUREMENT_SETTINGS)
+@_setting_options(*MEASUREMENT_SETTINGS, helps=DEGRADE_NOISE_HELP)
 @_input_options
 @click.option("--missing-fraction", type=float, default=0.2, show_default=True,
               help="inpaint with --mask blobs: fraction of pixels removed.")
@@ -543,8 +592,6 @@ def degrade_command(input_path, output, task, sigma0, noise_std, noise_model, ga
     from .output_safety import check_outputs
     from .tasks import TaskOptions, parse_blur_sigma
 
-    if sigma0 == "auto":
-        raise click.UsageError("degrade adds noise of a given level: pass --sigma0 as a number (auto is for restore)")
     detector = _detector_noise(noise_model, gain, read_noise, offset, sigma0, noise_std)
     with _reported():
         check_outputs({"output": output, "--save-mask": save_mask},
@@ -570,7 +617,8 @@ def degrade_command(input_path, output, task, sigma0, noise_std, noise_model, ga
         scaled = meta.scaled(xy=options.factor, z=options.z_factor or 1)
         write_image(output, result.image, scaled, provenance)
         if save_mask and result.missing is not None:
-            write_image(save_mask, result.missing.astype(np.uint8) * 255, meta)
+            write_image(save_mask, result.missing.astype(np.uint8) * 255, meta,
+                        {"software": provenance["software"], "mask_of": str(output)})
     level = (f"gain {gain:g}, read noise {read_noise:g}, offset {detector.offset:g}" if detector
              else f"sigma0={result.sigma0:.4g}")
     click.echo(f"wrote {output} {result.image.shape} {result.image.dtype} ({task}, {level}, seed {seed})")

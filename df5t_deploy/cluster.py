@@ -24,7 +24,7 @@ import numpy as np
 from distributed import Client, LocalCluster, WorkerPlugin, as_completed, get_worker
 from distributed.security import Security
 
-from .api import Restorer
+from .api import AUTO_DEVICE, Restorer
 from .formats.base import Sink
 from .formats.zarr_format import partial_tasks, write_plane_into
 from .intensity import IntensityMap, mean_and_std
@@ -53,7 +53,7 @@ class WorkerRestorer:
     settings: dict
     mask: np.ndarray | str | None = None
     backend: str = "auto"
-    device: str = "cpu"
+    device: str = AUTO_DEVICE
     threads: int | None = None
     version: str = __version__
 

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 
 from .backends import diagnose
-from .version import __version__
+from .version import __version__, install_extra
 
 CPU_FLAGS_OF_INTEREST = ("avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "neon", "asimd")
 
@@ -49,7 +49,7 @@ def _gpus() -> list[str]:
 def _device_loop(backends: dict[str, str], kernels: dict[str, str]) -> str:
     """Whether GPU backends can run the on-device loop, or why they fall back to host copies."""
     if _version("cuda.bindings") is None:
-        return "cuda-python is not installed: pip install 'df5t-deploy[gpu]'"
+        return f"cuda-python is not installed: {install_extra('gpu')}"
     if not backends["torch-cuda"].startswith("ok"):
         return f"needs PyTorch with CUDA for its buffers: {backends['torch-cuda']}"
     failing = [arch for arch, state in kernels.items() if state != "ok"]

@@ -22,7 +22,7 @@ from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QObject, Signal
 
-from .api import Restorer
+from .api import AUTO_DEVICE, Restorer
 from .intensity import mean_and_std
 from .progress import Progress, RestorationCancelled
 from .samples import sample_path
@@ -30,7 +30,7 @@ from .settings import RestoreSettings, setting_fields
 from .streaming import ArraySource
 
 SCOPES = ("current plane", "visible region", "whole layer")
-DEVICES = ("cpu", "cuda", "cuda:1", "cuda:2", "cuda:3")
+DEVICES = (AUTO_DEVICE, "cpu", "cuda", "cuda:1", "cuda:2", "cuda:3")
 
 
 def bundled_sample():
@@ -96,7 +96,7 @@ class RestoreWidget(Container):
         self.settings = {f.name: self._setting_widget(f) for f in setting_fields()}
         self.model = LineEdit(label="model", value="", tooltip="A .onnx (or .pt) model file; empty: the bundled model.")
         self.browse = PushButton(text="Choose a model file...")
-        self.device = ComboBox(label="device", choices=DEVICES, value="cpu")
+        self.device = ComboBox(label="device", choices=DEVICES, value=AUTO_DEVICE)
         self.progress = ProgressBar(label="progress", value=0, max=1)
         self.status = Label(value="")
         self.run_button, self.cancel_button = PushButton(text="Restore"), PushButton(text="Cancel", enabled=False)

@@ -2,8 +2,9 @@
 
 ``check_outputs`` runs before any work. An output is refused when it is, or aliases (through
 symbolic or hard links), a path the run reads (input, mask, model) or another output; when it
-is a folder that holds such a path, or lies inside one; when it is an existing folder that is
-not recognisably a previous output of ours; and when it names a folder where a file goes.
+is a folder that holds such a path, or lies inside one; when it exists and is not recognisably
+an output of ours (file or folder: our provenance in it); and when it names a folder where a
+file goes.
 ``OutputLock`` keeps two processes from writing the same output; ``stale_partials`` lists
 what interrupted runs left beside an output (``df5t clean``).
 """
@@ -36,8 +37,9 @@ class OutputLocked(ValueError):
 
 def check_outputs(outputs: Mapping[str, str | Path | None], reads: Mapping[str, str | Path | None]) -> None:
     """Refuse, naming both paths and the fix, any output that could harm what the run reads
-    (``reads``: label -> path) or another output (``outputs``: label -> path); None entries
-    are ignored. Labels are what the user typed them as (``--uncertainty``, ``input``, ...)."""
+    (``reads``: label -> path), another output (``outputs``: label -> path) or a file or
+    folder the run did not create; None entries are ignored. Labels are what the user typed
+    them as (``--uncertainty``, ``input``, ...)."""
     outs = {label: Path(path) for label, path in outputs.items() if path is not None}
     ins = {label: Path(path) for label, path in reads.items() if path is not None}
     for label, out in outs.items():
@@ -47,8 +49,8 @@ def check_outputs(outputs: Mapping[str, str | Path | None], reads: Mapping[str, 
         for other_label, other in outs.items():
             if other_label != label and _same(out, other):
                 raise UnsafeOutput(f"{label} {out} and {other_label} {other} are the same path; give each its own")
-        if out.is_dir():
-            _check_replaceable_folder(label, out)
+        if out.exists():
+            check_replaceable(label, out)
 
 
 def _check_kind(label: str, out: Path) -> None:
@@ -89,15 +91,29 @@ def _files(folder: Path) -> Iterator[Path]:
     return (p for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
 
 
-def _check_replaceable_folder(label: str, out: Path) -> None:
+def check_replaceable(label: str, out: Path) -> None:
+    """An existing output is replaced only when it is one of ours; anything else (a user's
+    file, a raw acquisition that happens to have the name) is never written over, whatever
+    the options."""
     if not is_previous_output(out):
         raise UnsafeOutput(f"{label} {out} exists and is not an output of df5t-deploy (no {PROVENANCE_KEY!r} "
-                           "provenance in its attributes); remove it yourself or choose another path")
+                           "provenance in it), so it is never replaced; move it yourself or choose another path")
 
 
-def is_previous_output(folder: Path) -> bool:
-    """A folder store (zarr v2 or v3) whose group attributes carry our provenance."""
-    return recorded_provenance(folder) is not None
+def is_previous_output(path: Path) -> bool:
+    """A file or folder store that df5t-deploy wrote: an image or folder store (zarr v2 or
+    v3) whose metadata carries our provenance, or a model artifact that ``df5t export`` wrote."""
+    if path.is_dir():
+        return recorded_provenance(path) is not None
+    from .artifact import ArtifactError, read_artifact
+    from .formats import ImageFormatError, read_provenance
+
+    try:
+        if path.suffix.lower() == ".onnx":
+            return bool(read_artifact(path))
+        return read_provenance(path) is not None
+    except (ArtifactError, ImageFormatError, OSError, ValueError):
+        return False  # unreadable or not ours
 
 
 def recorded_provenance(folder: Path) -> dict | None:

@@ -77,11 +77,11 @@ def restore_file(
                   {"input": input_path, "model": first.model_path, **(reads or {})})
     with open_input(input_path, series, roi) as source:
         out_shape = first.output_shape(source)
-        check_writable(output_path, source.dtype, len(out_shape))
+        check_writable(output_path, source.dtype, out_shape, layout, resume)
         if uncertainty_path is not None:
             if first.samples < 2:
                 raise ValueError("--uncertainty needs --samples 2 or more (it is the std over samples)")
-            check_writable(uncertainty_path, np.float32, len(out_shape))
+            check_writable(uncertainty_path, np.float32, out_shape)
         plan = _plan(first, source, input_path, series)
         intensity, noise, provenance, identity = plan.intensity, plan.noise, plan.provenance, plan.identity
         settings = first.sampler_settings(noise)

@@ -35,6 +35,7 @@ class ProgressTracker:
         self.callback, self.tiles_total, self.planes_total = callback, tiles_total, planes_total
         self.pixels_total = pixels_total
         self.tiles_done = self.planes_done = self.pixels_done = 0
+        self.step = self.steps = 0  # of the walk in progress
 
     def report(self, step: int = 0, steps: int = 0) -> None:
         if self.callback is None:
@@ -45,13 +46,24 @@ class ProgressTracker:
             raise RestorationCancelled("restoration cancelled by the progress callback")
 
     def step_reporter(self, tiles_per_step: int, steps: int) -> Callable[[StepPlan], None]:
-        """The on_step callback of a sampler loop that runs ``tiles_per_step`` tiles a step."""
+        """The on_step callback of a sampler loop that runs ``tiles_per_step`` tiles a step.
+        It sets the count the step ends at, so a loop that also reports its tiles as they
+        run (``tiles_ran``) is counted once."""
+        before = self.tiles_done
+        self.step = 0
 
         def on_step(plan: StepPlan) -> None:
-            self.tiles_done += tiles_per_step
-            self.report(plan.index + 1, steps)
+            self.tiles_done = before + (plan.index + 1) * tiles_per_step
+            self.step = plan.index + 1
+            self.report(self.step, steps)
 
+        self.steps = steps
         return on_step
+
+    def tiles_ran(self, count: int) -> None:
+        """``count`` more tiles went through the network within the current step."""
+        self.tiles_done += count
+        self.report(self.step, self.steps)
 
     def already_done(self, tiles: int) -> None:
         """Work a resumed run found finished counts as done."""

@@ -170,7 +170,9 @@ class BlendedDenoiser:
     def tiles_per_call(self, planes: int, height: int, width: int) -> int:
         return planes * len(self.grid(height, width).positions)
 
-    def __call__(self, x: np.ndarray, t: int) -> np.ndarray:
+    def __call__(self, x: np.ndarray, t: int, on_tiles: Callable[[int], None] | None = None) -> np.ndarray:
+        """``on_tiles(n)``: told after each network call of its ``n`` tiles (live progress
+        within a step, which on a large image takes minutes)."""
         planes, _, height, width = x.shape
         grid = self.grid(height, width)
         (pt, pb), (pl, pr) = grid.padding
@@ -186,6 +188,8 @@ class BlendedDenoiser:
             for (p, y, xx), e in zip(chunk, eps, strict=True):
                 blend.add(*grid.tile_slices(y, xx), e, windows[y, xx], lead=(p,))
             self.tiles_run += len(chunk)
+            if on_tiles is not None:
+                on_tiles(len(chunk))
         return grid.crop(blend.mean())
 
     def _call(self, tiles: np.ndarray, t: int) -> np.ndarray:

@@ -50,7 +50,7 @@ def restore_group(
     y_all = np.repeat(y, samples, axis=0)
     on_step = tracker.step_reporter(denoiser.tiles_per_call(groups * samples, height, width), len(ddrm.timesteps))
     noise = noise or (lambda step: group_noise(key, samples, op.shape, step))
-    state = run_ddrm(ddrm, y_all, denoiser, noise, on_step)
+    state = run_ddrm(ddrm, y_all, lambda x, t: denoiser(x, t, on_tiles=tracker.tiles_ran), noise, on_step)
     return state_to_image(state).reshape(groups, samples, height, width)
 
 

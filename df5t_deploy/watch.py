@@ -6,7 +6,8 @@ A file is taken once it is complete: its size and modification time unchanged fo
 atomically, through ``pipeline.restore_file`` with all its safety. A file is never restored
 twice, also across restarts: an output that records this input's run identity (input,
 model, settings) means it is done; a changed input is restored again. A file that fails is
-logged to ``OUT_DIR/failed.log`` (time, path, reason) and not tried again until it changes.
+logged to ``OUT_DIR/failed.log`` (time, path, content sha256, reason) and not tried again
+until its content changes, also across restarts.
 
 File-system events (``watchdog``) wake the watcher as files arrive; ``poll`` seconds instead
 scans the folder at that interval (network shares, where events do not arrive).
@@ -23,9 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .api import Restorer
-from .batch import BatchSummary, done_by_this_run
+from .batch import SAME_RUN, BatchSummary, earlier_output, make_output_folder
 from .formats import SUPPORTED, ImageFormatError, open_source
 from .pipeline import restore_file
+from .run_identity import content_digest
 
 #: Seconds a file's size and modification time must stay the same before it is taken.
 DEFAULT_SETTLE_S = 2.0
@@ -67,11 +69,12 @@ class FolderWatcher:
         self.summary = BatchSummary()  # restored, skipped, failed: as a folder run counts them
         self._seen: dict[Path, _Seen] = {}
         self._finished: dict[Path, tuple[int, int]] = {}  # restored, skipped or failed, at this version
+        self._failed_before = _failures_logged(self.out_dir / FAILED_LOG)
         self._wake = threading.Event()
 
     def run(self, once: bool = False, poll: float | None = None) -> BatchSummary:
         """Watch until interrupted (``once``: until every file present at the start is done)."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        make_output_folder(self.out_dir)
         observer = None if once else self._observer(poll)
         present = set(self._candidates()) if once else None
         try:
@@ -129,8 +132,15 @@ class FolderWatcher:
     def _take(self, path: Path, version: tuple[int, int]) -> None:
         out = self.out_dir / path.name
         options = self.restore_options
+        earlier_failure = self._failed_before.get((path.name, _digest(path)))
+        if earlier_failure is not None:
+            self.summary.failed.append((path, earlier_failure))
+            self.report(f"failed {path}: unchanged since it failed before ({earlier_failure}; {FAILED_LOG}); "
+                        "not tried again until it changes")
+            self._finished[path] = version
+            return
         try:
-            if done_by_this_run(self.restorers[0], path, out, options.get("series"), options.get("roi")):
+            if earlier_output(self.restorers[0], path, out, options.get("series"), options.get("roi")) is SAME_RUN:
                 self.summary.skipped.append(path)
                 self.report(f"skipped {path}: {out} is its restoration by these settings and model")
             else:
@@ -146,7 +156,7 @@ class FolderWatcher:
     def _fail(self, path: Path, version: tuple[int, int] | None, reason: str) -> None:
         reason = " ".join(reason.split())  # one line, whatever the message
         with open(self.out_dir / FAILED_LOG, "a", encoding="utf-8") as log:
-            log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}\t{path}\t{reason}\n")
+            log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}\t{path}\t{_digest(path)}\t{reason}\n")
         self.summary.failed.append((path, reason))
         self.report(f"failed {path}: {reason}")
         if version is not None:
@@ -169,6 +179,31 @@ class FolderWatcher:
         observer.schedule(Wake(), str(self.in_dir), recursive=False)
         observer.start()
         return observer
+
+
+def _digest(path: Path) -> str:
+    """The content a failure is remembered by ("-" for a file gone since)."""
+    try:
+        return content_digest(path)
+    except OSError:
+        return "-"
+
+
+def _failures_logged(log: Path) -> dict[tuple[str, str], str]:
+    """(file name, content sha256) -> reason, of every failure ``log`` records (none if absent)."""
+    try:
+        lines = log.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{log}: cannot read the log of earlier failures ({err}); move it aside") from None
+    failures = {}
+    for line in lines:
+        fields = line.split("\t")
+        if len(fields) == 4:
+            _, path, digest, reason = fields
+            failures[(Path(path).name, digest)] = reason
+    return failures
 
 
 def _version(path: Path) -> tuple[int, int] | None:

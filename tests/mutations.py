@@ -96,6 +96,26 @@ def _output_checks_skipped(mp: pytest.MonkeyPatch) -> None:
     mp.setattr(pipeline, "check_outputs", lambda outputs, reads: None)
 
 
+def _any_existing_output_taken_for_ours(mp: pytest.MonkeyPatch) -> None:
+    """Every existing file or folder under an output's name taken for a previous output of ours."""
+    from df5t_deploy import output_safety
+
+    mp.setattr(output_safety, "is_previous_output", lambda path: True)
+
+
+def _run_identity_compares_timestamps(mp: pytest.MonkeyPatch) -> None:
+    """The input's modification time compared as part of the run identity (a touched input is another run)."""
+    from df5t_deploy.run_identity import RunIdentity
+
+    real = RunIdentity.differences
+
+    def with_timestamps(self, other):
+        stamp = [] if other is None or other.input_mtime_ns == self.input_mtime_ns else ["the input's modification time"]
+        return real(self, other) + stamp
+
+    mp.setattr(RunIdentity, "differences", with_timestamps)
+
+
 def _eta_default_changed(mp: pytest.MonkeyPatch) -> None:
     from df5t_deploy import cli
 
@@ -193,6 +213,8 @@ MUTATIONS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
     "noise drawn per network batch": _noise_per_batch,
     "MRC provenance not read back": _provenance_not_written_to_mrc,
     "output safety checks skipped": _output_checks_skipped,
+    "any existing output taken for ours": _any_existing_output_taken_for_ours,
+    "run identity compares timestamps": _run_identity_compares_timestamps,
     "CLI eta default changed": _eta_default_changed,
     "algebraic Anscombe inverse": _algebraic_anscombe_inverse,
     "stabilised map mapped back as affine": _stabilized_map_back_affine,

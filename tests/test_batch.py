@@ -37,10 +37,13 @@ def test_a_folder_is_restored_file_by_file_and_a_rerun_skips_what_is_done(model,
     code, output = run(model, inputs, "-o", out)
     assert code == 0 and output.strip().endswith("restored 0, skipped 3, failed 0"), output
     assert {p.name: p.read_bytes() for p in out.iterdir()} == first
-    code, output = run(model, inputs, "-o", out, "--seed", "5")  # other settings: another run
-    assert code == 0 and output.strip().endswith("restored 3, skipped 0, failed 0"), output
-    assert read_provenance(out / "tile0.tif")["seed"] == 5
+    code, output = run(model, inputs, "-o", out, "--seed", "5")  # other settings: another run's outputs stay
+    assert code == 1 and output.strip().endswith("restored 0, skipped 0, failed 3"), output
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first
     code, output = run(model, inputs, "-o", out, "--seed", "5", "--overwrite")
+    assert output.strip().endswith("restored 3, skipped 0, failed 0") and "replaced its earlier" in output, output
+    assert read_provenance(out / "tile0.tif")["seed"] == 5
+    code, output = run(model, inputs, "-o", out, "--seed", "5", "--overwrite")  # the same run, done again
     assert output.strip().endswith("restored 3, skipped 0, failed 0"), output
 
 
@@ -50,6 +53,7 @@ def test_a_changed_input_is_restored_again(model, inputs, tmp_path, mussel_tile3
     tifffile.imwrite(inputs / "tile1.tif", mussel_tile3[500:540, 300:348])
     code, output = run(model, inputs, "-o", out)
     assert output.strip().endswith("restored 1, skipped 2, failed 0"), output
+    assert "replaced its earlier restoration: the input's content differed" in output, output
 
 
 def test_one_bad_file_fails_alone_and_the_status_says_so(model, inputs, tmp_path):
@@ -83,9 +87,9 @@ def test_an_existing_output_that_is_not_ours_is_left_alone(model, inputs, tmp_pa
     out.mkdir()
     tifffile.imwrite(out / "tile2.tif", np.zeros((4, 4), np.uint8))  # someone else's file, same name
     foreign = (out / "tile2.tif").read_bytes()
-    code, output = run(model, inputs, "-o", out)
-    assert code == 1 and "not an output of df5t-deploy" in output, output
-    assert (out / "tile2.tif").read_bytes() == foreign
+    code, output = run(model, inputs, "-o", out)  # refused up front, before any file is restored
+    assert code == 2 and "not an output of df5t-deploy" in output, output
+    assert (out / "tile2.tif").read_bytes() == foreign and sorted(p.name for p in out.iterdir()) == ["tile2.tif"]
 
 
 def test_one_input_options_are_refused_in_a_folder_run(model, inputs, tmp_path):

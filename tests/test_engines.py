@@ -77,10 +77,12 @@ def test_profiles():
 
 
 def test_backend_order():
-    assert candidates("auto", "cuda") == ("tensorrt", "onnxruntime-cuda", "torch-cuda", "onnxruntime-cpu")
+    assert candidates("auto", "auto") == ("tensorrt", "onnxruntime-cuda", "torch-cuda", "onnxruntime-cpu")
+    assert candidates("auto", "cuda") == ("tensorrt", "onnxruntime-cuda", "torch-cuda")  # a GPU asked for: no CPU
     assert candidates("auto", "cuda:1") == candidates("auto", "cuda")
     assert candidates("auto", "cpu") == ("onnxruntime-cpu",)
     assert candidates("tensorrt", "cuda") == ("tensorrt",)
+    assert candidates("onnxruntime", "auto") == ("onnxruntime-cuda", "onnxruntime-cpu")
     with pytest.raises(ValueError, match="--backend tensorrt runs on a GPU"):
         candidates("tensorrt", "cpu")
     with pytest.raises(ValueError, match="unknown device"):
@@ -96,17 +98,42 @@ def test_auto_falls_back_and_says_why(tmp_path):
             raise BackendUnavailable(f"{kind} is not here")
         return type("Fake", (), {"name": kind})()
 
-    backend = open_backend("auto", tmp_path / "m.onnx", "cuda", report=messages.append, opener=opener)
+    backend = open_backend("auto", tmp_path / "m.onnx", "auto", report=messages.append, opener=opener)
     assert backend.name == "onnxruntime-cpu"
     assert tried == ["tensorrt", "onnxruntime-cuda", "torch-cuda", "onnxruntime-cpu"]
+    assert "device auto: no GPU backend can run here" in messages[0]
     assert "tensorrt: tensorrt is not here" in messages[0] and "torch-cuda" in messages[0]
+
+
+def test_device_auto_opens_gpu_kinds_on_the_first_gpu_and_the_cpu_kind_on_the_cpu(tmp_path):
+    devices = {}
+
+    def opener(kind, model, device, threads):
+        devices[kind] = device
+        raise BackendUnavailable("not here")
+
+    with pytest.raises(BackendUnavailable, match="no backend can run here"):
+        open_backend("auto", tmp_path / "m.onnx", "auto", opener=opener)
+    assert devices == {"tensorrt": "cuda", "onnxruntime-cuda": "cuda", "torch-cuda": "cuda", "onnxruntime-cpu": "cpu"}
+
+
+def test_an_explicit_gpu_never_falls_back_to_the_cpu(tmp_path):
+    tried = []
+
+    def opener(kind, model, device, threads):
+        tried.append(kind)
+        raise BackendUnavailable("no GPU")
+
+    with pytest.raises(BackendUnavailable, match="--device cuda:1: no backend can run on it here.*--device auto"):
+        open_backend("auto", tmp_path / "m.onnx", "cuda:1", opener=opener)
+    assert "onnxruntime-cpu" not in tried
 
 
 def test_explicit_backend_that_cannot_run_is_an_error(tmp_path):
     def opener(kind, model, device, threads):
         raise BackendUnavailable("no GPU")
 
-    with pytest.raises(BackendUnavailable, match="no backend can run here: tensorrt: no GPU"):
+    with pytest.raises(BackendUnavailable, match="no backend can run on it here: tensorrt: no GPU"):
         open_backend("tensorrt", tmp_path / "m.onnx", "cuda", opener=opener)
 
 
@@ -298,7 +325,7 @@ def test_doctor_explains_every_backend_of_the_auto_order():
     result = CliRunner().invoke(main, ["doctor", "--json"])
     assert result.exit_code == 0, result.output
     facts = json.loads(result.output)
-    assert tuple(facts["backends"]) == candidates("auto", "cuda")
+    assert tuple(facts["backends"]) == candidates("auto", "auto")
     assert facts["backends"]["onnxruntime-cpu"] == "ok"
     for name, state in facts["backends"].items():
         assert state.startswith("ok") or "install" in state or "no CUDA GPU" in state or "no NVIDIA GPU" in state, name

@@ -570,3 +570,231 @@ def test_an_artifact_is_described_without_an_inference_session(model, tmp_path, 
         (tmp_path / name).write_bytes(content)
         with pytest.raises(ArtifactError, match=f"{name}: not a readable ONNX model|{name}: inputs"):
             read_artifact(tmp_path / name)
+
+
+# ------------------------------------------------------------------ round three: what is ours, what is asked
+
+
+@pytest.mark.parametrize("how", ["folder run with --overwrite", "file run"])
+def test_a_file_that_is_not_ours_is_never_written_over(work, model, how):
+    folder = work / "f"
+    folder.mkdir()
+    foreign = folder / "in.tif"
+    foreign.write_bytes((work / "in.tif").read_bytes())  # a raw image that happens to have the name
+    before = snapshot(work)
+    args = ("-o", f"{folder}/", "--overwrite") if how.startswith("folder") else ("-o", foreign)
+    code, output = restore(work, model, *args)
+    assert code == 2 and "not an output of df5t-deploy" in output and "never replaced" in output, output
+    assert "--overwrite" not in output.replace("with --overwrite", "")  # the refusal does not suggest the flag
+    assert snapshot(work) == before
+
+
+def test_degrade_never_writes_over_a_file_that_is_not_ours(work):
+    foreign = work / "noisy.tif"
+    foreign.write_bytes(b"a user's file")
+    code, output = cli("degrade", work / "in.tif", "-o", foreign, "--sigma0", "0.1")
+    assert code == 2 and "not an output of df5t-deploy" in output, output
+    assert foreign.read_bytes() == b"a user's file"
+    foreign.unlink()
+    assert cli("degrade", work / "in.tif", "-o", foreign, "--sigma0", "0.1")[0] == 0
+    assert cli("degrade", work / "in.tif", "-o", foreign, "--sigma0", "0.2")[0] == 0  # ours: replaced
+
+
+def test_a_touched_or_copied_input_is_the_same_run(work, model):
+    out = work / "out"
+    assert restore(work, model, "-o", f"{out}/")[0] == 0
+    first = (out / "in.tif").read_bytes()
+    os.utime(work / "in.tif", ns=(1, 10**18))  # touched
+    code, output = restore(work, model, "-o", f"{out}/")
+    assert code == 0 and "skipped 1" in output, output
+    (work / "in.tif").write_bytes((work / "in.tif").read_bytes())  # a plain copy over it: new mtime, same bytes
+    code, output = restore(work, model, "-o", f"{out}/")
+    assert code == 0 and "skipped 1" in output, output
+    assert (out / "in.tif").read_bytes() == first
+
+
+def test_other_settings_never_silently_replace_a_folder_runs_outputs(work, model):
+    out = work / "out"
+    assert restore(work, model, "-o", f"{out}/")[0] == 0
+    first = (out / "in.tif").read_bytes()
+    code, output = restore(work, model, "-o", f"{out}/", "--seed", "7")
+    assert code == 1 and "the settings that change pixels differ" in output and "--overwrite" in output, output
+    assert (out / "in.tif").read_bytes() == first
+    code, output = restore(work, model, "-o", f"{out}/", "--seed", "7", "--overwrite")
+    assert code == 0 and "replaced its earlier restoration: the settings that change pixels differed" in output
+    assert (out / "in.tif").read_bytes() != first
+
+
+@pytest.mark.parametrize("args", [("--chunks", "1,64"), ("--chunks", "1,64,64,64"), ("--pyramid", "8"),
+                                  ("--chunks", "1,16,16", "--format", "tif")])
+def test_a_refused_layout_creates_nothing_and_says_so_once(work, model, args):
+    before = snapshot(work), sorted(p.name for p in work.iterdir())
+    target = ("-o", f"{work / 'out'}/") if "--format" in args else ("-o", work / "out.zarr")
+    code, output = restore(work, model, *target, *args, source="stack.tif")
+    assert code == 2 and output.startswith("Error: ") and output.count("\n") == 1, output
+    assert "--chunks" in output or "--pyramid" in output
+    assert (snapshot(work), sorted(p.name for p in work.iterdir())) == before  # no hidden partial either
+
+
+@pytest.mark.parametrize("args", [("--pyramid", "1"), ("--chunks", "1,16,16")])
+def test_resume_with_another_layout_is_refused_and_keeps_the_partial(work, model, args):
+    partial = _interrupted_zarr(work, model)
+    kept = snapshot(partial)
+    code, output = restore(work, model, "-o", work / "out.zarr", "--resume", *args, source="stack.tif")
+    assert code == 2 and "resume with the same --chunks and --pyramid" in output, output
+    assert snapshot(partial) == kept and not (work / "out.zarr").exists()
+
+
+def test_an_output_folder_that_is_a_file_is_refused_in_one_line(work, model):
+    (work / "afile").write_text("a file")
+    code, output = restore(work, model, "-o", f"{work / 'afile'}/")
+    assert code == 2 and output.count("\n") == 1 and "is a file, not a folder" in output, output
+
+
+def test_an_output_folder_that_cannot_be_created_is_one_line(work, model, monkeypatch):
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    code, output = restore(work, model, "-o", f"{work / 'new' / 'folder'}/")
+    assert code == 2 and output.count("\n") == 1 and "Read-only file system" in output, output
+
+
+def _tiff_with_zero(path: Path, tag_name: str) -> Path:
+    import struct
+
+    tifffile.imwrite(path, np.arange(64 * 64, dtype=np.uint16).reshape(64, 64))
+    with tifffile.TiffFile(path) as tif:
+        tag = tif.pages[0].tags[tag_name]
+        offset, format_ = tag.valueoffset, "<H" if tag.dtype == 3 else "<I"
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(struct.pack(format_, 0))
+    return path
+
+
+@pytest.mark.parametrize("tag_name", ["ImageWidth", "ImageLength"])
+def test_a_tiff_declaring_zero_width_or_height_is_one_line(work, model, tag_name):
+    _tiff_with_zero(work / "zero.tif", tag_name)
+    code, output = restore(work, model, "-o", work / "out.tif", source="zero.tif")
+    assert code == 2 and output.count("\n") == 1 and "zero.tif: not a readable TIFF" in output, output
+
+
+def test_a_model_whose_t_input_is_not_float_is_refused_when_opened(tmp_path):
+    import onnx
+
+    from df5t_deploy.artifact import ArtifactError
+
+    path = tile_mean_model(tmp_path / "int_t.onnx", TILE)
+    graph = onnx.load(path)
+    graph.graph.input[1].type.tensor_type.elem_type = onnx.TensorProto.INT64
+    onnx.save(graph, path)
+    with pytest.raises(ArtifactError, match="input t is tensor\\(int64\\); a DF5T artifact takes t as float32"):
+        Restorer(path, sigma0=0.1)
+
+
+def _usable_gpu() -> bool:
+    from df5t_deploy.backends import diagnose
+
+    return any(state.startswith("ok") for kind, state in diagnose(["cuda:0"]).items() if kind != "onnxruntime-cpu")
+
+
+def test_an_explicit_gpu_that_cannot_run_is_an_error_and_auto_says_it_falls_back(work, model):
+    if _usable_gpu():
+        pytest.skip("a GPU backend can run here: --device cuda is usable, so there is no fallback to refuse")
+    code, output = restore(work, model, "-o", work / "out.tif", "--device", "cuda")
+    assert code == 1 and "--device cuda: no backend can run on it here" in output and "--device auto" in output
+    assert not (work / "out.tif").exists()
+    result = CliRunner().invoke(main, ["restore", str(work / "in.tif"), "-o", str(work / "out.tif"), "--model",
+                                       str(model), "--sigma0", "0.1", "--steps", "2"])
+    assert result.exit_code == 0 and "backend onnxruntime-cpu (device auto: no GPU backend can run here)" in result.output
+
+
+def test_progress_in_a_log_is_plain_lines_with_tiles_per_second_and_time_left(work, model):
+    result = CliRunner().invoke(main, ["restore", str(work / "stack.tif"), "-o", str(work / "out.tif"), "--model",
+                                       str(model), "--sigma0", "0.1", "--steps", "2", "--batch", "1"])
+    assert result.exit_code == 0, result.output
+    assert "\r" not in result.output and "\x1b" not in result.output  # no bar redrawn into a log
+    lines = [line for line in result.output.splitlines() if line.startswith("restoring: ")]
+    assert len(lines) == len(set(lines)) >= 2, result.output  # the first and the last, each once
+    assert "tiles/s" in lines[-1] and "s left" in lines[-1] and "planes 3/3" in lines[-1], lines
+
+
+def test_progress_comes_with_every_network_call_not_once_a_step(model, mussel_tile3):
+    events = []
+    restorer = Restorer(model, sigma0=0.1, steps=2, samples=1, batch=1)
+    restorer.restore(mussel_tile3[:96, :96], progress=lambda e: events.append(e.tiles_done))
+    tiles_per_step = len(restorer.denoiser.grid(96, 96).positions)
+    assert tiles_per_step > 1 and events[-1] == 2 * tiles_per_step
+    assert set(range(1, 2 * tiles_per_step + 1)) <= set(events)  # one event per call of one tile
+
+
+# ------------------------------------------------------------------ outputs their ecosystems accept
+
+
+@pytest.mark.parametrize("source", ["in.tif", "stack.tif"])
+def test_mrc_outputs_pass_mrcfile_validate_and_keep_their_identity(work, model, source, capsys):
+    import mrcfile
+
+    tifffile.imwrite(work / "voxel.tif", tifffile.imread(work / source), photometric="minisblack",
+                     resolution=(1e7 / 4.0, 1e7 / 4.0), resolutionunit="CENTIMETER")
+    assert restore(work, model, "-o", work / "voxel.mrc", source="voxel.tif")[0] == 0
+    assert mrcfile.validate(str(work / "voxel.mrc"), print_file=sys.stdout), capsys.readouterr().out
+    with mrcfile.open(work / "voxel.mrc") as mrc:
+        assert min(mrc.voxel_size.tolist()) > 0  # a 2-D image's z spacing too (MRC2014: cell lengths positive)
+    code, output = restore(work, model, "-o", f"{work}/", "--format", "mrc", source="voxel.tif")
+    assert code == 0 and "skipped 1" in output, output  # its run identity is read back
+
+
+def test_ome_zarr_outputs_pass_strict_ngff_validation(work, model):
+    import zarr
+    from ome_zarr_models.v05.image import Image
+
+    assert restore(work, model, "-o", work / "out.zarr", "--pyramid", "1", source="stack.tif")[0] == 0
+    image = Image.from_zarr(zarr.open_group(str(work / "out.zarr"), mode="r"))
+    assert [axis.name for axis in image.ome_attributes.multiscales[0].axes] == ["z", "y", "x"]
+
+
+def test_an_imagej_hyperstack_comes_back_as_one_with_its_z_spacing(work, model):
+    stack = tifffile.imread(work / "stack.tif")
+    tifffile.imwrite(work / "hyper.tif", stack, imagej=True, resolution=(1 / 4.0, 1 / 4.0),
+                     metadata={"spacing": 40.0, "unit": "nm", "axes": "ZYX"})
+    assert restore(work, model, "-o", work / "out.tif", source="hyper.tif")[0] == 0
+    with tifffile.TiffFile(work / "out.tif") as tif:
+        assert tif.is_imagej and tif.imagej_metadata["spacing"] == 40.0 and tif.imagej_metadata["unit"] == "nm"
+        assert tif.imagej_metadata["slices"] == 3 and tif.pages[0].tags["XResolution"].value == (1, 4)
+    from df5t_deploy.formats import read_provenance
+
+    assert read_provenance(work / "out.tif")["task"] == "denoise"
+
+
+def test_png_outputs_pass_pillows_verification(work, model):
+    from PIL import Image
+
+    assert restore(work, model, "-o", work / "out.png")[0] == 0
+    with Image.open(work / "out.png") as png:
+        png.verify()
+
+
+def test_degrade_offers_no_estimates_or_fits_it_cannot_make(work):
+    code, output = cli("degrade", "--help")
+    assert code == 0 and "fitted" not in output and "'auto'" not in output.split("--mask")[0], output
+    assert "(required)" in output  # the detector's gain and read noise are given, never fitted
+    code, output = cli("degrade", work / "in.tif", "-o", work / "d.tif", "--sigma0", "auto")
+    assert code == 2 and "'auto' is not a valid float" in output, output
+
+
+def test_a_foreign_file_that_appears_during_the_run_is_not_written_over(work, model, monkeypatch):
+    from df5t_deploy.formats.tiff import TiffSink
+
+    out = work / "out.tif"
+    real_close = TiffSink._close
+
+    def another_program_writes_the_name(self):
+        real_close(self)
+        out.write_bytes(b"an acquisition program's file")
+
+    monkeypatch.setattr(TiffSink, "_close", another_program_writes_the_name)
+    code, output = restore(work, model, "-o", out)
+    assert code == 2 and "appeared during the run" in output, output
+    assert out.read_bytes() == b"an acquisition program's file" and not list(work.glob(".out*"))

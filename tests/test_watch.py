@@ -14,6 +14,7 @@ import pytest
 import tifffile
 
 from df5t_deploy.cli import run
+from df5t_deploy.files import sha256_of
 
 OPTIONS = ("--sigma0", "0.1", "--steps", "2", "--quiet")
 
@@ -55,9 +56,26 @@ def test_a_bad_file_is_logged_and_skipped_and_the_rest_restored(model, folders, 
     code, output = watch(model, capsys, incoming, "-o", restored, "--once", "--settle", "0")
     assert code == 1 and output.strip().endswith("restored 2, skipped 0, failed 1"), output
     (line,) = (restored / "failed.log").read_text().splitlines()
-    when, path, reason = line.split("\t")
+    when, path, digest, reason = line.split("\t")
+    assert digest == sha256_of(incoming / "flat.tif")
     assert time.strptime(when[:19], "%Y-%m-%dT%H:%M:%S") and path == str(incoming / "flat.tif") and "constant" in reason
     assert sorted(p.name for p in restored.iterdir()) == ["failed.log", "frame0.tif", "frame1.tif"]
+
+
+def test_a_file_that_failed_is_not_tried_again_after_a_restart_until_it_changes(model, folders, capsys, mussel_tile3):
+    incoming, restored = folders
+    tifffile.imwrite(incoming / "flat.tif", np.full((40, 48), 9, np.uint8))  # constant: refused
+    assert watch(model, capsys, incoming, "-o", restored, "--once", "--settle", "0")[0] == 1
+    code, output = watch(model, capsys, incoming, "-o", restored, "--once", "--settle", "0")  # a restart
+    assert code == 1 and "unchanged since it failed before" in output, output
+    assert output.strip().endswith("restored 0, skipped 2, failed 1"), output
+    assert len((restored / "failed.log").read_text().splitlines()) == 1  # not tried, so not logged again
+    os.utime(incoming / "flat.tif", ns=(1, 10**18))  # touched: the same content, still not tried
+    assert "unchanged since it failed before" in watch(model, capsys, incoming, "-o", restored, "--once",
+                                                       "--settle", "0")[1]
+    tifffile.imwrite(incoming / "flat.tif", mussel_tile3[:40, :48])  # fixed: tried and restored
+    code, output = watch(model, capsys, incoming, "-o", restored, "--once", "--settle", "0")
+    assert code == 0 and output.strip().endswith("restored 1, skipped 2, failed 0"), output
 
 
 def test_an_output_folder_inside_the_watched_folder_is_refused(model, folders, capsys):

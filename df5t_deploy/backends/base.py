@@ -9,6 +9,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..artifact import ArtifactInfo
+from ..version import install_extra
 
 
 class BackendUnavailable(RuntimeError):
@@ -55,7 +56,7 @@ class ClosingBackend:
         self.close()
 
 
-DEVICE_LOOP_NEEDS = "it needs PyTorch with CUDA, cuda-python and NVRTC: pip install 'df5t-deploy[gpu]'"
+DEVICE_LOOP_NEEDS = f"it needs PyTorch with CUDA, cuda-python and NVRTC: {install_extra('gpu')}"
 
 
 def open_device_loop(index: int) -> Any | None:

@@ -17,6 +17,7 @@ from ..artifact import ArtifactInfo
 from ..cuda.status import checked
 from ..engines.build import artifact_facts, build_engine, choose_profile
 from ..engines.cache import EngineCache
+from ..version import install_extra
 from .base import (
     NO_GPU_SEEN,
     BackendUnavailable,
@@ -212,5 +213,5 @@ def open_kind(kind: str, model: Path, device: str, threads: int | None) -> Tenso
 def diagnose(kind: str, gpus: list[str]) -> str:
     missing = [name for name in ("tensorrt", "cuda.bindings") if not installed(name)]
     if missing:
-        return f"{' and '.join(missing)} not installed: pip install 'df5t-deploy[gpu]' (needs an NVIDIA driver)"
+        return f"{' and '.join(missing)} not installed (and an NVIDIA driver needed): {install_extra('gpu')}"
     return "ok" if gpus else NO_GPU_SEEN

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..artifact import ArtifactInfo
+from ..version import install_extra
 from .base import BackendUnavailable, ClosingBackend, open_device_loop
 
 CUDA_BATCH = 8
@@ -38,7 +39,7 @@ class TorchBackend(ClosingBackend):
         try:
             import torch
         except ImportError:
-            raise BackendUnavailable("the torch backend needs PyTorch: pip install 'df5t-deploy[export]'") from None
+            raise BackendUnavailable(f"the torch backend needs PyTorch: {install_extra('export')}") from None
         if not torch.cuda.is_available():
             raise BackendUnavailable("PyTorch sees no CUDA GPU")
         artifact = None
@@ -141,7 +142,7 @@ def diagnose(kind: str, gpus: list[str]) -> str:
     try:
         import torch
     except ImportError:
-        return "PyTorch is not installed: pip install 'df5t-deploy[export]' (a CUDA build)"
+        return f"PyTorch is not installed (a CUDA build for GPUs): {install_extra('export')}"
     if not torch.cuda.is_available():
         return f"PyTorch {torch.__version__} sees no CUDA GPU (a CPU-only build, or no GPU/driver)"
     return "ok (runs .pt checkpoints, or an artifact with its .pt beside it)"

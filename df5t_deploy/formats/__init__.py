@@ -54,21 +54,39 @@ def create_sink(path: str | Path, shape, dtype, meta: ImageMeta, provenance: dic
     """``layout``: chunks and pyramid levels of a zarr output (others take none)."""
     path = Path(path)
     _, sink = _format_of(path)
+    _check_layout(path, sink, tuple(shape), layout, resume)
     if sink is not zarr_format.ZarrSink:
-        if resume:
-            raise ImageFormatError(f"{path}: --resume works for zarr outputs only")
-        if layout is not None and layout != ZarrLayout():
-            raise ImageFormatError(f"{path}: --chunks and --pyramid lay out zarr outputs only; write a .zarr")
         return sink(path, shape, dtype, meta, provenance)
     return sink(path, shape, dtype, meta, provenance, resume=resume, layout=layout)
 
 
-def check_writable(path: str | Path, dtype, ndim: int) -> None:
-    """Fail before hours of compute if the output cannot hold the result."""
+def check_layout_applies(path: str | Path, layout: ZarrLayout | None, resume: bool = False) -> None:
+    """Refuse --resume, --chunks and --pyramid for an output that is not zarr (the shape
+    of the result is not needed for that: this runs before anything is loaded)."""
+    path = Path(path)
+    if _format_of(path)[1] is zarr_format.ZarrSink:
+        return
+    if resume:
+        raise ImageFormatError(f"{path}: --resume works for zarr outputs only")
+    if layout is not None and layout != ZarrLayout():
+        raise ImageFormatError(f"{path}: --chunks and --pyramid lay out zarr outputs only; write a .zarr")
+
+
+def _check_layout(path: Path, sink, shape: tuple[int, ...], layout: ZarrLayout | None, resume: bool) -> None:
+    check_layout_applies(path, layout, resume)
+    if sink is zarr_format.ZarrSink:
+        (layout or ZarrLayout()).check(shape)
+
+
+def check_writable(path: str | Path, dtype, shape: tuple[int, ...], layout: ZarrLayout | None = None,
+                   resume: bool = False) -> None:
+    """Fail before hours of compute, and before anything is created, if the output cannot
+    hold the result or take the layout asked for."""
     path = Path(path)
     _, sink = _format_of(path)
     if sink is png.PngSink:
-        png.check_png(path, dtype, ndim)
+        png.check_png(path, dtype, len(shape))
+    _check_layout(path, sink, tuple(shape), layout, resume)
     if not path.parent.exists():
         raise ImageFormatError(f"{path}: folder {path.parent} does not exist")
 
@@ -90,5 +108,5 @@ def write_image(path: str | Path, array: np.ndarray, meta: ImageMeta, provenance
             sink.write_plane(plane)
 
 
-__all__ = ["ImageFormatError", "ImageMeta", "OUTPUT_FORMATS", "Sink", "Source", "SUPPORTED", "ZarrLayout", "check_writable",
+__all__ = ["ImageFormatError", "ImageMeta", "OUTPUT_FORMATS", "Sink", "Source", "SUPPORTED", "ZarrLayout", "check_layout_applies", "check_writable",
            "create_sink", "open_source", "read_image", "read_provenance", "write_image"]

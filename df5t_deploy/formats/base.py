@@ -24,6 +24,7 @@ class ImageFormatError(ValueError):
 class ImageMeta:
     axes: str  # "YX" or "ZYX"
     voxel_size_nm: tuple[float, float, float | None] | None = None  # (x, y, z); unknown z: None
+    hyperstack: bool = False  # an ImageJ hyperstack: a TIFF output is one too (Fiji reads its z spacing)
 
     def __post_init__(self):
         if self.voxel_size_nm is None:
@@ -184,7 +185,14 @@ class TempFileSink(Sink):
         self.tmp = temporary_sibling(self.path)
 
     def _commit(self) -> None:
+        """The new file takes the target's name; a file there that is not one of ours (one
+        that appeared during the run, after the outputs were checked) is never replaced."""
+        from ..output_safety import is_previous_output
+
         self._close()
+        if self.path.exists() and not is_previous_output(self.path):
+            raise ImageFormatError(f"{self.path} appeared during the run and is not an output of df5t-deploy; "
+                                   "it was left as it is and the restoration was not written")
         os.replace(self.tmp, self.path)
 
     def _abort(self) -> None:

@@ -2,8 +2,14 @@
 
 MRC has no unsigned 8-bit mode: uint8 data is stored widened as mode 6 (uint16) with a
 label saying so, and narrowed back when read, so uint8 round-trips. Voxel sizes are in
-ångström in the header, nanometres here. Our provenance is JSON in an extended header of
-type ``DF5T``.
+ångström in the header, nanometres here (a 2-D image's z spacing is its x spacing: MRC2014
+wants every cell length positive).
+
+Our provenance is compact JSON in the header's text labels (``df5t:`` and 75 characters
+each): MRC2014 registers no extended-header type for it, and ``mrcfile.validate`` refuses an
+unregistered one. The ten labels hold the run identity, the model's sha256 and the main
+settings, not all of the provenance a TIFF or zarr output carries. Outputs of earlier versions (an extended header of
+type ``DF5T``) are still read.
 """
 
 from __future__ import annotations
@@ -24,8 +30,14 @@ from .base import (
 )
 
 SUFFIXES = (".mrc", ".mrcs", ".rec", ".st", ".map")
-UINT8_LABEL = "df5t: uint8 data widened to uint16"
+UINT8_LABEL = "df5t uint8 data widened to uint16"
+#: Read only: where earlier versions kept the provenance (an extended header of this type).
 PROVENANCE_EXTTYP = b"DF5T"
+PROVENANCE_LABEL = "df5t:"
+_LABELS, _LABEL_CHARS = 10, 80
+#: The provenance kept in the labels, most needed first, as many as fit.
+LABELLED_PROVENANCE = ("software", "run_identity", "model_sha256", "task", "seed", "sigma0", "noise_model", "steps", "samples",
+                       "walk", "eta", "final_step", "scale", "blur_sigma", "z_factor", "mask_of", "degraded")
 _MODES = {np.dtype(np.int8): 0, np.dtype(np.int16): 1, np.dtype(np.float32): 2, np.dtype(np.uint16): 6,
           np.dtype(np.uint8): 6}
 
@@ -44,7 +56,8 @@ class MrcSource(Source):
             self.close()
             raise ImageFormatError(f"{path}: MRC file holds no data")
         labels = [label.decode(errors="replace").strip() for label in self._mrc.header.label[: int(self._mrc.header.nlabl)]]
-        self._narrow = data.dtype == np.uint16 and UINT8_LABEL in labels
+        self._narrow = data.dtype == np.uint16 and any(label in (UINT8_LABEL, _OLD_UINT8_LABEL)
+                                                      for label in labels)
         self.dtype = np.dtype(np.uint8) if self._narrow else data.dtype
         self.shape = tuple(data.shape)
         check_grey(path, self.shape, "ZYX"[-data.ndim :] if data.ndim <= 3 else "?" * data.ndim)
@@ -69,16 +82,16 @@ class MrcSink(TempFileSink):
         import mrcfile
 
         super().__init__(path, shape, dtype, meta, provenance)
-        record = np.frombuffer(json.dumps(provenance).encode(), dtype="V1") if provenance else None
-        self._mrc = mrcfile.new_mmap(self.tmp, shape=self.shape, mrc_mode=_MODES[self.dtype], overwrite=True,
-                                     extended_header=record, exttyp=PROVENANCE_EXTTYP if provenance else None)
-        if self.dtype == np.uint8:
-            self._mrc.add_label(UINT8_LABEL)
-        if provenance:
-            self._mrc.add_label(f"df5t-deploy restore: {provenance.get('task', '')} seed {provenance.get('seed', '')}"[:80])
+        self._mrc = mrcfile.new_mmap(self.tmp, shape=self.shape, mrc_mode=_MODES[self.dtype], overwrite=True)
+        labels = [UINT8_LABEL] if self.dtype == np.uint8 else []
+        self._mrc.header.nlabl = 0  # mrcfile's "Created by" label: our provenance needs the room
+        self._mrc.header.label[:] = b""
+        for label in labels + _provenance_labels(provenance or {}, _LABELS - len(labels)):
+            self._mrc.add_label(label)
         voxel = self.meta.voxel_size_nm
         if voxel is not None:
-            self._mrc.voxel_size = tuple(10.0 * (v if v is not None else 0.0) for v in voxel)
+            x, y, z = voxel
+            self._mrc.voxel_size = tuple(10.0 * v for v in (x, y, z if z is not None else x))
         self._stats = _RunningStats()
 
     def _write(self, z: int, plane: np.ndarray) -> None:
@@ -126,13 +139,38 @@ def _release(data: np.memmap) -> None:
         mapping.madvise(mmap.MADV_DONTNEED)
 
 
+_OLD_UINT8_LABEL = "df5t: uint8 data widened to uint16"
+
+
+def _provenance_labels(provenance: dict, labels: int) -> list[str]:
+    """As much of ``provenance`` (in LABELLED_PROVENANCE's order) as fits ``labels`` labels."""
+    payload = _LABEL_CHARS - len(PROVENANCE_LABEL)
+    kept: dict = {}
+    for key in LABELLED_PROVENANCE:
+        if key not in provenance:
+            continue
+        text = json.dumps(kept | {key: provenance[key]}, separators=(",", ":"))
+        if len(text) <= labels * payload and text.isascii():
+            kept[key] = provenance[key]
+    if not kept:
+        return []
+    text = json.dumps(kept, separators=(",", ":"))
+    return [PROVENANCE_LABEL + text[i : i + payload] for i in range(0, len(text), payload)]
+
+
 def _provenance(mrc) -> dict | None:
-    """Ours: JSON in an extended header of type DF5T (other readers skip unknown types)."""
-    if bytes(mrc.header.exttyp) != PROVENANCE_EXTTYP or mrc.extended_header is None:
-        return None
+    """Ours: JSON in the labels marked ``df5t:``, or, from earlier versions, in an extended
+    header of type DF5T."""
+    count = int(mrc.header.nlabl)
+    text = "".join(label.decode("ascii", errors="replace").rstrip()[len(PROVENANCE_LABEL):]
+                   for label in mrc.header.label[:count]
+                   if label.decode("ascii", errors="replace").startswith(PROVENANCE_LABEL)
+                   and not label.decode("ascii", errors="replace").startswith(_OLD_UINT8_LABEL))
+    if not text and bytes(mrc.header.exttyp) == PROVENANCE_EXTTYP and mrc.extended_header is not None:
+        text = mrc.extended_header.tobytes().decode(errors="replace")
     try:
-        value = json.loads(mrc.extended_header.tobytes().decode())
-    except (ValueError, UnicodeDecodeError):
+        value = json.loads(text) if text else None
+    except ValueError:
         return None
     return value if isinstance(value, dict) else None
 

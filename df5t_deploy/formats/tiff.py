@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import queue
 import threading
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +27,10 @@ from .base import (
 
 SUFFIXES = (".tif", ".tiff")
 OME_SUFFIXES = (".ome.tif", ".ome.tiff")
-PROVENANCE_TAG = 65000  # private tag holding the provenance JSON in OME-TIFF outputs
+PROVENANCE_TAG = 65000  # private tag holding the provenance JSON in OME-TIFF and ImageJ outputs
 _NM_PER_UNIT = {"nm": 1.0, "µm": 1e3, "um": 1e3, "micron": 1e3, "mm": 1e6, "cm": 1e7, "Å": 0.1, "A": 0.1}
 _NM_PER_CM = 1e7
+_IMAGEJ_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))
 _BIGTIFF_BYTES = 2**32 - 2**25  # classic TIFF offsets are 32-bit
 
 
@@ -44,6 +44,7 @@ class TiffSource(Source):
 
     def __init__(self, path: Path, series: int | None = None):
         self.path = path
+        self._tif: tifffile.TiffFile | None = None
         try:
             self._tif = tifffile.TiffFile(path)
             series = self._chosen_series(series)
@@ -53,8 +54,10 @@ class TiffSource(Source):
         except ImageFormatError:
             self.close()
             raise
-        except (tifffile.TiffFileError, ValueError, OSError, EOFError, IndexError) as err:
-            raise ImageFormatError(f"{path}: not a readable TIFF, possibly truncated ({err})") from None
+        except Exception as err:  # tifffile parses untrusted bytes: any failure there is a damaged file
+            self.close()
+            raise ImageFormatError(f"{path}: not a readable TIFF, possibly truncated or damaged "
+                                   f"({type(err).__name__}: {err})") from None
         if "S" in axes or "C" in axes:
             self.close()
             raise ImageFormatError(f"{path}: colour or multi-channel image (axes {axes}); convert to grey first")
@@ -63,9 +66,10 @@ class TiffSource(Source):
         self.shape = shape
         try:
             present = sum(page is not None for page in self._pages)  # tifffile pads missing pages with None
-        except (tifffile.TiffFileError, IndexError, ValueError, OSError) as err:
+        except Exception as err:  # as above: a damaged page table
             self.close()
-            raise ImageFormatError(f"{path}: not a readable TIFF, possibly truncated ({err})") from None
+            raise ImageFormatError(f"{path}: not a readable TIFF, possibly truncated or damaged "
+                                   f"({type(err).__name__}: {err})") from None
         if present < len(self._pages) or (self._tif.is_ome and present < self.planes):
             self.close()
             raise ImageFormatError(f"{path}: its metadata promises {self.planes} planes but the file holds "
@@ -76,7 +80,7 @@ class TiffSource(Source):
         except (TypeError, ValueError, KeyError) as err:
             raise ImageFormatError(f"{path}: its voxel size metadata is not numbers ({err}); fix the file's "
                                    "metadata") from None
-        self.meta = ImageMeta("ZYX" if len(shape) == 3 else "YX", voxel)
+        self.meta = ImageMeta("ZYX" if len(shape) == 3 else "YX", voxel, hyperstack=self._tif.is_imagej)
         self.provenance = _provenance(self._tif)
 
     def _chosen_series(self, index: int | None):
@@ -97,11 +101,13 @@ class TiffSource(Source):
                 data = self._whole.asarray()
                 return data if data.ndim == 2 else data[z]
             return self._pages[z].asarray()
-        except (tifffile.TiffFileError, ValueError, OSError, EOFError, RuntimeError, zlib.error) as err:
-            raise ImageFormatError(f"{self.path}: plane {z} cannot be read, the file may be truncated ({err})") from None
+        except Exception as err:  # tifffile decoding untrusted bytes: a damaged plane
+            raise ImageFormatError(f"{self.path}: plane {z} cannot be read, the file may be truncated or damaged "
+                                   f"({type(err).__name__}: {err})") from None
 
     def close(self) -> None:
-        self._tif.close()
+        if self._tif is not None:
+            self._tif.close()
 
 
 def _provenance(tif: tifffile.TiffFile) -> dict | None:
@@ -169,14 +175,37 @@ class TiffSink(TempFileSink):
 
     def _run(self) -> None:
         try:
+            imagej = self._as_hyperstack()
             tifffile.imwrite(self.tmp, data=self._planes(), shape=self.shape, dtype=self.dtype,
-                             bigtiff=_nbytes(self.shape, self.dtype) > _BIGTIFF_BYTES, compression="zlib",
-                             photometric="minisblack",
-                             **self._metadata_kwargs())
+                             bigtiff=_nbytes(self.shape, self.dtype) > _BIGTIFF_BYTES,
+                             compression=None if imagej else "zlib", photometric="minisblack",
+                             **(self._hyperstack_kwargs() if imagej else self._metadata_kwargs()))
         except _Aborted:
             pass
         except BaseException as err:  # reported to the producer on its next call
             self._error = err
+
+    def _as_hyperstack(self) -> bool:
+        """An ImageJ hyperstack's restoration is one too, where ImageJ can hold it: a plain
+        .tif of uint8, uint16 or float32 under 4 GB (ImageJ reads no BigTIFF, and no
+        compression in hyperstacks)."""
+        return (self.meta.hyperstack and not is_ome(self.path) and self.dtype in _IMAGEJ_DTYPES
+                and _nbytes(self.shape, self.dtype) <= _BIGTIFF_BYTES)
+
+    def _hyperstack_kwargs(self) -> dict:
+        """ImageJ's own metadata (its description holds no JSON): the provenance goes into
+        the private tag, as in an OME-TIFF."""
+        metadata: dict = {"axes": self.meta.axes}
+        kwargs: dict = {"imagej": True, "metadata": metadata}
+        voxel = self.meta.voxel_size_nm
+        if voxel is not None:
+            metadata["unit"] = "nm"
+            if voxel[2] is not None:
+                metadata["spacing"] = voxel[2]
+            kwargs["resolution"] = (1.0 / voxel[0], 1.0 / voxel[1])
+        if self.provenance:
+            kwargs["extratags"] = [(PROVENANCE_TAG, "s", 0, json.dumps(self.provenance), True)]
+        return kwargs
 
     def _metadata_kwargs(self) -> dict:
         kwargs: dict = {}

@@ -112,6 +112,14 @@ class ZarrLayout:
         if self.chunks is not None and (not self.chunks or min(self.chunks) < 1):
             raise ImageFormatError(f"--chunks must be positive sizes, got {self.chunks}")
 
+    def check(self, shape: tuple[int, ...]) -> None:
+        """Refuse, before anything is created, a layout that an output of ``shape`` cannot take."""
+        self.level_shapes(shape)
+        self.chunks_for(shape)
+
+    def describe(self, shape: tuple[int, ...]) -> str:
+        return f"chunks {','.join(map(str, self.chunks_for(shape)))}, {self.levels} pyramid levels"
+
     def level_shapes(self, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
         shapes = [tuple(shape)]
         for _ in range(self.levels):
@@ -138,25 +146,43 @@ class ZarrSink(TempDirSink):
         import zarr
 
         self.layout = layout or ZarrLayout()
+        self.layout.check(tuple(shape))  # before the partial folder exists
         partial = partial_store(path) if resume else None
         super().__init__(path, shape, dtype, meta, provenance, partial=partial)
         if partial is not None:
-            self.tasks = partial_tasks(self.tmp)
-            self._group = zarr.open_group(str(self.tmp), mode="r+")
-            self._levels = _levels_of(self._group)
-            if tuple(self._levels[0].shape) != self.shape or np.dtype(self._levels[0].dtype) != self.dtype:
-                raise ImageFormatError(f"{partial}: cannot resume, it holds {self._levels[0].shape} "
-                                       f"{self._levels[0].dtype}")
-            self.recount()
+            self._continue(zarr.open_group(str(self.tmp), mode="r+"))
             return
-        self._group = zarr.open_group(str(self.tmp), mode="w")
-        # every chunk written, even one of fill values, so that readers can tell data from absence
-        self._levels = [self._group.create_array(str(i), shape=level, dtype=self.dtype,
-                                                 chunks=self.layout.chunks_for(level),
-                                                 config={"write_empty_chunks": True})
-                        for i, level in enumerate(self.layout.level_shapes(self.shape))]
-        self._group.attrs.update(self._ome_attrs())
-        self.tasks = partial_tasks(self.tmp)  # after the group: creating it empties the folder
+        try:
+            self._group = zarr.open_group(str(self.tmp), mode="w")
+            # every chunk written, even one of fill values, so that readers can tell data from absence
+            self._levels = [self._group.create_array(str(i), shape=level, dtype=self.dtype,
+                                                     chunks=self.layout.chunks_for(level),
+                                                     config={"write_empty_chunks": True},
+                                                     dimension_names=self._dimension_names())
+                            for i, level in enumerate(self.layout.level_shapes(self.shape))]
+            self._group.attrs.update(self._ome_attrs())
+            self.tasks = partial_tasks(self.tmp)  # after the group: creating it empties the folder
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)  # nothing begun is kept: there is nothing to resume
+            raise
+
+    def _continue(self, group) -> None:
+        """Resume into an earlier partial store: only the same shape, type and layout."""
+        self._group, self._levels = group, _levels_of(group)
+        full = self._levels[0]
+        if tuple(full.shape) != self.shape or np.dtype(full.dtype) != self.dtype:
+            raise ImageFormatError(f"{self.tmp}: cannot resume, it holds {full.shape} {full.dtype}")
+        earlier = ZarrLayout(tuple(full.chunks), len(self._levels) - 1)
+        if earlier.describe(self.shape) != self.layout.describe(self.shape):
+            raise ImageFormatError(f"--resume: {self.tmp} has {earlier.describe(self.shape)}, this run asks for "
+                                   f"{self.layout.describe(self.shape)}; resume with the same --chunks and --pyramid, "
+                                   f"or run without --resume to start afresh")
+        self.tasks = partial_tasks(self.tmp)
+        self.recount()
+
+    def _dimension_names(self) -> list[str] | None:
+        """NGFF 0.5 asks zarr v3 arrays to name their axes as the multiscales metadata does."""
+        return [axis.lower() for axis in self.meta.axes] if self._group.metadata.zarr_format >= 3 else None
 
     def _ome_attrs(self) -> dict:
         axes = [{"name": a.lower(), "type": "space", "unit": "nanometer"} for a in self.meta.axes]
