@@ -798,3 +798,16 @@ def test_a_foreign_file_that_appears_during_the_run_is_not_written_over(work, mo
     code, output = restore(work, model, "-o", out)
     assert code == 2 and "appeared during the run" in output, output
     assert out.read_bytes() == b"an acquisition program's file" and not list(work.glob(".out*"))
+
+
+@pytest.mark.parametrize("source", ["in.tif", "stack.tif"])
+def test_ome_tiff_outputs_pass_the_ome_schema(work, model, source):
+    import ome_types
+
+    tifffile.imwrite(work / "voxel.tif", tifffile.imread(work / source), photometric="minisblack",
+                     resolution=(1e7 / 4.0, 1e7 / 4.0), resolutionunit="CENTIMETER")
+    assert restore(work, model, "-o", work / "out.ome.tif", source="voxel.tif")[0] == 0
+    with tifffile.TiffFile(work / "out.ome.tif") as tif:
+        ome = ome_types.from_xml(tif.ome_metadata, validate=True)  # against the OME 2016-06 schema
+    pixels = ome.images[0].pixels
+    assert (pixels.size_x, pixels.size_y, pixels.physical_size_x) == (40, 48, 4.0)
