@@ -84,7 +84,7 @@ def _noise_per_batch(mp: pytest.MonkeyPatch) -> None:
 def _provenance_not_written_to_mrc(mp: pytest.MonkeyPatch) -> None:
     from df5t_deploy.formats import mrc
 
-    mp.setattr(mrc, "_provenance", lambda handle: None)
+    mp.setattr(mrc, "_provenance", lambda handle, labels: None)
 
 
 def _output_checks_skipped(mp: pytest.MonkeyPatch) -> None:

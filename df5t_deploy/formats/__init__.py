@@ -54,7 +54,7 @@ def create_sink(path: str | Path, shape, dtype, meta: ImageMeta, provenance: dic
     """``layout``: chunks and pyramid levels of a zarr output (others take none)."""
     path = Path(path)
     _, sink = _format_of(path)
-    _check_layout(path, sink, tuple(shape), layout, resume)
+    check_layout_applies(path, layout, resume)  # a zarr sink checks its layout against the shape itself
     if sink is not zarr_format.ZarrSink:
         return sink(path, shape, dtype, meta, provenance)
     return sink(path, shape, dtype, meta, provenance, resume=resume, layout=layout)
@@ -72,12 +72,6 @@ def check_layout_applies(path: str | Path, layout: ZarrLayout | None, resume: bo
         raise ImageFormatError(f"{path}: --chunks and --pyramid lay out zarr outputs only; write a .zarr")
 
 
-def _check_layout(path: Path, sink, shape: tuple[int, ...], layout: ZarrLayout | None, resume: bool) -> None:
-    check_layout_applies(path, layout, resume)
-    if sink is zarr_format.ZarrSink:
-        (layout or ZarrLayout()).check(shape)
-
-
 def check_writable(path: str | Path, dtype, shape: tuple[int, ...], layout: ZarrLayout | None = None,
                    resume: bool = False) -> None:
     """Fail before hours of compute, and before anything is created, if the output cannot
@@ -86,7 +80,9 @@ def check_writable(path: str | Path, dtype, shape: tuple[int, ...], layout: Zarr
     _, sink = _format_of(path)
     if sink is png.PngSink:
         png.check_png(path, dtype, len(shape))
-    _check_layout(path, sink, tuple(shape), layout, resume)
+    check_layout_applies(path, layout, resume)
+    if sink is zarr_format.ZarrSink:
+        (layout or ZarrLayout()).check(tuple(shape))
     if not path.parent.exists():
         raise ImageFormatError(f"{path}: folder {path.parent} does not exist")
 

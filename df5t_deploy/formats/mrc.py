@@ -63,7 +63,7 @@ class MrcSource(Source):
         check_grey(path, self.shape, "ZYX"[-data.ndim :] if data.ndim <= 3 else "?" * data.ndim)
         check_plane_size(path, self.shape)
         self.meta = ImageMeta("ZYX" if data.ndim == 3 else "YX", _voxel_size(self._mrc.voxel_size, data.ndim))
-        self.provenance = _provenance(self._mrc)
+        self.provenance = _provenance(self._mrc, labels)
 
     def plane(self, z: int) -> np.ndarray:
         data = self._mrc.data
@@ -158,14 +158,11 @@ def _provenance_labels(provenance: dict, labels: int) -> list[str]:
     return [PROVENANCE_LABEL + text[i : i + payload] for i in range(0, len(text), payload)]
 
 
-def _provenance(mrc) -> dict | None:
-    """Ours: JSON in the labels marked ``df5t:``, or, from earlier versions, in an extended
-    header of type DF5T."""
-    count = int(mrc.header.nlabl)
-    text = "".join(label.decode("ascii", errors="replace").rstrip()[len(PROVENANCE_LABEL):]
-                   for label in mrc.header.label[:count]
-                   if label.decode("ascii", errors="replace").startswith(PROVENANCE_LABEL)
-                   and not label.decode("ascii", errors="replace").startswith(_OLD_UINT8_LABEL))
+def _provenance(mrc, labels: list[str]) -> dict | None:
+    """Ours: JSON in the labels marked ``df5t:`` (``labels``: the header's, decoded), or, from
+    earlier versions, in an extended header of type DF5T."""
+    text = "".join(label[len(PROVENANCE_LABEL):] for label in labels
+                   if label.startswith(PROVENANCE_LABEL) and label != _OLD_UINT8_LABEL)
     if not text and bytes(mrc.header.exttyp) == PROVENANCE_EXTTYP and mrc.extended_header is not None:
         text = mrc.extended_header.tobytes().decode(errors="replace")
     try:
